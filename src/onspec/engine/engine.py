@@ -1,0 +1,261 @@
+"""The speculative decoding engine: prefill -> propose -> verify -> accept -> repeat.
+
+Draft q proposes k tokens with its own KV cache; target p scores all k+1 positions in one
+forward pass; `verify` (a pure function) decides; both caches roll back what was rejected.
+Without a draft (or with k = 0) the same loop is plain target-only decoding: the baseline.
+Rows of a batch have their own prompt lengths, sampling parameters, RNG streams and numbers of
+accepted tokens; a finished row leaves the batch at once.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from onspec.engine.records import RequestOutput, RequestStats, StepRecord
+from onspec.engine.runner import ModelRunner
+from onspec.engine.sampling import SamplingParams, process_logits, sample
+from onspec.engine.stopping import StopChecker
+from onspec.engine.verify import Verdict, greedy_verify, rejection_sample
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+
+@dataclass
+class Proposal:
+    tokens: torch.Tensor  # [batch, k]
+    logits: torch.Tensor  # [batch, k, vocab] raw draft logits
+    probs: list[torch.Tensor | None]  # per row: processed q [k, vocab], None for greedy rows
+
+
+@dataclass
+class _Sequence:
+    """One request's state while it is in the batch."""
+
+    request: Request
+    stop: StopChecker
+    generator: torch.Generator
+    stats: RequestStats
+    started: float
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def params(self) -> SamplingParams:
+        return self.request.params
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request.request_id,
+            prompt_ids=self.request.prompt_ids,
+            token_ids=self.generated,
+            text=self.stop.final_text(self.generated),
+            finish_reason=self.finish_reason or "length",
+            stats=self.stats,
+        )
+
+
+RecordCallback = Callable[[StepRecord], None]
+
+
+class SpeculativeEngine:
+    def __init__(self, target, tokenizer, draft=None, *, k: int = 4) -> None:
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        self.target = target.eval()
+        self.draft = draft.eval() if draft is not None else None
+        self.tokenizer = tokenizer
+        self.k = k if draft is not None else 0
+        self.draft_version = 0
+        self.device = next(target.parameters()).device
+        self.eos_ids = _eos_ids(target, tokenizer)
+        self.max_context = getattr(target.config, "max_position_embeddings", None)
+
+    # -- the ladder ---------------------------------------------------------------------------
+
+    def generate(
+        self, requests: list[Request], on_record: RecordCallback | None = None
+    ) -> list[RequestOutput]:
+        """Decode a batch of requests to completion; outputs in request order."""
+        seqs = [self._admit(r) for r in requests]
+        if not seqs:
+            return []
+        target, draft = self._prefill(seqs)
+        active = list(range(len(seqs)))  # seqs index of each batch row
+        while active:
+            rows = [seqs[i] for i in active]
+            finished = self.step(rows, target, draft, on_record)
+            if finished:
+                keep = [r for r, s in enumerate(rows) if s.finish_reason is None]
+                active = [active[r] for r in keep]
+                if active:
+                    target.select(keep)
+                    if draft is not None:
+                        draft.select(keep)
+        return [s.output() for s in seqs]
+
+    def _prefill(self, seqs: list[_Sequence]) -> tuple[ModelRunner, ModelRunner | None]:
+        prompts = [s.request.prompt_ids for s in seqs]
+        t0 = time.perf_counter()
+        target = ModelRunner(self.target, len(seqs))
+        target.prefill(prompts)
+        draft = None
+        if self.draft is not None:
+            draft = ModelRunner(self.draft, len(seqs))
+            draft.prefill(prompts)
+        self._sync()
+        for s in seqs:
+            s.stats.prefill_time_s = time.perf_counter() - t0
+        return target, draft
+
+    def step(
+        self,
+        rows: list[_Sequence],
+        target: ModelRunner,
+        draft: ModelRunner | None,
+        on_record: RecordCallback | None = None,
+    ) -> bool:
+        """One speculative step for every row. Returns True if any row finished."""
+        k = self._choose_k(rows) if draft is not None else 0
+        t0 = time.perf_counter()
+        proposal = self.propose(draft, rows, k) if k else None
+        self._sync()
+        t1 = time.perf_counter()
+        target_logits = self.score(target, proposal)  # [batch, k+1, vocab]
+        self._sync()
+        t2 = time.perf_counter()
+        verdicts = [self.verify(r, s, proposal, target_logits) for r, s in enumerate(rows)]
+        accepted = [v.num_accepted for v in verdicts]
+        emitted = [v.tokens for v in verdicts]
+        target.accept(accepted, emitted)
+        if draft is not None:
+            draft.accept(accepted, emitted)
+        any_finished = False
+        for r, (s, v) in enumerate(zip(rows, verdicts)):
+            s.stats.observe(k, v.num_accepted)
+            s.stats.draft_time_s += t1 - t0
+            s.stats.draft_forwards += k
+            s.stats.target_time_s += t2 - t1
+            s.stats.target_forwards += 1
+            if on_record is not None:
+                on_record(self._record(s, r, k, proposal, target_logits, v))
+            any_finished |= self._append(s, v.tokens)
+        return any_finished
+
+    def propose(self, draft: ModelRunner, rows: list[_Sequence], k: int) -> Proposal:
+        """The draft proposes k tokens per row, one forward pass each."""
+        logits = draft.feed()[:, -1]  # [batch, vocab] at the last committed token
+        tokens, all_logits = [], []
+        probs: list[list[torch.Tensor]] = [[] for _ in rows]
+        for i in range(k):
+            if i:
+                logits = draft.feed(tokens[-1][:, None])[:, -1]
+            tok = logits.argmax(-1)  # [batch]
+            for r, s in enumerate(rows):
+                if not s.params.greedy:
+                    q = process_logits(logits[r], s.params)
+                    tok[r] = sample(q[None], s.generator)[0]
+                    probs[r].append(q)
+            tokens.append(tok)
+            all_logits.append(logits)
+        return Proposal(
+            tokens=torch.stack(tokens, 1),
+            logits=torch.stack(all_logits, 1),
+            probs=[torch.stack(p) if p else None for p in probs],
+        )
+
+    def score(self, target: ModelRunner, proposal: Proposal | None) -> torch.Tensor:
+        """The target scores the last committed token and the k proposals in one pass."""
+        return target.feed(proposal.tokens if proposal is not None else None)
+
+    def verify(
+        self, row: int, seq: _Sequence, proposal: Proposal | None, target_logits: torch.Tensor
+    ) -> Verdict:
+        draft_tokens = (
+            proposal.tokens[row] if proposal is not None else torch.empty(0, dtype=torch.long, device=self.device)
+        )
+        if seq.params.greedy:
+            return greedy_verify(draft_tokens, target_logits[row])
+        p = process_logits(target_logits[row], seq.params)
+        q = proposal.probs[row] if proposal is not None else p[:0]
+        return rejection_sample(draft_tokens, q, p, seq.generator)
+
+    # -- bookkeeping --------------------------------------------------------------------------
+
+    def _admit(self, request: Request) -> _Sequence:
+        n = len(request.prompt_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        need = n + request.params.max_new_tokens + self.k
+        if self.max_context is not None and need > self.max_context:
+            raise ValueError(
+                f"prompt ({n} tokens) + max_new_tokens ({request.params.max_new_tokens}) + k ({self.k}) "
+                f"= {need} exceeds the model's context of {self.max_context} tokens"
+            )
+        generator = torch.Generator(device=self.device)
+        seed = request.params.seed
+        generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, (1,))))
+        return _Sequence(
+            request=request,
+            stop=StopChecker(self.tokenizer, self.eos_ids, request.params),
+            generator=generator,
+            stats=RequestStats(k=self.k),
+            started=time.perf_counter(),
+        )
+
+    def _choose_k(self, rows: list[_Sequence]) -> int:
+        # no row can use more than (remaining budget - 1) proposals: the step adds one more token
+        remaining = max(s.params.max_new_tokens - len(s.generated) for s in rows)
+        return max(0, min(self.k, remaining - 1))
+
+    def _append(self, seq: _Sequence, tokens: list[int]) -> bool:
+        result = seq.stop.check(seq.generated, tokens)
+        seq.generated.extend(tokens[: result.keep])
+        seq.stats.generated = len(seq.generated)
+        seq.stats.wall_time_s = time.perf_counter() - seq.started
+        if result.reason is not None:
+            seq.finish_reason = result.reason
+            return True
+        return False
+
+    def _record(
+        self, seq: _Sequence, row: int, k: int, proposal: Proposal | None, target_logits: torch.Tensor, v: Verdict
+    ) -> StepRecord:
+        n = v.num_accepted
+        context = seq.request.prompt_ids + seq.generated
+        return StepRecord(
+            request_id=seq.request.request_id,
+            step=seq.stats.steps - 1,
+            position=len(context),
+            context=torch.tensor(context),
+            proposed=proposal.tokens[row].cpu() if proposal is not None else torch.empty(0, dtype=torch.long),
+            num_accepted=n,
+            emitted=list(v.tokens),
+            target_logits=target_logits[row, : n + 1].clone(),
+            draft_logits=proposal.logits[row, : min(n + 1, k)].clone() if proposal is not None else None,
+            draft_version=self.draft_version,
+        )
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids

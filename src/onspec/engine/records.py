@@ -1,0 +1,144 @@
+"""Data carriers between the engine and whoever listens: per-step records and per-request stats.
+
+A `StepRecord` is what one verify step already computed for one request. The online distiller
+consumes these (it never re-runs the target for teacher logits); the engine hands them to the
+`on_record` callback as they happen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class StepRecord:
+    request_id: str
+    step: int
+    """Index of this verify step within the request (0-based)."""
+    position: int
+    """Position (in prompt + generated tokens) of the first verified token, i.e. the token the
+    target predicted at target_logits[0]."""
+    context: torch.Tensor
+    """All token ids before `position` (prompt and generated so far). [position]"""
+    proposed: torch.Tensor
+    """The draft's proposed tokens x_1..x_k. [k] (k = 0 on a target-only step)"""
+    num_accepted: int
+    emitted: list[int]
+    """Tokens appended by this step: accepted prefix + recovered/bonus token (before stop-trimming)."""
+    target_logits: torch.Tensor
+    """Raw target logits at the verified positions: [num_accepted + 1, vocab]. Row i predicts the
+    token at position + i given context + emitted[:i]. Positions after the first rejection are not
+    included: they were conditioned on rejected draft tokens, which are not in the sequence."""
+    draft_logits: torch.Tensor | None
+    """Raw draft logits at the same positions, where the draft proposed: [min(num_accepted + 1, k), vocab]."""
+    draft_version: int = 0
+
+    @property
+    def k(self) -> int:
+        return int(self.proposed.shape[0])
+
+    @property
+    def evaluated(self) -> int:
+        return self.num_accepted + int(self.num_accepted < self.k)
+
+
+@dataclass
+class RequestStats:
+    """Acceptance and speed for one request (OSD.md section 2 definitions)."""
+
+    k: int = 0
+    steps: int = 0
+    """Target forward passes (verify steps), excluding prefill."""
+    accepted: int = 0
+    evaluated: int = 0
+    proposed: int = 0
+    generated: int = 0
+    accepted_hist: list[int] = field(default_factory=list)
+    """accepted_hist[n] = number of steps that accepted exactly n draft tokens."""
+    draft_time_s: float = 0.0
+    draft_forwards: int = 0
+    target_time_s: float = 0.0
+    target_forwards: int = 0
+    prefill_time_s: float = 0.0
+    wall_time_s: float = 0.0
+
+    def observe(self, proposed: int, num_accepted: int) -> None:
+        self.steps += 1
+        self.proposed += proposed
+        self.accepted += num_accepted
+        self.evaluated += num_accepted + int(num_accepted < proposed)
+        if len(self.accepted_hist) <= num_accepted:
+            self.accepted_hist.extend([0] * (num_accepted + 1 - len(self.accepted_hist)))
+        self.accepted_hist[num_accepted] += 1
+
+    @property
+    def alpha(self) -> float | None:
+        """Token acceptance rate: accepted / evaluated. None when nothing was proposed."""
+        return self.accepted / self.evaluated if self.evaluated else None
+
+    @property
+    def mean_accepted_length(self) -> float | None:
+        """Tokens emitted per target forward pass (accepted + 1 per step)."""
+        return (self.accepted + self.steps) / self.steps if self.steps else None
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated / self.wall_time_s if self.wall_time_s > 0 else 0.0
+
+    @property
+    def cost_ratio(self) -> float | None:
+        """c: time of one draft forward / time of one target forward (measured)."""
+        if not (self.draft_forwards and self.target_forwards and self.target_time_s > 0):
+            return None
+        return (self.draft_time_s / self.draft_forwards) / (self.target_time_s / self.target_forwards)
+
+    def merge(self, other: "RequestStats") -> "RequestStats":
+        """Sum two stats (for aggregates over many requests)."""
+        out = RequestStats(k=max(self.k, other.k))
+        for name in ("steps", "accepted", "evaluated", "proposed", "generated", "draft_forwards", "target_forwards"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        for name in ("draft_time_s", "target_time_s", "prefill_time_s", "wall_time_s"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        n = max(len(self.accepted_hist), len(other.accepted_hist))
+        pad = lambda h: h + [0] * (n - len(h))  # noqa: E731
+        out.accepted_hist = [a + b for a, b in zip(pad(self.accepted_hist), pad(other.accepted_hist))]
+        return out
+
+    def to_dict(self) -> dict:
+        return {
+            "k": self.k,
+            "steps": self.steps,
+            "accepted": self.accepted,
+            "evaluated": self.evaluated,
+            "proposed": self.proposed,
+            "alpha": self.alpha,
+            "mean_accepted_length": self.mean_accepted_length,
+            "accepted_hist": list(self.accepted_hist),
+            "generated": self.generated,
+            "tokens_per_s": self.tokens_per_s,
+            "cost_ratio_c": self.cost_ratio,
+            "wall_time_s": self.wall_time_s,
+        }
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    """Generated ids (an EOS that ended generation is included, as in vLLM)."""
+    text: str
+    finish_reason: str
+    """'stop' (EOS or stop string) or 'length'."""
+    stats: RequestStats
+
+    def to_dict(self) -> dict:
+        return {
+            "request_id": self.request_id,
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "finish_reason": self.finish_reason,
+            **self.stats.to_dict(),
+        }

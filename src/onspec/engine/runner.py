@@ -1,0 +1,81 @@
+"""One model, its slot KV cache, and the committed tokens it has not seen yet.
+
+Both roles use it. The target is fed [last committed token, x_1..x_k] and scores k+1 positions;
+the draft is fed its pending tokens, then one proposal at a time. After verification,
+`accept` keeps the accepted extras in the cache, rolls back the rest, and queues the emitted
+tokens the model has not seen as its new pending tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from onspec.engine.kv import SlotKVCache
+
+
+class ModelRunner:
+    def __init__(self, model, batch_size: int) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.kv = SlotKVCache(batch_size, self.device, next(model.parameters()).dtype)
+        self.pending: list[list[int]] = [[] for _ in range(batch_size)]
+        self.extras = 0
+        """Tokens fed with `feed(extra=...)` since the last `accept` (speculative, may be rolled back)."""
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]]) -> None:
+        """Cache all prompt tokens but the last, which stays pending (its logits start decoding)."""
+        self.pending = [[p[-1]] for p in prompts]
+        heads = [p[:-1] for p in prompts]
+        width = max(len(h) for h in heads)
+        if width == 0:
+            return
+        ids, valid = self._right_aligned(heads, width)
+        self.kv.forward(self.model, ids, valid, logits_to_keep=1)
+
+    @torch.no_grad()
+    def feed(self, extra: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed pending tokens (if any) and `extra` [batch, n] proposals.
+
+        Returns logits: [batch, n + 1, vocab] if there were pending tokens (the first column is
+        at the last pending token), else [batch, n, vocab].
+        """
+        n = 0 if extra is None else extra.shape[1]
+        width = max(len(p) for p in self.pending)
+        parts, valids = [], []
+        if width:
+            ids, valid = self._right_aligned(self.pending, width)
+            parts.append(ids)
+            valids.append(valid)
+            self.pending = [[] for _ in self.pending]
+        if n:
+            parts.append(extra.to(self.device))
+            valids.append(torch.ones_like(extra, dtype=torch.bool, device=self.device))
+            self.extras += n
+        ids, valid = torch.cat(parts, 1), torch.cat(valids, 1)
+        keep = n + (1 if width else 0)
+        return self.kv.forward(self.model, ids, valid, logits_to_keep=keep)
+
+    def accept(self, num_accepted: list[int], emitted: list[list[int]]) -> None:
+        """Keep the first num_accepted[b] extras of row b, drop the rest, queue unseen tokens."""
+        if self.extras:
+            cols = torch.arange(self.extras, device=self.device)
+            n = torch.tensor(num_accepted, device=self.device)
+            self.kv.rollback(cols[None, :] < n[:, None])  # keep: [batch, extras]
+        for b, (n_b, tokens) in enumerate(zip(num_accepted, emitted)):
+            self.pending[b].extend(tokens[min(n_b, self.extras) :])
+        self.extras = 0
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only these batch rows."""
+        self.kv.select(torch.tensor(rows, device=self.device))
+        self.pending = [self.pending[r] for r in rows]
+
+    def _right_aligned(self, seqs: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        valid = torch.zeros(len(seqs), width, dtype=torch.bool)
+        for b, s in enumerate(seqs):
+            if s:
+                ids[b, width - len(s) :] = torch.tensor(s)
+                valid[b, width - len(s) :] = True
+        return ids.to(self.device), valid.to(self.device)

@@ -1,0 +1,77 @@
+"""Sampling parameters and logit processing, applied identically to target p and draft q.
+
+Speculative sampling is lossless with respect to the distribution the target would sample from
+*after* processing (temperature, top-k, top-p). So the same `process_logits` turns both models'
+logits into probabilities before the accept test; temperature 0 means greedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding parameters (the OpenAI/vLLM meanings)."""
+
+    temperature: float = 0.0
+    """0 is greedy; > 0 samples from softmax(logits / temperature)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens whose mass reaches top_p, in (0, 1]."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 disables."""
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    """Stop strings: generation ends when the decoded text contains one; it is cut from the text."""
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0.0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Turn raw logits into the distribution a sampler draws from.
+
+    logits: [..., vocab] -> probs: [..., vocab] (float32, rows sum to 1).
+    For greedy params the result is one-hot at the argmax, so the same verifier code
+    reduces exactly to greedy verification.
+    """
+    logits = logits.float()
+    if params.greedy:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+    logits = logits / params.temperature
+    if params.top_k > 0 and params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches top_p (always keeps one)
+        mass_before = sorted_probs.cumsum(-1) - sorted_probs
+        drop_sorted = mass_before >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits.softmax(-1)
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Draw one token per row. probs: [n, vocab] -> tokens: [n]."""
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -1,0 +1,87 @@
+"""Tiny randomly initialised models and a real byte-level tokenizer, built in the test."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 260  # 256 byte tokens + <eos> + <pad> + 2 spare ids
+EOS = 256
+SHARPEN = 4.0
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A real byte-level BPE tokenizer with no merges: one token per byte, exact round trip."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_to_unicode = sorted(alphabet, key=lambda ch: _unicode_byte(ch))
+    vocab = {ch: i for i, ch in enumerate(byte_to_unicode)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    assert fast.eos_token_id == EOS
+    return fast
+
+
+def _unicode_byte(ch: str) -> int:
+    # GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to 256 + n
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(cs, bs))[ord(ch)]
+
+
+def tiny_model(arch: str, seed: int, layers: int = 2, dtype=torch.float32):
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, eos_token_id=EOS, pad_token_id=EOS + 1, bos_token_id=EOS, tie_word_embeddings=False)
+    if arch == "llama":
+        cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=512, **common)
+        model = LlamaForCausalLM(cfg)
+    elif arch == "qwen2":
+        cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
+                          num_key_value_heads=2, max_position_embeddings=512, **common)
+        model = Qwen2ForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = GPT2Config(n_embd=64, n_layer=layers, n_head=4, n_positions=512, **common)
+        model = GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(arch)
+    # random init is nearly uniform over the vocab; sharpen it so greedy paths are far from ties
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(SHARPEN)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return byte_tokenizer()
+
+
+def plain_greedy(model, prompt: list[int], n: int, eos: int | None = None) -> list[int]:
+    """Reference: greedy decoding with no KV cache at all, one full forward per token."""
+    ids = list(prompt)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            nxt = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            out.append(nxt)
+            ids.append(nxt)
+            if eos is not None and nxt == eos:
+                break
+    return out
