@@ -1,0 +1,80 @@
+"""Drafts: derived from the target, or user-supplied and checked against it.
+
+No separately pretrained small model with SmolLM2's vocabulary exists offline, so the default
+draft is derived: the target's embeddings, its first N decoder layers and its final norm (and
+LM head), with the target's tokenizer. Untrained it agrees with the target rarely; the online
+trainer is what lifts it.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM
+
+from onspec.models.loading import LoadedModel, ModelSpecError, _atomic_save_dir, cache_dir, load_model
+
+
+def derive_draft(target: LoadedModel, num_layers: int) -> LoadedModel:
+    """A shallow copy of the target: embeddings, the first `num_layers` layers, final norm."""
+    config = copy.deepcopy(target.model.config)
+    total = config.num_hidden_layers
+    if not 1 <= num_layers < total:
+        raise ModelSpecError(f"--draft-layers must be in [1, {total - 1}] for this target ({total} layers), got {num_layers}")
+    config.num_hidden_layers = num_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:num_layers]
+    draft = AutoModelForCausalLM.from_config(config, dtype=target.model.dtype)
+    missing, _unexpected = draft.load_state_dict(target.model.state_dict(), strict=False)
+    # the deeper layers are the expected "unexpected" keys; nothing the draft has may be missing
+    if missing:
+        raise ModelSpecError(f"cannot derive a draft from {target.source}: no weights for {missing[:5]}")
+    draft.tie_weights()
+    device = next(target.model.parameters()).device
+    return LoadedModel(draft.to(device).eval(), target.tokenizer, f"{target.source}[first {num_layers} layers]")
+
+
+def derived_draft_dir(target: LoadedModel, num_layers: int) -> Path:
+    key = hashlib.sha256(target.source.encode()).hexdigest()[:12]
+    return cache_dir() / "drafts" / f"{Path(target.source).name}-{key}-first{num_layers}"
+
+
+def save_draft(draft: LoadedModel, out: Path, meta: dict) -> Path:
+    """Write an HF directory (config, model.safetensors, tokenizer) atomically."""
+    _atomic_save_dir(Path(out), draft.model, draft.tokenizer, meta)
+    return Path(out)
+
+
+def load_or_derive_draft(target: LoadedModel, num_layers: int, dtype: str = "auto") -> LoadedModel:
+    """The default draft: derived once, saved as safetensors in the cache, loaded from there."""
+    out = derived_draft_dir(target, num_layers)
+    if not (out / "config.json").is_file():
+        save_draft(derive_draft(target, num_layers), out, {"derived_from": target.source, "layers": num_layers})
+    device = next(target.model.parameters()).device
+    return load_model(str(out), device=device, dtype=dtype)
+
+
+def check_compatible(target: LoadedModel, draft: LoadedModel) -> None:
+    """Speculative decoding compares p and q token by token: both must share one vocabulary."""
+    tv, dv = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
+    if tv != dv:
+        only_t = sorted(set(tv) - set(dv))[:5]
+        only_d = sorted(set(dv) - set(tv))[:5]
+        moved = sorted(t for t in set(tv) & set(dv) if tv[t] != dv[t])[:5]
+        parts = [f"target vocabulary has {len(tv)} tokens, draft has {len(dv)}"]
+        if only_t:
+            parts.append(f"only in target: {only_t}")
+        if only_d:
+            parts.append(f"only in draft: {only_d}")
+        if moved:
+            parts.append(f"same token, different id: {moved}")
+        raise ModelSpecError(f"draft {draft.source} does not share the target's tokenizer: " + "; ".join(parts))
+    t_rows = target.model.get_output_embeddings().weight.shape[0]
+    d_rows = draft.model.get_output_embeddings().weight.shape[0]
+    if t_rows != d_rows:
+        raise ModelSpecError(
+            f"draft {draft.source} has an LM head over {d_rows} ids, the target over {t_rows}: "
+            "the draft's and target's distributions must cover the same ids"
+        )
