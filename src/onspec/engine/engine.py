@@ -16,11 +16,23 @@ from typing import Callable
 
 import torch
 
+from onspec.config import option
 from onspec.engine.records import RequestOutput, RequestStats, StepRecord
 from onspec.engine.runner import ModelRunner
 from onspec.engine.sampling import SamplingParams, process_logits, sample
 from onspec.engine.stopping import StopChecker
 from onspec.engine.verify import Verdict, greedy_verify, rejection_sample
+
+
+@dataclass
+class EngineConfig:
+    """Speculative decoding engine."""
+
+    k: int = option(4, "draft tokens proposed per verify step (0 = target-only decoding)")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.k <= 32:
+            raise ValueError(f"k must be in [0, 32], got {self.k}")
 
 
 @dataclass

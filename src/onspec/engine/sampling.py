@@ -7,26 +7,24 @@ logits into probabilities before the accept test; temperature 0 means greedy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
+
+from onspec.config import option
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding parameters (the OpenAI/vLLM meanings)."""
 
-    temperature: float = 0.0
-    """0 is greedy; > 0 samples from softmax(logits / temperature)."""
-    top_p: float = 1.0
-    """Nucleus sampling: keep the smallest set of tokens whose mass reaches top_p, in (0, 1]."""
-    top_k: int = 0
-    """Keep the k most likely tokens; 0 disables."""
-    max_new_tokens: int = 64
-    stop: tuple[str, ...] = field(default_factory=tuple)
-    """Stop strings: generation ends when the decoded text contains one; it is cut from the text."""
-    seed: int | None = None
-    ignore_eos: bool = False
+    temperature: float = option(0.0, "0 decodes greedily; > 0 samples from softmax(logits / temperature)")
+    top_p: float = option(1.0, "nucleus sampling: keep the smallest set of tokens whose mass reaches top_p, in (0, 1]")
+    top_k: int = option(0, "keep only the k most likely tokens; 0 disables")
+    max_new_tokens: int = option(64, "generate at most this many tokens")
+    stop: tuple[str, ...] = option((), "stop when the text contains this string (repeatable); it is cut from the text")
+    seed: int | None = option(None, "seed of this request's random stream (same seed, same output)")
+    ignore_eos: bool = option(False, "keep generating past the end-of-sequence token")
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0):

@@ -42,8 +42,8 @@ def derived_draft_dir(target: LoadedModel, num_layers: int) -> Path:
 
 
 def save_draft(draft: LoadedModel, out: Path, meta: dict) -> Path:
-    """Write an HF directory (config, model.safetensors, tokenizer) atomically."""
-    _atomic_save_dir(Path(out), draft.model, draft.tokenizer, meta)
+    """Write an HF directory (config, model.safetensors, tokenizer) atomically, replacing `out`."""
+    _atomic_save_dir(Path(out), draft.model, draft.tokenizer, meta, overwrite=True)
     return Path(out)
 
 

@@ -110,18 +110,23 @@ def convert_gguf(path: Path, expected_sha256: str | None = None) -> Path:
     return out
 
 
-def _atomic_save_dir(out: Path, model, tokenizer, meta: dict) -> None:
+def _atomic_save_dir(out: Path, model, tokenizer, meta: dict, overwrite: bool = False) -> None:
+    """Write a model directory under a temporary name, then rename it into place, so a reader
+    never sees a half-written directory. Without `overwrite`, an existing directory is kept
+    (another process may have just written the same thing)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "onspec.json").write_text(json.dumps(meta, indent=2))
-        try:
+        if out.exists() and overwrite:
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            out.rename(old / out.name)
             tmp.rename(out)
-        except OSError:  # another process won the race; its copy is as good as ours
-            if not (out / "config.json").is_file():
-                raise
+            shutil.rmtree(old, ignore_errors=True)
+        elif not out.exists():
+            tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -1,0 +1,39 @@
+"""What the machine allows: memory read bandwidth, and the decode speed it implies."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def memory_read_bandwidth(device: torch.device, megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes/s for streaming a buffer much larger than the caches (best of `repeats` reductions)."""
+    x = torch.ones(megabytes * (1 << 20) // 4, dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass warms up
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        x.sum().item()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every parameter once (tied weights counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def speedup_model(alpha: float, k: int, c: float) -> float:
+    """Expected speedup of speculative decoding (OSD.md section 2): tokens per target pass over the
+    relative cost of a step, (1 - alpha^(k+1)) / ((1 - alpha) * (k*c + 1))."""
+    if k == 0:
+        return 1.0
+    tokens = (k + 1) if alpha >= 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
+    return tokens / (k * c + 1)

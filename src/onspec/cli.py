@@ -1,0 +1,112 @@
+"""`onspec` command line: generate, bench, derive-draft. Flags come from the typed configs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from onspec.config import add_arguments, from_args
+from onspec.engine.engine import EngineConfig
+from onspec.engine.sampling import SamplingParams
+from onspec.models.pair import ModelConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_libraries()
+    try:
+        return args.run(args)
+    except ValueError as e:  # config range checks, model specs, datasets: all say what is wrong
+        print(f"onspec {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="onspec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="decode one prompt speculatively and print the text and stats")
+    gen.add_argument("--prompt", required=True, help="the prompt text")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user message through the chat template")
+    gen.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats) as the last line")
+    add_arguments(gen, ModelConfig)
+    add_arguments(gen, EngineConfig)
+    add_arguments(gen, SamplingParams)
+    gen.set_defaults(run=cmd_generate)
+
+    from onspec.bench.bench import BenchConfig
+
+    bench = sub.add_parser("bench", help="target-only vs onspec vs transformers assisted generation on ShareGPT prompts")
+    add_arguments(bench, ModelConfig, exclude=("no_draft",))
+    add_arguments(bench, EngineConfig)
+    add_arguments(bench, BenchConfig)
+    bench.set_defaults(run=cmd_bench)
+
+    derive = sub.add_parser("derive-draft", help="write the derived draft (first N target layers) as safetensors")
+    derive.add_argument("--out", required=True, type=Path, help="output directory")
+    add_arguments(derive, ModelConfig, exclude=("draft", "no_draft"))
+    derive.set_defaults(run=cmd_derive_draft)
+    return parser
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from onspec.data.streams import Query
+    from onspec.engine.engine import Request, SpeculativeEngine
+    from onspec.models.pair import load_pair
+
+    model_cfg, engine_cfg, params = from_args(ModelConfig, args), from_args(EngineConfig, args), from_args(SamplingParams, args)
+    if not args.prompt:
+        raise ValueError("--prompt is empty")
+    target, draft = load_pair(model_cfg)
+    if args.chat and not getattr(target.tokenizer, "chat_template", None):
+        raise ValueError(f"--chat: the target {target.source} has no chat template")
+    query = (Query("cli", "cli", messages=({"role": "user", "content": args.prompt},)) if args.chat
+             else Query("cli", "cli", text=args.prompt))
+    engine = SpeculativeEngine(target.model, target.tokenizer, draft.model if draft else None, k=engine_cfg.k)
+    out = engine.generate([Request(query.encode(target.tokenizer), params)])[0]
+    s = out.stats
+    if args.json:
+        print(json.dumps(out.to_dict()))
+    else:
+        print(out.text)
+        alpha = f"{s.alpha:.3f}" if s.alpha is not None else "n/a"
+        c = f"{s.cost_ratio:.3f}" if s.cost_ratio is not None else "n/a"
+        print(f"[{len(out.token_ids)} tokens, {s.tokens_per_s:.1f} tok/s, alpha {alpha} ({s.accepted}/{s.evaluated}), "
+              f"{s.mean_accepted_length:.2f} tokens/target pass, accepted-length histogram {s.accepted_hist}, c {c}, "
+              f"finish: {out.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from onspec.bench.bench import BenchConfig, run_bench
+
+    run_bench(from_args(ModelConfig, args), from_args(EngineConfig, args), from_args(BenchConfig, args))
+    return 0
+
+
+def cmd_derive_draft(args: argparse.Namespace) -> int:
+    from onspec.models.draft import derive_draft, save_draft
+    from onspec.models.loading import load_model, resolve_device
+
+    cfg = from_args(ModelConfig, args)
+    target = load_model(cfg.target, device=resolve_device(cfg.device), dtype=cfg.dtype)
+    out = save_draft(derive_draft(target, cfg.draft_layers), args.out, {"derived_from": target.source, "layers": cfg.draft_layers})
+    print(f"wrote {out} (first {cfg.draft_layers} layers of {target.source}); use it with --draft {out}")
+    return 0
+
+
+def _quiet_libraries() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

