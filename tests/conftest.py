@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -85,3 +88,57 @@ def plain_greedy(model, prompt: list[int], n: int, eos: int | None = None) -> li
             if eos is not None and nxt == eos:
                 break
     return out
+
+
+# -- shared helpers for the engine tests -------------------------------------------------------
+
+ARCHS = ("llama", "gpt2", "qwen2")
+
+
+def noisy_copy(model, scale: float, seed: int):
+    """A draft that agrees with `model` only partly: a deep copy with Gaussian noise of
+    `scale` x (each tensor's std) added to every weight. Mixed accept/reject steps."""
+    draft = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in draft.parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+            p.add_(noise * scale * p.std().clamp_min(1e-3))
+    return draft.eval()
+
+
+@functools.cache
+def cached_model(arch: str, seed: int = 0, layers: int = 2, dtype=torch.float32):
+    """tiny_model, built once per session. Shared: never mutate it (deepcopy first)."""
+    return tiny_model(arch, seed, layers=layers, dtype=dtype)
+
+
+@functools.cache
+def cached_draft(arch: str, kind: str, dtype=torch.float32):
+    """Drafts for the target cached_model(arch, 0, dtype=dtype):
+    'random' = an unrelated 1-layer model (other seed); 'noisy' = noisy_copy of the target."""
+    if kind == "random":
+        return tiny_model(arch, 1, layers=1, dtype=dtype)
+    if kind == "noisy":
+        return noisy_copy(cached_model(arch, dtype=dtype), 0.2, seed=1)
+    raise ValueError(kind)
+
+
+@functools.cache
+def _cached_plain_greedy(model_key, prompt: tuple[int, ...], n: int) -> tuple[int, ...]:
+    return tuple(plain_greedy(cached_model(*model_key), list(prompt), n))
+
+
+def reference_greedy(arch: str, prompt: list[int], n: int, dtype=torch.float32, stop_ids=()) -> list[int]:
+    """plain_greedy of cached_model(arch, dtype=dtype), cached; cut after the first id in stop_ids."""
+    out = list(_cached_plain_greedy((arch, 0, 2, dtype), tuple(prompt), n))
+    for i, t in enumerate(out):
+        if t in stop_ids:
+            return out[: i + 1]
+    return out
+
+
+def full_logits(model, ids: list[int]) -> torch.Tensor:
+    """Logits of one plain forward pass with no cache, no mask, default positions. [len(ids), vocab]"""
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0]

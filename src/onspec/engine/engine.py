@@ -137,15 +137,16 @@ class SpeculativeEngine:
         on_record: RecordCallback | None = None,
     ) -> bool:
         """One speculative step for every row. Returns True if any row finished."""
-        k = self._choose_k(rows) if draft is not None else 0
+        ks = self._choose_k(rows) if draft is not None else [0] * len(rows)
+        k = max(ks)  # the draft runs k forwards for the batch; row r uses its first ks[r] proposals
         t0 = time.perf_counter()
-        proposal = self.propose(draft, rows, k) if k else None
+        proposal = self.propose(draft, rows, ks) if k else None
         self._sync()
         t1 = time.perf_counter()
         target_logits = self.score(target, proposal)  # [batch, k+1, vocab]
         self._sync()
         t2 = time.perf_counter()
-        verdicts = [self.verify(r, s, proposal, target_logits) for r, s in enumerate(rows)]
+        verdicts = [self.verify(r, s, ks[r], proposal, target_logits) for r, s in enumerate(rows)]
         accepted = [v.num_accepted for v in verdicts]
         emitted = [v.tokens for v in verdicts]
         target.accept(accepted, emitted)
@@ -153,27 +154,28 @@ class SpeculativeEngine:
             draft.accept(accepted, emitted)
         any_finished = False
         for r, (s, v) in enumerate(zip(rows, verdicts)):
-            s.stats.observe(k, v.num_accepted)
+            s.stats.observe(ks[r], v.num_accepted)
             s.stats.draft_time_s += t1 - t0
             s.stats.draft_forwards += k
             s.stats.target_time_s += t2 - t1
             s.stats.target_forwards += 1
             if on_record is not None:
-                on_record(self._record(s, r, k, proposal, target_logits, v))
+                on_record(self._record(s, r, ks[r], proposal, target_logits, v))
             any_finished |= self._append(s, v.tokens)
         return any_finished
 
-    def propose(self, draft: ModelRunner, rows: list[_Sequence], k: int) -> Proposal:
-        """The draft proposes k tokens per row, one forward pass each."""
+    def propose(self, draft: ModelRunner, rows: list[_Sequence], ks: list[int]) -> Proposal:
+        """The draft proposes max(ks) tokens per row, one forward pass each; a sampling row draws
+        from its RNG only for the ks[r] proposals it will use (its stream never depends on the batch)."""
         logits = draft.feed()[:, -1]  # [batch, vocab] at the last committed token
         tokens, all_logits = [], []
         probs: list[list[torch.Tensor]] = [[] for _ in rows]
-        for i in range(k):
+        for i in range(max(ks)):
             if i:
                 logits = draft.feed(tokens[-1][:, None])[:, -1]
             tok = logits.argmax(-1)  # [batch]
             for r, s in enumerate(rows):
-                if not s.params.greedy:
+                if not s.params.greedy and i < ks[r]:
                     q = process_logits(logits[r], s.params)
                     tok[r] = sample(q[None], s.generator)[0]
                     probs[r].append(q)
@@ -190,15 +192,17 @@ class SpeculativeEngine:
         return target.feed(proposal.tokens if proposal is not None else None)
 
     def verify(
-        self, row: int, seq: _Sequence, proposal: Proposal | None, target_logits: torch.Tensor
+        self, row: int, seq: _Sequence, k: int, proposal: Proposal | None, target_logits: torch.Tensor
     ) -> Verdict:
-        draft_tokens = (
-            proposal.tokens[row] if proposal is not None else torch.empty(0, dtype=torch.long, device=self.device)
-        )
+        """Verify row `row`'s first k proposals against target_logits[row, :k+1]."""
+        if proposal is None:
+            draft_tokens = torch.empty(0, dtype=torch.long, device=self.device)
+        else:
+            draft_tokens = proposal.tokens[row, :k]
         if seq.params.greedy:
-            return greedy_verify(draft_tokens, target_logits[row])
-        p = process_logits(target_logits[row], seq.params)
-        q = proposal.probs[row] if proposal is not None else p[:0]
+            return greedy_verify(draft_tokens, target_logits[row, : k + 1])
+        p = process_logits(target_logits[row, : k + 1], seq.params)
+        q = proposal.probs[row] if k else p[:0]
         return rejection_sample(draft_tokens, q, p, seq.generator)
 
     # -- bookkeeping --------------------------------------------------------------------------
@@ -224,10 +228,9 @@ class SpeculativeEngine:
             started=time.perf_counter(),
         )
 
-    def _choose_k(self, rows: list[_Sequence]) -> int:
-        # no row can use more than (remaining budget - 1) proposals: the step adds one more token
-        remaining = max(s.params.max_new_tokens - len(s.generated) for s in rows)
-        return max(0, min(self.k, remaining - 1))
+    def _choose_k(self, rows: list[_Sequence]) -> list[int]:
+        """Per row: no more than (remaining budget - 1) proposals, as the step adds one more token."""
+        return [max(0, min(self.k, s.params.max_new_tokens - len(s.generated) - 1)) for s in rows]
 
     def _append(self, seq: _Sequence, tokens: list[int]) -> bool:
         result = seq.stop.check(seq.generated, tokens)
@@ -249,11 +252,11 @@ class SpeculativeEngine:
             step=seq.stats.steps - 1,
             position=len(context),
             context=torch.tensor(context),
-            proposed=proposal.tokens[row].cpu() if proposal is not None else torch.empty(0, dtype=torch.long),
+            proposed=proposal.tokens[row, :k].cpu() if k else torch.empty(0, dtype=torch.long),
             num_accepted=n,
             emitted=list(v.tokens),
             target_logits=target_logits[row, : n + 1].clone(),
-            draft_logits=proposal.logits[row, : min(n + 1, k)].clone() if proposal is not None else None,
+            draft_logits=proposal.logits[row, : min(n + 1, k)].clone() if k else None,
             draft_version=self.draft_version,
         )
 

@@ -28,8 +28,8 @@ class StopChecker:
     def check(self, generated: list[int], new: list[int]) -> StopResult:
         """`generated` holds the tokens before this step; `new` the tokens this step offers."""
         for i, tok in enumerate(new):
-            if tok in self.eos_ids:
-                return StopResult(i + 1, "stop")
+            if tok in self.eos_ids:  # a stop string completed before the EOS ends generation first
+                return self._stop_string(generated, new[:i]) or StopResult(i + 1, "stop")
             if len(generated) + i + 1 >= self.params.max_new_tokens:
                 return self._stop_string(generated, new[: i + 1]) or StopResult(i + 1, "length")
         return self._stop_string(generated, new) or StopResult(len(new), None)

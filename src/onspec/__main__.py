@@ -1,0 +1,5 @@
+import sys
+
+from onspec.cli import main
+
+sys.exit(main())

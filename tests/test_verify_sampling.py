@@ -1,0 +1,329 @@
+"""Verification and sampling: the verifiers on their own (exactly and statistically),
+logit processing, and sampling through the whole engine (distribution, determinism, batch
+independence).
+
+Statistical tests use fixed seeds, so each is deterministic: it passes or fails the same way on
+every run. The thresholds say how unlikely a failure would be *if the code were right*: each
+chi-square assertion fails with probability ~1e-4 for a correct sampler (p-value threshold 1e-4,
+asymptotic chi-square approximation with all pooled expected counts >= 5), each Hoeffding
+assertion with probability <= 1e-4 (exact bound). A wrong sampler is caught with overwhelming
+probability at these sample sizes: e.g. a total-variation error of 0.05 over 6 tokens gives a
+chi-square statistic in the hundreds, against a critical value of about 26 at 5 degrees of freedom.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import cached_draft, cached_model, full_logits, noisy_copy
+
+from onspec.engine.engine import Request, SpeculativeEngine
+from onspec.engine.sampling import SamplingParams, process_logits
+from onspec.engine.verify import greedy_verify, rejection_sample
+
+P_THRESHOLD = 1e-4
+
+
+# -- statistics helpers -------------------------------------------------------------------------
+
+
+def chi2_sf(stat: float, df: int) -> float:
+    """Survival function of the chi-square distribution: P(X >= stat), X ~ chi2(df)."""
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def assert_matches(counts: torch.Tensor, probs: torch.Tensor, what: str) -> None:
+    """Chi-square goodness of fit of integer `counts` [n] to `probs` [n] (sums to 1).
+
+    Outcomes of probability 0 must never occur. Cells with expected count < 5 are pooled into
+    one cell. Fails when the p-value is below P_THRESHOLD."""
+    counts, probs = counts.double().flatten(), probs.double().flatten()
+    n = counts.sum()
+    assert n > 0, what
+    impossible = probs <= 0
+    assert counts[impossible].sum() == 0, f"{what}: outcomes of probability 0 occurred: {impossible.nonzero().flatten().tolist()}"
+    expected = probs * n
+    big = expected >= 5
+    obs = counts[big].tolist()
+    exp = expected[big].tolist()
+    rest_exp = float(expected[~big & ~impossible].sum())
+    if rest_exp > 0:
+        obs.append(float(counts[~big & ~impossible].sum()))
+        exp.append(rest_exp)
+    assert len(obs) >= 2, f"{what}: too few cells"
+    stat = sum((o - e) ** 2 / e for o, e in zip(obs, exp))
+    pvalue = chi2_sf(stat, len(obs) - 1)
+    assert pvalue > P_THRESHOLD, f"{what}: chi2={stat:.1f} df={len(obs) - 1} p={pvalue:.2e}"
+
+
+def hoeffding_eps(n: int, delta: float = P_THRESHOLD) -> float:
+    """|mean of n i.i.d. Bernoulli - its expectation| <= eps with probability >= 1 - delta."""
+    return math.sqrt(math.log(2 / delta) / (2 * n))
+
+
+def test_chi2_helper_is_calibrated():
+    """Sanity of the helper itself: known chi-square quantiles, and it rejects a wrong fit."""
+    assert chi2_sf(3.841, 1) == pytest.approx(0.05, abs=1e-3)
+    assert chi2_sf(11.07, 5) == pytest.approx(0.05, abs=1e-3)
+    with pytest.raises(AssertionError):
+        assert_matches(torch.tensor([600, 400]), torch.tensor([0.5, 0.5]), "biased coin")
+    with pytest.raises(AssertionError):
+        assert_matches(torch.tensor([5, 5, 1]), torch.tensor([0.5, 0.5, 0.0]), "impossible outcome")
+
+
+# -- rejection_sample alone ---------------------------------------------------------------------
+
+V = 6
+
+
+def random_dists(rows: int, gen: torch.Generator, zero_at: dict[int, int] | None = None) -> torch.Tensor:
+    """Random distributions [rows, V]; zero_at {row: token} forces a zero probability."""
+    d = torch.rand(rows, V, generator=gen, dtype=torch.float64) + 0.05
+    for r, t in (zero_at or {}).items():
+        d[r, t] = 0.0
+    return (d / d.sum(-1, keepdim=True)).float()
+
+
+def run_trials(p: torch.Tensor, q: torch.Tensor, n: int, seed: int):
+    """n independent verify steps: draft tokens x_i ~ q[i], then rejection_sample."""
+    gen = torch.Generator().manual_seed(seed)
+    verdicts = []
+    for _ in range(n):
+        x = torch.multinomial(q, 1, generator=gen).squeeze(-1) if q.shape[0] else torch.empty(0, dtype=torch.long)
+        verdicts.append(rejection_sample(x, q, p, gen))
+    return verdicts
+
+
+def test_rejection_sample_emits_the_target_distribution():
+    """Speculative sampling is lossless: with k=3 and fixed p (k+1 rows), q (k rows), the token
+    emitted at position i, among the trials that accepted x_1..x_i, is distributed as p[i]
+    (i=0: the first token, always; i=3: the bonus token after all k accepted).
+    The test includes a token the target never emits but the draft proposes (p[0][2] = 0: it must
+    always be rejected) and one the draft never proposes (q[1][4] = 0: only the recovered token
+    can produce it)."""
+    k, n = 3, 30_000
+    gen = torch.Generator().manual_seed(1234)
+    p = random_dists(k + 1, gen, zero_at={0: 2})
+    # a draft that is close-ish to the target, so that later positions get enough samples
+    q = 0.5 * p[:k] + 0.5 * random_dists(k, gen)
+    q[1, 4] = 0.0
+    q = q / q.sum(-1, keepdim=True)
+    verdicts = run_trials(p, q, n, seed=99)
+
+    for v in verdicts:
+        assert 0 <= v.num_accepted <= k and len(v.tokens) == v.num_accepted + 1 and v.proposed == k
+    for i in range(k + 1):
+        reached = [v.tokens[i] for v in verdicts if v.num_accepted >= i]
+        assert len(reached) > 2000, f"too few trials reach position {i}"
+        counts = torch.bincount(torch.tensor(reached), minlength=V)
+        assert_matches(counts, p[i], f"position {i}")
+
+
+def test_rejection_sample_without_draft_samples_p():
+    """k = 0 (target-only step): the single emitted token is distributed as p[0]."""
+    gen = torch.Generator().manual_seed(5)
+    p = random_dists(1, gen)
+    verdicts = run_trials(p, torch.empty(0, V), 5000, seed=6)
+    assert all(v.num_accepted == 0 and not v.rejected and v.evaluated == 0 for v in verdicts)
+    assert_matches(torch.bincount(torch.tensor([v.tokens[0] for v in verdicts]), minlength=V), p[0], "k=0")
+
+
+def test_acceptance_rate_is_overlap():
+    """For k=1 the probability of accepting x ~ q is sum_x min(p(x), q(x)) (Hoeffding bound)."""
+    n = 20_000
+    gen = torch.Generator().manual_seed(7)
+    p, q = random_dists(2, gen), random_dists(1, gen)
+    overlap = float(torch.minimum(p[0], q[0]).sum())
+    verdicts = run_trials(p, q, n, seed=8)
+    alpha = sum(v.num_accepted for v in verdicts) / n
+    assert abs(alpha - overlap) <= hoeffding_eps(n), (alpha, overlap)
+    assert all(v.evaluated == 1 for v in verdicts)
+
+
+def test_rejection_sample_with_one_hot_probs_is_greedy_verify():
+    """Greedy params make p and q one-hot: rejection sampling then decides exactly like greedy_verify."""
+    gen = torch.Generator().manual_seed(0)
+    greedy = SamplingParams()
+    for trial in range(50):
+        k = trial % 5
+        target_logits = torch.randn(k + 1, 20, generator=gen)
+        argmax = target_logits.argmax(-1)
+        draft = argmax[:k].clone()
+        if k and trial % 2:
+            pos = trial % k
+            draft[pos] = (draft[pos] + 1) % 20  # a wrong guess at position pos
+        q = torch.nn.functional.one_hot(draft, 20).float()
+        expected = greedy_verify(draft, target_logits)
+        got = rejection_sample(draft, q, process_logits(target_logits, greedy), gen)
+        assert (got.num_accepted, got.tokens) == (expected.num_accepted, expected.tokens)
+
+
+# -- greedy_verify ------------------------------------------------------------------------------
+
+
+def _logits_with_argmax(argmax: list[int], vocab: int = 10) -> torch.Tensor:
+    logits = torch.zeros(len(argmax), vocab)
+    logits[torch.arange(len(argmax)), torch.tensor(argmax)] = 5.0
+    return logits
+
+
+@pytest.mark.parametrize(
+    ("draft", "argmax", "num_accepted", "tokens"),
+    [
+        ([1, 2, 3], [1, 2, 3, 4], 3, [1, 2, 3, 4]),  # all accepted + bonus
+        ([1, 2, 3], [1, 7, 3, 4], 1, [1, 7]),  # reject at 2: target's token replaces it
+        ([1, 2, 3], [9, 2, 3, 4], 0, [9]),  # later matches do not count after a mismatch
+        ([], [6], 0, [6]),  # k = 0: plain decoding
+    ],
+)
+def test_greedy_verify(draft, argmax, num_accepted, tokens):
+    """Accept the longest prefix equal to the target's argmax, then append the target's argmax."""
+    v = greedy_verify(torch.tensor(draft, dtype=torch.long), _logits_with_argmax(argmax))
+    assert v.num_accepted == num_accepted
+    assert v.tokens == tokens
+    assert v.proposed == len(draft)
+    assert v.rejected == (num_accepted < len(draft))
+    assert v.evaluated == num_accepted + int(num_accepted < len(draft))
+
+
+# -- process_logits -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def logits():
+    return torch.randn(5, 50, generator=torch.Generator().manual_seed(3)) * 3
+
+
+def test_greedy_is_one_hot_argmax(logits):
+    """temperature 0: one-hot at the argmax, whatever top_k/top_p say."""
+    for params in (SamplingParams(), SamplingParams(temperature=0.0, top_k=3, top_p=0.5)):
+        probs = process_logits(logits, params)
+        assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), 50).float())
+
+
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
+def test_temperature_only_is_softmax(logits, temperature):
+    """No filters: softmax(logits / temperature), rows summing to 1."""
+    probs = process_logits(logits, SamplingParams(temperature=temperature))
+    assert torch.allclose(probs, (logits / temperature).softmax(-1), atol=1e-6)
+    assert torch.allclose(probs.sum(-1), torch.ones(5), atol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 7, 49, 50, 80])
+def test_top_k_keeps_exactly_k(logits, top_k):
+    """top_k keeps exactly the k largest logits (all of them if k >= vocab), renormalised."""
+    probs = process_logits(logits, SamplingParams(temperature=0.7, top_k=top_k))
+    kk = min(top_k, 50)
+    assert ((probs > 0).sum(-1) == kk).all()
+    top = logits.topk(kk, -1).indices
+    assert (probs.gather(-1, top) > 0).all()
+    ref = torch.full_like(logits, float("-inf")).scatter(-1, top, logits.gather(-1, top) / 0.7).softmax(-1)
+    assert torch.allclose(probs, ref, atol=1e-6)
+    assert torch.allclose(probs.sum(-1), torch.ones(5), atol=1e-5)
+
+
+@pytest.mark.parametrize("top_p", [1e-6, 0.1, 0.5, 0.9, 0.999, 1.0])
+def test_top_p_keeps_the_smallest_nucleus(logits, top_p):
+    """top_p keeps the smallest set of most likely tokens whose mass reaches top_p, renormalised."""
+    temperature = 1.3
+    probs = process_logits(logits, SamplingParams(temperature=temperature, top_p=top_p))
+    full = (logits / temperature).softmax(-1)
+    for row in range(5):
+        sorted_p, order = full[row].sort(descending=True)
+        cum = sorted_p.cumsum(0)
+        m = int((cum < top_p).sum()) + 1 if top_p < 1.0 else 50  # smallest prefix reaching top_p
+        m = min(m, 50)
+        kept = set(order[:m].tolist())
+        assert set(probs[row].nonzero().flatten().tolist()) == kept
+        assert float(full[row, list(kept)].sum()) >= top_p - 1e-6
+        if m > 1:  # one token fewer would not reach top_p: the nucleus is the smallest
+            assert float(cum[m - 2]) < top_p
+        ref = torch.zeros(50)
+        ref[order[:m]] = sorted_p[:m] / sorted_p[:m].sum()
+        assert torch.allclose(probs[row], ref, atol=1e-6)
+    assert torch.allclose(probs.sum(-1), torch.ones(5), atol=1e-5)
+
+
+def test_top_k_then_top_p(logits):
+    """Both filters: the kept set is inside the top-k set and rows sum to 1."""
+    probs = process_logits(logits, SamplingParams(temperature=1.0, top_k=10, top_p=0.8))
+    topk = logits.topk(10, -1).indices
+    for row in range(5):
+        assert set(probs[row].nonzero().flatten().tolist()) <= set(topk[row].tolist())
+    assert torch.allclose(probs.sum(-1), torch.ones(5), atol=1e-5)
+
+
+# -- sampling through the engine ----------------------------------------------------------------
+
+
+def test_engine_sampling_is_lossless(tokenizer):
+    """End to end: with a partly agreeing draft (top-k 8 supports overlap only partly, k=2),
+    the joint distribution of the first two generated tokens equals the target's own
+    p(x1) * p(x2 | x1) after the same temperature/top-k processing. 10,000 seeded requests of
+    one prompt decoded in a single batch; chi-square at p-value 1e-4 over the (x1, x2) cells."""
+    n = 10_000
+    target = cached_model("llama")
+    draft = noisy_copy(target, 0.3, seed=1)
+    prompt = tokenizer.encode("hello")
+    params = [SamplingParams(temperature=1.0, top_k=8, max_new_tokens=3, seed=s, ignore_eos=True) for s in range(n)]
+    engine = SpeculativeEngine(target, tokenizer, draft, k=2)
+    outs = engine.generate([Request(prompt, sp) for sp in params])
+
+    p1 = process_logits(full_logits(target, prompt)[-1], params[0])  # [V]
+    support = p1.nonzero().flatten().tolist()
+    assert len(support) == 8
+    joint = torch.zeros(len(support), p1.shape[0], dtype=torch.float64)
+    for i, x1 in enumerate(support):
+        joint[i] = p1[x1].double() * process_logits(full_logits(target, prompt + [x1])[-1], params[0]).double()
+    counts = torch.zeros_like(joint)
+    index = {x1: i for i, x1 in enumerate(support)}
+    for o in outs:
+        assert o.token_ids[0] in index, "first token outside the target's top-k support"
+        counts[index[o.token_ids[0]], o.token_ids[1]] += 1
+    assert_matches(counts, joint, "joint of the first two tokens")
+    # the draft was really in play: some proposals accepted, some rejected
+    accepted = sum(o.stats.accepted for o in outs)
+    evaluated = sum(o.stats.evaluated for o in outs)
+    assert 0.2 < accepted / evaluated < 0.9
+
+
+def _sampling(seed, **kw):
+    base = dict(temperature=0.8, max_new_tokens=30, seed=seed, ignore_eos=True)
+    return SamplingParams(**(base | kw))
+
+
+def test_same_seed_same_output(tokenizer):
+    """Determinism: the same seed gives the same tokens (also from a fresh engine); different
+    seeds give different samples."""
+    target, draft = cached_model("llama"), cached_draft("llama", "noisy")
+    prompt = tokenizer.encode("hello")
+    first = SpeculativeEngine(target, tokenizer, draft, k=3).generate([Request(prompt, _sampling(11))])[0]
+    engine = SpeculativeEngine(target, tokenizer, draft, k=3)
+    again = engine.generate([Request(prompt, _sampling(11))])[0]
+    other = engine.generate([Request(prompt, _sampling(12))])[0]
+    assert first.token_ids == again.token_ids
+    assert len(first.token_ids) == 30
+    assert first.token_ids != other.token_ids
+
+
+@pytest.mark.parametrize("draft_kind", ["none", "noisy"])
+def test_batch_composition_does_not_change_a_sampled_row(draft_kind, tokenizer):
+    """A seeded request gives the same tokens alone and batched with other requests (other
+    prompt lengths, budgets, sampling parameters, a greedy row), as verify.py promises
+    ('same seed -> same output, whoever shares the batch')."""
+    target = cached_model("llama")
+    draft = None if draft_kind == "none" else cached_draft("llama", "noisy")
+    engine = SpeculativeEngine(target, tokenizer, draft, k=3)
+    prompt = tokenizer.encode("hello")
+    others = [
+        Request(tokenizer.encode("x"), _sampling(100, max_new_tokens=45)),
+        Request(tokenizer.encode("a much longer prompt than the others"), _sampling(101, top_k=20)),
+        Request(tokenizer.encode("def"), SamplingParams(max_new_tokens=40, ignore_eos=True)),
+    ]
+    for seed in range(4):
+        alone = engine.generate([Request(prompt, _sampling(seed))])[0].token_ids
+        batched = engine.generate([others[0], Request(prompt, _sampling(seed)), *others[1:]])[1].token_ids
+        diff = next((i for i, (a, b) in enumerate(zip(alone, batched)) if a != b), None)
+        assert alone == batched, f"seed {seed}: alone and batched differ from token {diff} of {len(alone)}"
