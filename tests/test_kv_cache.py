@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import ARCHS, cached_model, full_logits
 
-from onspec.engine.kv import SlotKVCache
+from onspec.engine.kv import SlotKVCache, right_aligned
 
 ATOL = 1e-5
 PROMPT = [72, 101, 108, 108, 111, 32, 119]  # 7 tokens
@@ -22,13 +22,7 @@ def new_cache(model, batch: int) -> SlotKVCache:
 
 def feed(cache, model, rows: list[list[int]], logits_to_keep: int = 0) -> torch.Tensor:
     """Feed one chunk, each row's tokens right-aligned (left padding = invalid slots)."""
-    width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    valid = torch.zeros(len(rows), width, dtype=torch.bool)
-    for b, r in enumerate(rows):
-        if r:
-            ids[b, width - len(r) :] = torch.tensor(r)
-            valid[b, width - len(r) :] = True
+    ids, valid = right_aligned(rows)
     with torch.no_grad():
         return cache.forward(model, ids, valid, logits_to_keep=logits_to_keep)
 

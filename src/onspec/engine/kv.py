@@ -95,3 +95,16 @@ class SlotKVCache:
         self.cache.batch_select_indices(rows)
         self.valid = self.valid[rows]
         self.trim()
+
+
+def right_aligned(seqs: list[list[int]], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack token lists into one chunk, each row right-aligned so its last token is in the last
+    column; the left padding is marked invalid. Returns ids: [batch, width], valid: [batch, width]."""
+    width = max((len(s) for s in seqs), default=0)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    valid = torch.zeros(len(seqs), width, dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        if s:
+            ids[b, width - len(s) :] = torch.tensor(s)
+            valid[b, width - len(s) :] = True
+    return ids.to(device), valid.to(device)

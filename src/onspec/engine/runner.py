@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from onspec.engine.kv import SlotKVCache
+from onspec.engine.kv import SlotKVCache, right_aligned
 
 
 class ModelRunner:
@@ -27,10 +27,9 @@ class ModelRunner:
         """Cache all prompt tokens but the last, which stays pending (its logits start decoding)."""
         self.pending = [[p[-1]] for p in prompts]
         heads = [p[:-1] for p in prompts]
-        width = max(len(h) for h in heads)
-        if width == 0:
+        if not any(heads):
             return
-        ids, valid = self._right_aligned(heads, width)
+        ids, valid = right_aligned(heads, self.device)
         self.kv.forward(self.model, ids, valid, logits_to_keep=1)
 
     @torch.no_grad()
@@ -44,7 +43,7 @@ class ModelRunner:
         width = max(len(p) for p in self.pending)
         parts, valids = [], []
         if width:
-            ids, valid = self._right_aligned(self.pending, width)
+            ids, valid = right_aligned(self.pending, self.device)
             parts.append(ids)
             valids.append(valid)
             self.pending = [[] for _ in self.pending]
@@ -70,12 +69,3 @@ class ModelRunner:
         """Keep only these batch rows."""
         self.kv.select(torch.tensor(rows, device=self.device))
         self.pending = [self.pending[r] for r in rows]
-
-    def _right_aligned(self, seqs: list[list[int]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.zeros(len(seqs), width, dtype=torch.long)
-        valid = torch.zeros(len(seqs), width, dtype=torch.bool)
-        for b, s in enumerate(seqs):
-            if s:
-                ids[b, width - len(s) :] = torch.tensor(s)
-                valid[b, width - len(s) :] = True
-        return ids.to(self.device), valid.to(self.device)
