@@ -9,6 +9,7 @@ accepted tokens; a finished row leaves the batch at once.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import torch
 from onspec.config import option
 from onspec.engine.records import RequestOutput, RequestStats, StepRecord
 from onspec.engine.runner import ModelRunner
+from onspec.engine.policy import AdaptiveK
 from onspec.engine.sampling import SamplingParams, process_logits, sample
 from onspec.engine.stopping import StopChecker
 from onspec.engine.verify import Verdict, greedy_verify, rejection_sample
@@ -77,17 +79,22 @@ class _Sequence:
 
 
 RecordCallback = Callable[[StepRecord], None]
+FinishCallback = Callable[[RequestOutput], None]
 
 
 class SpeculativeEngine:
-    def __init__(self, target, tokenizer, draft=None, *, k: int = 4) -> None:
+    def __init__(self, target, tokenizer, draft=None, *, k: int = 4, policy: AdaptiveK | None = None) -> None:
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         self.target = target.eval()
         self.draft = draft.eval() if draft is not None else None
         self.tokenizer = tokenizer
         self.k = k if draft is not None else 0
+        self.policy = policy if draft is not None else None
+        """Optional adaptive choice of k per step (engine/policy.py); None = always k."""
         self.draft_version = 0
+        self._swap_lock = threading.Lock()
+        self._pending_swap: tuple[dict, int, float | None] | None = None
         self.device = next(target.parameters()).device
         self.eos_ids = _eos_ids(target, tokenizer)
         self.max_context = getattr(target.config, "max_position_embeddings", None)
@@ -95,12 +102,17 @@ class SpeculativeEngine:
     # -- the ladder ---------------------------------------------------------------------------
 
     def generate(
-        self, requests: list[Request], on_record: RecordCallback | None = None
+        self,
+        requests: list[Request],
+        on_record: RecordCallback | None = None,
+        on_finish: FinishCallback | None = None,
     ) -> list[RequestOutput]:
-        """Decode a batch of requests to completion; outputs in request order."""
+        """Decode a batch of requests to completion; outputs in request order.
+        `on_record` gets every verify step's record, `on_finish` every output as its row ends."""
         seqs = [self._admit(r) for r in requests]
         if not seqs:
             return []
+        self.apply_pending_swap()
         target, draft = self._prefill(seqs)
         active = list(range(len(seqs)))  # seqs index of each batch row
         while active:
@@ -108,6 +120,10 @@ class SpeculativeEngine:
             finished = self.step(rows, target, draft, on_record)
             if finished:
                 keep = [r for r, s in enumerate(rows) if s.finish_reason is None]
+                if on_finish is not None:
+                    for s in rows:
+                        if s.finish_reason is not None:
+                            on_finish(s.output())
                 active = [active[r] for r in keep]
                 if active:
                     target.select(keep)
@@ -137,7 +153,9 @@ class SpeculativeEngine:
         on_record: RecordCallback | None = None,
     ) -> bool:
         """One speculative step for every row. Returns True if any row finished."""
-        ks = self._choose_k(rows) if draft is not None else [0] * len(rows)
+        self.apply_pending_swap()
+        k_max = (self.policy.choose() if self.policy is not None else self.k) if draft is not None else 0
+        ks = self._choose_k(rows, k_max)
         k = max(ks)  # the draft runs k forwards for the batch; row r uses its first ks[r] proposals
         t0 = time.perf_counter()
         proposal = self.propose(draft, rows, ks) if k else None
@@ -149,6 +167,8 @@ class SpeculativeEngine:
         verdicts = [self.verify(r, s, ks[r], proposal, target_logits) for r, s in enumerate(rows)]
         accepted = [v.num_accepted for v in verdicts]
         emitted = [v.tokens for v in verdicts]
+        if self.policy is not None:
+            self.policy.observe(k, sum(accepted), sum(v.evaluated for v in verdicts), t1 - t0, t2 - t1)
         target.accept(accepted, emitted)
         if draft is not None:
             draft.accept(accepted, emitted)
@@ -205,6 +225,29 @@ class SpeculativeEngine:
         q = proposal.probs[row] if k else p[:0]
         return rejection_sample(draft_tokens, q, p, seq.generator)
 
+    # -- draft updates ------------------------------------------------------------------------
+
+    def offer_draft(self, state_dict: dict, version: int, alpha_hint: float | None = None) -> None:
+        """Offer new draft weights (from any thread; a subset of parameters is fine). They go live
+        at the start of the next verify step, in the decoding thread, so no forward pass ever sees
+        a half-written draft. `alpha_hint` (e.g. the trainer's probe alpha) restarts the policy's
+        alpha estimate for the new version."""
+        with self._swap_lock:
+            self._pending_swap = (state_dict, version, alpha_hint)
+
+    def apply_pending_swap(self) -> bool:
+        with self._swap_lock:
+            pending, self._pending_swap = self._pending_swap, None
+        if pending is None or self.draft is None:
+            return False
+        state_dict, version, alpha_hint = pending
+        with torch.no_grad():
+            self.draft.load_state_dict(state_dict, strict=False)
+        self.draft_version = version
+        if self.policy is not None and alpha_hint is not None:
+            self.policy.reset_alpha(alpha_hint)
+        return True
+
     # -- bookkeeping --------------------------------------------------------------------------
 
     def _admit(self, request: Request) -> _Sequence:
@@ -228,9 +271,9 @@ class SpeculativeEngine:
             started=time.perf_counter(),
         )
 
-    def _choose_k(self, rows: list[_Sequence]) -> list[int]:
+    def _choose_k(self, rows: list[_Sequence], k_max: int) -> list[int]:
         """Per row: no more than (remaining budget - 1) proposals, as the step adds one more token."""
-        return [max(0, min(self.k, s.params.max_new_tokens - len(s.generated) - 1)) for s in rows]
+        return [max(0, min(k_max, s.params.max_new_tokens - len(s.generated) - 1)) for s in rows]
 
     def _append(self, seq: _Sequence, tokens: list[int]) -> bool:
         result = seq.stop.check(seq.generated, tokens)

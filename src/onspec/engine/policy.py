@@ -1,0 +1,100 @@
+"""How many tokens to propose: speculation steps aside when it does not pay.
+
+The speedup model of OSD.md section 2, with both costs measured live:
+    speedup(k) = tokens(alpha, k) * T(0) / (k * t_draft + T(k)),  tokens = (1 - alpha^(k+1)) / (1 - alpha)
+where t_draft is one draft forward and T(k) one target pass over k+1 positions (T(k) grows a
+little with k; with T(k) = T(0) this is the paper's formula with c = t_draft / T(0)).
+Each step takes the k in [0, k_max] with the best expected speedup; when that is 0 (no k pays),
+a small share of steps still proposes one token so alpha keeps being measured and speculation
+resumes as soon as the draft (e.g. after an online update) pays.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from onspec.config import option
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens emitted per step under the i.i.d. acceptance model: (1 - alpha^(k+1)) / (1 - alpha)."""
+    return float(k + 1) if alpha >= 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+@dataclass
+class PolicyConfig:
+    """Choice of k per step."""
+
+    adaptive_k: bool = option(False, "choose k per step from live alpha and measured costs (down to 0 = target only)")
+    probe_share: float = option(0.05, "with adaptive k, share of steps that still propose 1 token while no k pays")
+    alpha_decay: float = option(0.98, "per-step decay of the live alpha estimate (closer to 1 = longer memory)")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.probe_share <= 1:
+            raise ValueError(f"--probe-share must be in [0, 1], got {self.probe_share}")
+        if not 0 < self.alpha_decay < 1:
+            raise ValueError(f"--alpha-decay must be in (0, 1), got {self.alpha_decay}")
+
+
+class AdaptiveK:
+    def __init__(self, k_max: int, config: PolicyConfig, prior_alpha: float = 0.5, seed: int = 0) -> None:
+        self.k_max = k_max
+        self.cfg = config
+        self._accepted = prior_alpha * 4.0  # decayed counts, with 4 pseudo-observations of the prior
+        self._evaluated = 4.0
+        self._t_draft: float | None = None  # seconds per draft forward (EMA)
+        self._t_target: dict[int, float] = {}  # seconds per target pass, by k (EMA)
+        self._rng = random.Random(seed)
+        self.probing_steps = 0
+
+    @property
+    def alpha(self) -> float:
+        return self._accepted / self._evaluated
+
+    def expected_speedup(self, k: int) -> float:
+        if k == 0:
+            return 1.0
+        t0 = self._target_time(0)
+        if t0 is None or self._t_draft is None:
+            return float("inf")  # costs not measured yet: try speculating to measure them
+        return expected_tokens(self.alpha, k) * t0 / (k * self._t_draft + self._target_time(k))
+
+    def choose(self) -> int:
+        best = max(range(self.k_max + 1), key=self.expected_speedup)
+        if best == 0 and self.k_max > 0 and self._rng.random() < self.cfg.probe_share:
+            self.probing_steps += 1
+            return 1
+        return best
+
+    def observe(self, k: int, accepted: int, evaluated: int, draft_seconds: float, target_seconds: float) -> None:
+        """One verify step's outcome (summed over the batch's rows) and its measured times."""
+        d = self.cfg.alpha_decay
+        if evaluated:
+            self._accepted = d * self._accepted + accepted
+            self._evaluated = d * self._evaluated + evaluated
+        if k:
+            self._t_draft = _ema(self._t_draft, draft_seconds / k)
+        self._t_target[k] = _ema(self._t_target.get(k), target_seconds)
+
+    def reset_alpha(self, alpha: float) -> None:
+        """A new draft went live: restart the estimate from a measured hint (e.g. the trainer's probe)."""
+        self._accepted, self._evaluated = alpha * 4.0, 4.0
+
+    def _target_time(self, k: int) -> float | None:
+        if k in self._t_target:
+            return self._t_target[k]
+        if not self._t_target:
+            return None
+        # unseen k: interpolate linearly from the nearest measured k values (or extrapolate flat)
+        ks = sorted(self._t_target)
+        lower = max((x for x in ks if x < k), default=ks[0])
+        upper = min((x for x in ks if x > k), default=ks[-1])
+        if lower == upper:
+            return self._t_target[lower]
+        w = (k - lower) / (upper - lower)
+        return (1 - w) * self._t_target[lower] + w * self._t_target[upper]
+
+
+def _ema(old: float | None, new: float, weight: float = 0.1) -> float:
+    return new if old is None else (1 - weight) * old + weight * new

@@ -1,0 +1,1 @@
+"""Online distillation: the draft keeps learning from the target on live traffic."""
