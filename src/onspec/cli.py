@@ -48,6 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(bench, BenchConfig)
     bench.set_defaults(run=cmd_bench)
 
+    from onspec.engine.policy import PolicyConfig
+    from onspec.online.replay import ReplayConfig
+    from onspec.online.trainer import TrainerConfig
+
+    replay = sub.add_parser("replay", help="serve a query stream in order, online (learning) and/or static; plot alpha")
+    add_arguments(replay, ReplayConfig)
+    add_arguments(replay, ModelConfig, exclude=("no_draft",))
+    add_arguments(replay, EngineConfig)
+    add_arguments(replay, PolicyConfig)
+    add_arguments(replay, TrainerConfig)
+    replay.set_defaults(run=cmd_replay)
+
     derive = sub.add_parser("derive-draft", help="write the derived draft (first N target layers) as safetensors")
     derive.add_argument("--out", required=True, type=Path, help="output directory")
     add_arguments(derive, ModelConfig, exclude=("draft", "no_draft"))
@@ -87,6 +99,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from onspec.bench.bench import BenchConfig, run_bench
 
     run_bench(from_args(ModelConfig, args), from_args(EngineConfig, args), from_args(BenchConfig, args))
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from onspec.engine.policy import PolicyConfig
+    from onspec.online.replay import ReplayConfig, run_replay
+    from onspec.online.trainer import TrainerConfig
+
+    run_replay(from_args(ModelConfig, args), from_args(EngineConfig, args), from_args(PolicyConfig, args),
+               from_args(TrainerConfig, args), from_args(ReplayConfig, args))
     return 0
 
 

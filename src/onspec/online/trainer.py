@@ -26,6 +26,7 @@ from onspec.config import option
 from onspec.engine.records import RequestOutput, StepRecord
 from onspec.online.buffer import Example, ExampleBuilder, ReplayBuffer
 from onspec.online.checkpoint import CheckpointStore
+from onspec.online.forward import logits_at_generated
 from onspec.online.losses import LOSSES, bucket, distill_loss
 
 log = logging.getLogger("onspec.trainer")
@@ -218,31 +219,14 @@ class OnlineDistiller:
         matching teacher top-K. Returns ([M, vocab], [M, K] long, [M, K] float) or Nones."""
         if not examples:
             return None, None, None
-        window = self.cfg.max_train_tokens
-        inputs, rows = [], []  # rows: (example, first generated row used, input index of that row)
-        for e in examples:
-            T = len(e.tokens)
-            lo = max(0, T - 1 - window)
-            inputs.append(e.tokens[lo : T - 1].long())
-            first = max(e.start, lo + 1)  # the first predicted position whose context is in the window
-            rows.append((e, first - e.start, first - 1 - lo))
-        width = max(len(x) for x in inputs)
-        ids = torch.zeros(len(inputs), width, dtype=torch.long)
-        mask = torch.zeros(len(inputs), width, dtype=torch.long)
-        for b, x in enumerate(inputs):
-            ids[b, : len(x)] = x
-            mask[b, : len(x)] = 1
-        device = next(self.student.parameters()).device
         with torch.set_grad_enabled(grad):
-            hidden = self.student.base_model(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-            picked, t_ids, t_probs = [], [], []
-            for b, (e, row0, idx0) in enumerate(rows):
-                n = e.num_positions - row0
-                picked.append(hidden[b, idx0 : idx0 + n])  # [n, hidden]
-                t_ids.append(e.top_ids[row0:].long())
-                t_probs.append(e.top_probs[row0:].float())
-            logits = self.student.get_output_embeddings()(torch.cat(picked))  # [M, vocab]
-        return logits.float(), torch.cat(t_ids).to(device), torch.cat(t_probs).to(device)
+            logits, skipped = logits_at_generated(
+                self.student, [(e.tokens, e.start) for e in examples], self.cfg.max_train_tokens
+            )
+        device = logits.device
+        t_ids = torch.cat([e.top_ids[s:].long() for e, s in zip(examples, skipped)]).to(device)
+        t_probs = torch.cat([e.top_probs[s:].float() for e, s in zip(examples, skipped)]).to(device)
+        return logits, t_ids, t_probs
 
     def _batch(self) -> list[Example]:
         batch = self.buffer.take_batch(self.cfg.batch_size, self.cfg.replay_share)

@@ -1,0 +1,249 @@
+"""`onspec replay`: serve a query stream in order, as a serving log would arrive, and show alpha.
+
+Modes: `online` (the draft learns in the background), `static` (the same engine, no updates),
+`both` (static then online, from the same starting draft, on the same stream).
+Per query it records the measured alpha (accepted / evaluated over the steps that proposed) and
+`alpha_tf`: the serving draft's greedy agreement with the served tokens (teacher-forced, one draft
+pass after the request, not counted in tokens/s), which is defined for every query whatever k
+the policy chose, and is what the curves and the JSON summary use for greedy streams.
+Writes `<out>/replay_<mode>.csv`, `<out>/alpha.png` (moving averages, modes on the same axes),
+`<out>/summary.json`; with --json the last line printed is the summary.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import itertools
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from onspec.config import option
+from onspec.data.streams import DatasetError, Query, iter_queries
+from onspec.engine.engine import EngineConfig, Request, SpeculativeEngine
+from onspec.engine.policy import AdaptiveK, PolicyConfig
+from onspec.engine.sampling import SamplingParams
+from onspec.models.pair import ModelConfig, load_pair
+from onspec.online.forward import greedy_agreement
+from onspec.online.trainer import OnlineDistiller, TrainerConfig
+
+STREAM_ALIASES = {
+    # code, then chat, then the same code again: adaptation at each boundary, and forgetting
+    "shift": "humaneval:0:82+sharegpt:0:164+humaneval:0:82",
+}
+
+
+@dataclass
+class ReplayConfig:
+    """Stream replay."""
+
+    dataset: str = option("sharegpt", "sharegpt | humaneval | a .jsonl file (prompt or messages per line) | shift | "
+                          "segments joined by '+', each NAME[:SKIP[:LIMIT]]")
+    limit: int = option(200, "queries to serve (after --skip)")
+    skip: int = option(0, "queries to skip at the start of the stream")
+    passes: int = option(1, "serve the stream this many times in a row (e.g. 2 for HumanEval twice)")
+    mode: str = option("online", "online: learn; static: no updates; both: static then online", choices=("online", "static", "both"))
+    max_new_tokens: int = option(64, "tokens generated per query")
+    temperature: float = option(0.0, "0 = greedy")
+    max_prompt_tokens: int = option(1024, "skip queries whose prompt is longer (counted in the summary)")
+    out: str = option("runs/replay", "output directory (CSV, PNG, summary.json, checkpoints)")
+    json: bool = option(False, "print the summary as one JSON object on the last line")
+    plot_window: int = option(25, "moving-average window of the alpha plot (queries)")
+
+    def __post_init__(self) -> None:
+        for name in ("limit", "passes", "max_new_tokens", "max_prompt_tokens", "plot_window"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.skip < 0:
+            raise ValueError(f"--skip must be >= 0, got {self.skip}")
+        if self.temperature < 0:
+            raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+
+
+def load_stream(cfg: ReplayConfig) -> list[Query]:
+    spec = STREAM_ALIASES.get(cfg.dataset, cfg.dataset)
+    queries: list[Query] = []
+    for segment in spec.split("+"):
+        name, *rest = segment.split(":") if not segment.endswith(".jsonl") else [segment]
+        try:
+            skip, limit = (int(rest[0]) if rest else 0), (int(rest[1]) if len(rest) > 1 else None)
+        except ValueError:
+            raise DatasetError(f"bad stream segment {segment!r}: expected NAME[:SKIP[:LIMIT]]") from None
+        stop = None if limit is None else skip + limit
+        queries += list(itertools.islice(iter_queries(name), skip, stop))
+    queries = queries[cfg.skip : cfg.skip + cfg.limit]
+    if not queries:
+        raise DatasetError(f"the stream {cfg.dataset!r} has no queries after --skip {cfg.skip}")
+    return queries * cfg.passes
+
+
+def run_replay(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: PolicyConfig,
+               trainer_cfg: TrainerConfig, cfg: ReplayConfig) -> dict:
+    console = Console(stderr=True)
+    if model_cfg.no_draft:
+        raise ValueError("replay measures a draft: --no-draft makes no sense here")
+    queries = load_stream(cfg)
+    console.print(f"loading models ({model_cfg.target}) ...")
+    target, draft = load_pair(model_cfg)
+    encoded = [(q, q.encode(target.tokenizer)) for q in queries]
+    kept = [(q, ids) for q, ids in encoded if len(ids) <= cfg.max_prompt_tokens]
+    out_dir = Path(cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    modes = ["static", "online"] if cfg.mode == "both" else [cfg.mode]
+    results = {}
+    for mode in modes:
+        rows, summary = _serve(mode, target, copy.deepcopy(draft.model), kept, model_cfg, engine_cfg, policy_cfg,
+                               trainer_cfg, cfg, out_dir, console)
+        _write_csv(out_dir / f"replay_{mode}.csv", rows)
+        results[mode] = summary
+    plot_alpha(out_dir, modes, cfg.plot_window, boundaries=_boundaries(kept, cfg.passes))
+    summary = {"dataset": cfg.dataset, "queries": len(kept), "skipped_long_prompts": len(encoded) - len(kept),
+               **(results[modes[0]] if len(modes) == 1 else {})}
+    if len(modes) > 1:
+        summary["modes"] = results
+        summary.update({k: results["online"][k] for k in ("alpha_first", "alpha_last", "alpha_mean", "updates",
+                                                          "rollbacks", "tokens", "tokens_per_s")})
+        summary["static_alpha_last"] = results["static"]["alpha_last"]
+        summary["alpha_last_gain"] = results["online"]["alpha_last"] - results["static"]["alpha_last"]
+        summary["tokens_per_s_ratio_online_vs_static"] = results["online"]["tokens_per_s"] / results["static"]["tokens_per_s"]
+    summary["plot"] = str(out_dir / "alpha.png")
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    _print_table(results, console)
+    if cfg.json:
+        print(json.dumps(summary))
+    return summary
+
+
+def _serve(mode, target, draft_model, queries, model_cfg, engine_cfg, policy_cfg, trainer_cfg, cfg, out_dir, console):
+    policy = AdaptiveK(engine_cfg.k, policy_cfg) if policy_cfg.adaptive_k else None
+    engine = SpeculativeEngine(target.model, target.tokenizer, draft_model, k=engine_cfg.k, policy=policy)
+    distiller = None
+    if mode == "online":
+        distiller = OnlineDistiller(engine, trainer_cfg, checkpoint_dir=str(out_dir / "checkpoints"))
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=0)
+    rows, tokens, decode_s = [], 0, 0.0
+    columns = [TextColumn(f"[bold]{mode}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("alpha(avg {task.fields[window]}) {task.fields[alpha]}  v{task.fields[version]}")]
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(mode, total=len(queries), alpha="n/a", version=0, window=cfg.plot_window)
+        for i, (q, ids) in enumerate(queries):
+            t0 = time.perf_counter()
+            out = engine.generate([Request(ids, params)],
+                                  on_record=distiller.on_record if distiller else None,
+                                  on_finish=distiller.on_finish if distiller else None)[0]
+            decode_s += time.perf_counter() - t0
+            tokens += len(out.token_ids)
+            s = out.stats
+            tf = greedy_agreement(engine.draft, ids + out.token_ids, len(ids)) if params.greedy else None
+            rows.append({
+                "query": i, "id": q.id, "source": q.source, "prompt_tokens": len(ids), "tokens": len(out.token_ids),
+                "alpha": s.alpha, "alpha_tf": tf, "accepted": s.accepted, "evaluated": s.evaluated,
+                "proposed": s.proposed, "steps": s.steps, "mean_k": s.proposed / s.steps if s.steps else 0,
+                "tokens_per_s": s.tokens_per_s, "draft_version": engine.draft_version,
+                "updates": distiller.updates if distiller else 0, "rollbacks": distiller.rollbacks if distiller else 0,
+            })
+            recent = [r["alpha_tf"] if r["alpha_tf"] is not None else r["alpha"] for r in rows[-cfg.plot_window:]]
+            recent = [a for a in recent if a is not None]
+            progress.update(task, advance=1, alpha=f"{sum(recent) / len(recent):.3f}" if recent else "n/a",
+                            version=engine.draft_version)
+    trainer = {}
+    if distiller is not None:
+        distiller.wait_idle(timeout=600)
+        distiller.close()
+        trainer = distiller.stats()
+        trainer["seconds_per_update"] = trainer["trainer_time_s"] / max(1, len(distiller.history))
+        trainer["bytes_per_buffered_token"] = trainer["buffer_bytes"] / max(1, trainer["buffer_tokens"])
+    alphas = [r["alpha_tf"] if r["alpha_tf"] is not None else r["alpha"] for r in rows]
+    fifth = max(1, len(alphas) // 5)
+    summary = {
+        "mode": mode, "queries": len(rows), "tokens": tokens, "tokens_per_s": tokens / decode_s if decode_s else 0.0,
+        "alpha_first": _mean(alphas[:fifth]), "alpha_last": _mean(alphas[-fifth:]), "alpha_mean": _mean(alphas),
+        "measured_alpha": _ratio(sum(r["accepted"] for r in rows), sum(r["evaluated"] for r in rows)),
+        "mean_k": _ratio(sum(r["proposed"] for r in rows), sum(r["steps"] for r in rows)),
+        "updates": trainer.get("updates", 0), "rollbacks": trainer.get("rollbacks", 0),
+        "probing_steps": policy.probing_steps if policy else 0,
+        "trainer": trainer,
+    }
+    return rows, summary
+
+
+def plot_alpha(out_dir: Path, modes: list[str], window: int, boundaries: list[int]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for mode in modes:
+        with open(out_dir / f"replay_{mode}.csv") as f:
+            rows = list(csv.DictReader(f))
+        values = [float(r["alpha_tf"] or r["alpha"] or "nan") for r in rows]
+        ax.plot(range(len(values)), _moving_average(values, window), label=mode)
+        if mode == "online":
+            changes = [i for i in range(1, len(rows)) if rows[i]["draft_version"] != rows[i - 1]["draft_version"]]
+            ax.plot(changes, [0.02] * len(changes), "|", color="gray", alpha=0.4, label="draft update")
+    for b in boundaries:
+        ax.axvline(b, color="black", linestyle=":", linewidth=1)
+    ax.set_xlabel("query (stream order)")
+    ax.set_ylabel(f"alpha (moving average, {window} queries)")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    path = out_dir / "alpha.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _boundaries(queries, passes: int) -> list[int]:
+    """Query indices where the source changes or a new pass starts (vertical lines on the plot)."""
+    n = len(queries) // passes if passes else len(queries)
+    out = [i for i in range(1, len(queries)) if queries[i][0].source != queries[i - 1][0].source]
+    return sorted(set(out + [n * p for p in range(1, passes)]))
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    out = []
+    for i in range(len(values)):
+        chunk = [v for v in values[max(0, i - window + 1) : i + 1] if v == v]
+        out.append(sum(chunk) / len(chunk) if chunk else float("nan"))
+    return out
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _print_table(results: dict, console: Console) -> None:
+    from rich.table import Table
+
+    table = Table(title="replay")
+    for col in ("mode", "queries", "tokens", "tok/s", "alpha first 20%", "alpha last 20%", "alpha mean", "updates", "rollbacks"):
+        table.add_column(col)
+    for mode, r in results.items():
+        table.add_row(mode, str(r["queries"]), str(r["tokens"]), f"{r['tokens_per_s']:.1f}", _f(r["alpha_first"]),
+                      _f(r["alpha_last"]), _f(r["alpha_mean"]), str(r["updates"]), str(r["rollbacks"]))
+    Console(file=sys.stdout, width=130).print(table)
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def _ratio(a, b):
+    return a / b if b else None
+
+
+def _f(x):
+    return "n/a" if x is None else f"{x:.3f}"
