@@ -60,6 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(replay, TrainerConfig)
     replay.set_defaults(run=cmd_replay)
 
+    from onspec.online.distill import DistillConfig
+
+    distill = sub.add_parser("distill", help="offline: the target answers a dataset, the draft distills from it")
+    add_arguments(distill, DistillConfig)
+    add_arguments(distill, ModelConfig, exclude=("no_draft",))
+    add_arguments(distill, TrainerConfig)
+    distill.set_defaults(run=cmd_distill)
+
     derive = sub.add_parser("derive-draft", help="write the derived draft (first N target layers) as safetensors")
     derive.add_argument("--out", required=True, type=Path, help="output directory")
     add_arguments(derive, ModelConfig, exclude=("draft", "no_draft"))
@@ -109,6 +117,14 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     run_replay(from_args(ModelConfig, args), from_args(EngineConfig, args), from_args(PolicyConfig, args),
                from_args(TrainerConfig, args), from_args(ReplayConfig, args))
+    return 0
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from onspec.online.distill import DistillConfig, run_distill
+    from onspec.online.trainer import TrainerConfig
+
+    run_distill(from_args(ModelConfig, args), from_args(TrainerConfig, args), from_args(DistillConfig, args))
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -156,20 +157,14 @@ class OnlineDistiller:
         before = self.probe_alpha(probe) if probe else None
         losses = []
         for _ in range(self.cfg.steps):
-            batch = self._batch()
-            loss = self.loss_on(batch)
+            loss = self.train_step(self._batch())
             if loss is None:
                 continue
-            if not torch.isfinite(loss):
+            if not math.isfinite(loss):
                 self._restore(snapshot)
                 self.discarded += 1
-                return self._log(UpdateLog(self.version, "discarded_nan", float(loss.detach()), before, None, time.perf_counter() - t0))
-            loss.backward()
-            if self.cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(self.trainable.values(), self.cfg.grad_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+                return self._log(UpdateLog(self.version, "discarded_nan", loss, before, None, time.perf_counter() - t0))
+            losses.append(loss)
         if not losses:
             return None
         after = self.probe_alpha(probe) if probe else None
@@ -189,6 +184,22 @@ class OnlineDistiller:
         if self.store is not None and self.cfg.checkpoint_every and self.updates % self.cfg.checkpoint_every == 0:
             self.checkpoint()
         return entry
+
+    def train_step(self, examples: list[Example]) -> float | None:
+        """One optimizer step on `examples`; returns the loss (None: nothing to learn; a
+        non-finite loss is returned without stepping, for the caller to discard the update)."""
+        loss = self.loss_on(examples)
+        if loss is None:
+            return None
+        if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            return float(loss.detach())
+        loss.backward()
+        if self.cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.trainable.values(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
 
     def loss_on(self, examples: list[Example]) -> torch.Tensor | None:
         """Mean distillation loss of the student over the chosen positions of `examples`."""

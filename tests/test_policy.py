@@ -1,0 +1,78 @@
+"""The adaptive-k policy: the speedup model picks k, down to 0, and probing keeps alpha measured."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import plain_greedy, tiny_model
+
+from onspec.bench.machine import speedup_model
+from onspec.engine.engine import Request, SpeculativeEngine
+from onspec.engine.policy import AdaptiveK, PolicyConfig, expected_tokens
+from onspec.engine.sampling import SamplingParams
+
+
+def trained(alpha: float, c: float, k_max: int = 8, probe_share: float = 0.0, steps: int = 400) -> AdaptiveK:
+    """A policy that has seen many steps with the given alpha and cost ratio (T(k) flat)."""
+    policy = AdaptiveK(k_max, PolicyConfig(adaptive_k=True, probe_share=probe_share))
+    for _ in range(steps):
+        evaluated = 100
+        policy.observe(1, round(alpha * evaluated), evaluated, draft_seconds=c, target_seconds=1.0)
+        policy.observe(0, 0, 0, draft_seconds=0.0, target_seconds=1.0)
+    return policy
+
+
+@pytest.mark.parametrize("c, best", [(0.01, 7), (0.02, 6), (0.05, 4), (0.1, 3)])
+def test_best_k_matches_the_paper_table(c, best):
+    """OSD.md: for alpha = 0.6 the best k is 7, 6, 4, 3 at c = 0.01, 0.02, 0.05, 0.1."""
+    policy = trained(0.6, c)
+    assert abs(policy.alpha - 0.6) < 0.01
+    assert policy.choose() == best
+    assert max(range(9), key=lambda k: speedup_model(0.6, k, c)) == best
+
+
+def test_steps_aside_when_no_k_pays():
+    """alpha 0.04 at c 0.165 (the untrained default draft): every k loses, so k = 0."""
+    policy = trained(0.04, 0.165)
+    assert all(policy.expected_speedup(k) < 1 for k in range(1, 9))
+    assert [policy.choose() for _ in range(50)] == [0] * 50
+
+
+def test_probing_keeps_measuring_alpha_and_speculation_resumes():
+    policy = trained(0.04, 0.165, probe_share=0.1)
+    picks = [policy.choose() for _ in range(2000)]
+    assert 0.07 < picks.count(1) / len(picks) < 0.13 and set(picks) == {0, 1}
+    for _ in range(200):  # the draft got better (e.g. an online update): probe steps see it
+        policy.observe(1, 1, 1, draft_seconds=0.165, target_seconds=1.0)
+    assert policy.choose() > 0
+
+
+def test_reset_alpha_from_a_hint():
+    policy = trained(0.04, 0.165)
+    policy.reset_alpha(0.8)
+    assert policy.alpha == pytest.approx(0.8)
+    assert policy.choose() >= 2
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.0, 4) == 1.0
+    assert expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 1) == pytest.approx(1.5)
+
+
+def test_config_ranges():
+    with pytest.raises(ValueError, match="probe-share"):
+        PolicyConfig(probe_share=1.5)
+    with pytest.raises(ValueError, match="alpha-decay"):
+        PolicyConfig(alpha_decay=1.0)
+
+
+def test_adaptive_engine_stays_lossless(tokenizer):
+    """With the policy switching k (including 0) step by step, greedy output is still the target's."""
+    target, draft = tiny_model("llama", 0), tiny_model("llama", 7, layers=1)
+    policy = AdaptiveK(4, PolicyConfig(adaptive_k=True, probe_share=0.3))
+    engine = SpeculativeEngine(target, tokenizer, draft, k=4, policy=policy)
+    for text in ["hello world", "abc", "the quick brown fox"]:
+        prompt = tokenizer.encode(text)
+        out = engine.generate([Request(prompt, SamplingParams(max_new_tokens=30, ignore_eos=True))])[0]
+        assert out.token_ids == plain_greedy(target, prompt, 30)
+    assert policy.alpha < 0.3  # a random draft: the policy learned it does not pay
