@@ -17,7 +17,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -61,8 +60,8 @@ class TrainerConfig:
     max_train_tokens: int = option(512, "context window per training example (longer prompts are cut from the left)")
     train_budget: float = option(1.0, "largest fraction of wall-clock time the trainer may be busy (it sleeps the rest)")
     grad_clip: float = option(1.0, "gradient norm clip (0 disables)")
-    trainer_nice: int = option(10, "scheduling niceness of the trainer thread (Linux; 0 = same priority as "
-                               "decoding): decoding wins the CPU when both want it")
+    trainer_threads: int = option(1, "intra-op threads of the trainer thread (thread-local; 0 = torch's default). "
+                                  "Fewer than the decoder's keeps the two from oversubscribing the cores")
     checkpoint_every: int = option(10, "write a checkpoint every N accepted updates (0: only at the end)")
     background: bool = option(True, "train in a background thread (off: inline, for tests and debugging)", cli=False)
     seed: int = option(0, "seed of the trainer's sampling (replay batches, student sampling, mixing)")
@@ -74,7 +73,7 @@ class TrainerConfig:
             "teacher_top_k": self.teacher_top_k >= 1, "buffer_tokens": self.buffer_tokens >= 1,
             "replay_share": 0 <= self.replay_share <= 1, "guard_tolerance": self.guard_tolerance >= 0,
             "max_train_tokens": self.max_train_tokens >= 2, "train_budget": 0 < self.train_budget <= 1,
-            "trainer_nice": 0 <= self.trainer_nice <= 19,
+            "trainer_threads": self.trainer_threads >= 0,
             "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
@@ -300,7 +299,8 @@ class OnlineDistiller:
         return entry
 
     def _worker(self) -> None:
-        _lower_priority(self.cfg.trainer_nice)
+        if self.cfg.trainer_threads:
+            torch.set_num_threads(self.cfg.trainer_threads)  # thread-local: decoding keeps its own count
         while True:
             with self._cond:
                 while not self._due and not self._closing:
@@ -367,17 +367,6 @@ class OnlineDistiller:
             "buffer_tokens": self.buffer.tokens, "buffer_bytes": self.buffer.nbytes, "evicted": self.buffer.evicted,
             "trainer_time_s": self.trainer_time_s,
         }
-
-
-def _lower_priority(nice: int) -> None:
-    """Lower this thread's CPU priority (Linux threads have their own nice value; threads it starts,
-    such as its OpenMP workers, inherit it). Best effort: elsewhere it is a no-op."""
-    if nice <= 0:
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except (AttributeError, OSError):
-        log.info("could not lower the trainer thread's priority on this platform")
 
 
 def _is_embedding(model, p: torch.nn.Parameter) -> bool:
