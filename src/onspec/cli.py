@@ -40,33 +40,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(gen, SamplingParams)
     gen.set_defaults(run=cmd_generate)
 
-    from onspec.bench.bench import BenchConfig
-
-    bench = sub.add_parser("bench", help="target-only vs onspec vs transformers assisted generation on ShareGPT prompts")
-    add_arguments(bench, ModelConfig, exclude=("no_draft",))
-    add_arguments(bench, EngineConfig)
-    add_arguments(bench, BenchConfig)
-    bench.set_defaults(run=cmd_bench)
-
+    from onspec.bench.bench import BenchConfig, run_bench
     from onspec.engine.policy import PolicyConfig
-    from onspec.online.replay import ReplayConfig
+    from onspec.online.distill import DistillConfig, run_distill
+    from onspec.online.replay import ReplayConfig, run_replay
     from onspec.online.trainer import TrainerConfig
 
-    replay = sub.add_parser("replay", help="serve a query stream in order, online (learning) and/or static; plot alpha")
-    add_arguments(replay, ReplayConfig)
-    add_arguments(replay, ModelConfig, exclude=("no_draft",))
-    add_arguments(replay, EngineConfig)
-    add_arguments(replay, PolicyConfig)
-    add_arguments(replay, TrainerConfig)
-    replay.set_defaults(run=cmd_replay)
-
-    from onspec.online.distill import DistillConfig
-
-    distill = sub.add_parser("distill", help="offline: the target answers a dataset, the draft distills from it")
-    add_arguments(distill, DistillConfig)
-    add_arguments(distill, ModelConfig, exclude=("no_draft",))
-    add_arguments(distill, TrainerConfig)
-    distill.set_defaults(run=cmd_distill)
+    models = (ModelConfig, ("no_draft",))
+    _config_command(sub, "bench", "target-only vs onspec vs transformers assisted generation on ShareGPT prompts",
+                    run_bench, [models, (EngineConfig, ()), (BenchConfig, ())])
+    _config_command(sub, "replay", "serve a query stream in order, online (learning) and/or static; plot alpha",
+                    run_replay, [models, (EngineConfig, ()), (PolicyConfig, ()), (TrainerConfig, ()), (ReplayConfig, ())])
+    _config_command(sub, "distill", "offline: the target answers a dataset, the draft distills from it",
+                    run_distill, [models, (TrainerConfig, ()), (DistillConfig, ())])
 
     derive = sub.add_parser("derive-draft", help="write the derived draft (first N target layers) as safetensors")
     derive.add_argument("--out", required=True, type=Path, help="output directory")
@@ -103,29 +89,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from onspec.bench.bench import BenchConfig, run_bench
+def _config_command(sub, name: str, help: str, run, configs: list[tuple[type, tuple[str, ...]]]) -> None:
+    """A subcommand whose flags come from typed configs; `run` takes the configs in that order."""
+    parser = sub.add_parser(name, help=help)
+    for cls, exclude in configs:
+        add_arguments(parser, cls, exclude=exclude)
 
-    run_bench(from_args(ModelConfig, args), from_args(EngineConfig, args), from_args(BenchConfig, args))
-    return 0
+    def run_command(args: argparse.Namespace) -> int:
+        run(*(from_args(cls, args) for cls, _ in configs))
+        return 0
 
-
-def cmd_replay(args: argparse.Namespace) -> int:
-    from onspec.engine.policy import PolicyConfig
-    from onspec.online.replay import ReplayConfig, run_replay
-    from onspec.online.trainer import TrainerConfig
-
-    run_replay(from_args(ModelConfig, args), from_args(EngineConfig, args), from_args(PolicyConfig, args),
-               from_args(TrainerConfig, args), from_args(ReplayConfig, args))
-    return 0
-
-
-def cmd_distill(args: argparse.Namespace) -> int:
-    from onspec.online.distill import DistillConfig, run_distill
-    from onspec.online.trainer import TrainerConfig
-
-    run_distill(from_args(ModelConfig, args), from_args(TrainerConfig, args), from_args(DistillConfig, args))
-    return 0
+    parser.set_defaults(run=run_command)
 
 
 def cmd_derive_draft(args: argparse.Namespace) -> int:
