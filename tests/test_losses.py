@@ -249,10 +249,17 @@ def test_bucket_exact_cases(k):
     t, s = bucket(ids, probs, q)  # log-probs are valid logits
     exact = ("fkl", "rkl", "tvd", "jsd") if k == "V-1" else ("fkl", "tvd", "jsd")
     for name in exact:
-        torch.testing.assert_close(distill_loss(name, t, s), distill_loss(name, p, q), msg=name)
+        if k == "all_mass":
+            # true zeros in p are floored at TEACHER_FLOOR inside bucket(): exact up to the
+            # floor's own contribution, (K+1) * TEACHER_FLOOR * |log ratio| < 1e-4
+            torch.testing.assert_close(distill_loss(name, t, s), distill_loss(name, p, q), msg=name, atol=1e-4, rtol=0)
+        else:
+            torch.testing.assert_close(distill_loss(name, t, s), distill_loss(name, p, q), msg=name)
     if k == "all_mass":  # q has mass where p has none: the full reverse KL is infinite, while
-        # the bucketed one is huge or infinite (the teacher rest 1 - sum(top) may round to ~1e-16)
-        assert reverse_kl(p, q).isinf().all() and (reverse_kl(t, s) > 10).all()
+        # the bucketed one is large but finite (the teacher's empty rest is floored at TEACHER_FLOOR,
+        # so online training with --loss rkl is not discarded as non-finite)
+        bucketed = reverse_kl(t, s)
+        assert reverse_kl(p, q).isinf().all() and torch.isfinite(bucketed).all() and (bucketed > 1).all()
 
 
 def test_bucket_partial_mass_is_a_lower_bound():

@@ -108,6 +108,11 @@ def distill_loss(name: str, teacher_logp: torch.Tensor, student_logp: torch.Tens
     return LOSSES[name](teacher_logp, student_logp)
 
 
+TEACHER_FLOOR = 1e-7
+"""Smallest teacher probability per bucket: about float16's underflow, where stored top-K values
+become 0 (see `bucket`)."""
+
+
 def bucket(
     teacher_top_ids: torch.Tensor, teacher_top_probs: torch.Tensor, student_logits: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,5 +152,12 @@ def bucket(
     total = top.sum(-1, keepdim=True)  # [N, 1]
     teacher_rest = (1 - total).clamp(min=0).masked_fill(covered, 0.0)  # [N, 1]
     top = top / torch.where(covered, total, total.clamp(min=1))
-    teacher_logp = torch.cat([top, teacher_rest], -1).log()  # [N, K+1]; log 0 = -inf is fine
+    teacher = torch.cat([top, teacher_rest], -1)  # [N, K+1]
+    # The stored teacher is a softmax, never exactly 0; zeros here are float16 underflow or the
+    # clamped rest. Against them reverse KL (and any q-weighted term) is infinite, so floor every
+    # bucket at TEACHER_FLOOR and renormalise; a covered vocabulary keeps its empty rest at 0.
+    floor = torch.full_like(teacher, TEACHER_FLOOR)
+    floor[:, -1:] = floor[:, -1:].masked_fill(covered, 0.0)
+    teacher = teacher.clamp(min=floor)
+    teacher_logp = (teacher / teacher.sum(-1, keepdim=True)).log()  # [N, K+1]
     return teacher_logp, student_logp
