@@ -109,26 +109,12 @@ class SpeculativeEngine:
     ) -> list[RequestOutput]:
         """Decode a batch of requests to completion; outputs in request order.
         `on_record` gets every verify step's record, `on_finish` every output as its row ends."""
-        seqs = [self._admit(r) for r in requests]
-        if not seqs:
-            return []
-        self.apply_pending_swap()
-        target, draft = self._prefill(seqs)
-        active = list(range(len(seqs)))  # seqs index of each batch row
-        while active:
-            rows = [seqs[i] for i in active]
-            finished = self.step(rows, target, draft, on_record)
-            if finished:
-                keep = [r for r, s in enumerate(rows) if s.finish_reason is None]
+        batch = RunningBatch(self)
+        seqs = batch.add(requests)
+        while batch:
+            for s in batch.step(on_record):
                 if on_finish is not None:
-                    for s in rows:
-                        if s.finish_reason is not None:
-                            on_finish(s.output())
-                active = [active[r] for r in keep]
-                if active:
-                    target.select(keep)
-                    if draft is not None:
-                        draft.select(keep)
+                    on_finish(s.output())
         return [s.output() for s in seqs]
 
     def _prefill(self, seqs: list[_Sequence]) -> tuple[ModelRunner, ModelRunner | None]:
@@ -306,6 +292,65 @@ class SpeculativeEngine:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+class RunningBatch:
+    """The requests decoding together. Requests join (prefilled on their own, then appended to
+    the caches) and leave (finished or cancelled) between steps, so a server can keep one batch
+    running while traffic comes and goes; each row's output is the same as if it ran alone."""
+
+    def __init__(self, engine: SpeculativeEngine) -> None:
+        self.engine = engine
+        self.rows: list[_Sequence] = []
+        self._target: ModelRunner | None = None
+        self._draft: ModelRunner | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, requests: list[Request]) -> list[_Sequence]:
+        """Admit and prefill requests; raises ValueError (nothing admitted) if one is invalid."""
+        seqs = [self.engine._admit(r) for r in requests]
+        if not seqs:
+            return []
+        self.engine.apply_pending_swap()
+        target, draft = self.engine._prefill(seqs)
+        if self._target is None:
+            self._target, self._draft = target, draft
+        else:
+            self._target.extend(target)
+            if draft is not None:
+                self._draft.extend(draft)
+        self.rows += seqs
+        return seqs
+
+    def step(self, on_record: RecordCallback | None = None) -> list[_Sequence]:
+        """One verify step for every row; returns the rows that finished (they have left)."""
+        if not self.rows:
+            return []
+        if not self.engine.step(self.rows, self._target, self._draft, on_record):
+            return []
+        done = [s for s in self.rows if s.finish_reason is not None]
+        self._keep([r for r, s in enumerate(self.rows) if s.finish_reason is None])
+        return done
+
+    def cancel(self, request_id: str) -> _Sequence | None:
+        """Drop a request at once (e.g. its client went away); its slot is freed."""
+        for r, s in enumerate(self.rows):
+            if s.request.request_id == request_id:
+                s.finish_reason = "abort"
+                self._keep([i for i in range(len(self.rows)) if i != r])
+                return s
+        return None
+
+    def _keep(self, keep: list[int]) -> None:
+        self.rows = [self.rows[r] for r in keep]
+        if not keep:
+            self._target = self._draft = None
+            return
+        self._target.select(keep)
+        if self._draft is not None:
+            self._draft.select(keep)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

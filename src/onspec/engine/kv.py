@@ -90,6 +90,29 @@ class SlotKVCache:
             self.cache.crop(-drop)
             self.valid = self.valid[:, :last_used]
 
+    def extend(self, other: "SlotKVCache") -> None:
+        """Append the rows of `other` (a request joining a running batch). The cache with fewer
+        slots is left-padded with invalid slots; positions are explicit, so nobody notices."""
+        slots = max(self.num_slots, other.num_slots)
+        if slots:
+            ref = (self if self.num_slots else other).cache.layers
+            merged = DynamicCache()
+            for i, layer in enumerate(ref):
+                k = torch.cat([c._padded(c.cache.layers[i].keys if c.num_slots else None, layer.keys, slots)
+                               for c in (self, other)])
+                v = torch.cat([c._padded(c.cache.layers[i].values if c.num_slots else None, layer.values, slots)
+                               for c in (self, other)])
+                merged.update(k, v, i)
+            self.cache = merged
+        pad = lambda c: torch.cat([c.valid.new_zeros(c.batch_size, slots - c.num_slots), c.valid], 1)
+        self.valid = torch.cat([pad(self), pad(other)])
+
+    def _padded(self, t: torch.Tensor | None, like: torch.Tensor, slots: int) -> torch.Tensor:
+        """This cache's [batch, heads, n, dim] tensor left-padded with zeros to `slots` slots."""
+        shape = (self.batch_size, *like.shape[1:-2], slots - self.num_slots, like.shape[-1])
+        pad = like.new_zeros(shape)
+        return pad if t is None else torch.cat([pad, t], -2)
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows (a finished request leaves the batch)."""
         self.cache.batch_select_indices(rows)

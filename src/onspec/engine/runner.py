@@ -65,6 +65,13 @@ class ModelRunner:
             self.pending[b].extend(tokens[min(n_b, self.extras) :])
         self.extras = 0
 
+    def extend(self, other: "ModelRunner") -> None:
+        """Append `other`'s rows (freshly prefilled requests) between steps."""
+        if self.extras or other.extras:
+            raise RuntimeError("requests can only join between steps")
+        self.kv.extend(other.kv)
+        self.pending += other.pending
+
     def select(self, rows: list[int]) -> None:
         """Keep only these batch rows."""
         self.kv.select(torch.tensor(rows, device=self.device))
