@@ -195,6 +195,15 @@ def test_buffer_is_bounded_and_evicts_the_oldest_first():
     assert buf.evicted == 4
 
 
+def test_buffer_bounded_in_requests_too():
+    buf = ReplayBuffer(capacity_tokens=1000, probe_every=0, probe_size=0, capacity_requests=3)
+    for i in range(7):
+        buf.add(example(2, f"r{i}"))
+        assert len(buf) <= 3
+    assert [e.request_id for e in buf.examples] == ["r4", "r5", "r6"]
+    assert buf.evicted == 4
+
+
 def test_buffer_holds_back_every_nth_request_as_probe():
     buf = ReplayBuffer(capacity_tokens=1000, probe_every=3, probe_size=2)
     routes = [buf.add(example(2, f"r{i}")) for i in range(9)]

@@ -1,4 +1,4 @@
-"""`onspec` command line: generate, bench, derive-draft. Flags come from the typed configs."""
+"""`onspec` command line: generate, bench, replay, distill, serve, derive-draft. Flags come from the typed configs."""
 
 from __future__ import annotations
 
@@ -53,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
                     run_replay, [models, (EngineConfig, ()), (PolicyConfig, ()), (TrainerConfig, ()), (ReplayConfig, ())])
     _config_command(sub, "distill", "offline: the target answers a dataset, the draft distills from it",
                     run_distill, [models, (TrainerConfig, ()), (DistillConfig, ())])
+
+    from onspec.serve.config import ServerConfig
+
+    def run_serve(*configs):
+        from onspec.serve.server import run_serve as serve
+
+        serve(*configs)
+
+    _config_command(sub, "serve", "OpenAI-compatible server; the draft keeps learning from the served traffic",
+                    run_serve, [models, (EngineConfig, ()), (PolicyConfig, ()), (TrainerConfig, ()), (ServerConfig, ())])
 
     derive = sub.add_parser("derive-draft", help="write the derived draft (first N target layers) as safetensors")
     derive.add_argument("--out", required=True, type=Path, help="output directory")

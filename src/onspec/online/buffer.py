@@ -14,6 +14,7 @@ evicts the oldest examples first (FIFO). Every `probe_every`-th request is held 
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 from collections import deque
@@ -98,15 +99,19 @@ class ExampleBuilder:
 
 
 class ReplayBuffer:
-    """Bounded training examples (FIFO eviction by token count) plus a held-back probe set."""
+    """Bounded training examples (FIFO eviction by token count, and by request count when
+    `capacity_requests` is set) plus a held-back probe set."""
 
     def __init__(self, capacity_tokens: int = 200_000, probe_every: int = 8, probe_size: int = 16,
-                 seed: int = 0) -> None:
+                 seed: int = 0, capacity_requests: int = 0) -> None:
         if capacity_tokens < 1:
             raise ValueError(f"buffer capacity must be >= 1 token, got {capacity_tokens}")
         if probe_every < 0 or probe_size < 0:
             raise ValueError("probe_every and probe_size must be >= 0")
+        if capacity_requests < 0:
+            raise ValueError(f"buffer capacity in requests must be >= 0 (0 = no bound), got {capacity_requests}")
         self.capacity_tokens = capacity_tokens
+        self.capacity_requests = capacity_requests
         self.probe_every = probe_every
         self.examples: deque[Example] = deque()
         self.probe: deque[Example] = deque(maxlen=probe_size or None) if probe_size else deque(maxlen=0)
@@ -124,16 +129,44 @@ class ReplayBuffer:
             if self.probe_every and self.probe.maxlen and self.added % self.probe_every == 0:
                 self.probe.append(example)
                 return "probe"
-            self.examples.append(example)
-            self._fresh.append(example)
-            self.tokens += example.num_positions
-            while self.tokens > self.capacity_tokens and len(self.examples) > 1:
-                old = self.examples.popleft()
-                self.tokens -= old.num_positions
-                self.evicted += 1
-                if old in self._fresh:
-                    self._fresh.remove(old)
+            self._store(example)
             return "train"
+
+    def _store(self, example: Example) -> None:
+        """Append a training example and evict the oldest beyond the bounds (lock held)."""
+        self.examples.append(example)
+        self._fresh.append(example)
+        self.tokens += example.num_positions
+        while len(self.examples) > 1 and (self.tokens > self.capacity_tokens or (
+                self.capacity_requests and len(self.examples) > self.capacity_requests)):
+            old = self.examples.popleft()
+            self.tokens -= old.num_positions
+            self.evicted += 1
+            if old in self._fresh:
+                self._fresh.remove(old)
+
+    def save(self, path) -> int:
+        """Write the training examples and the probe (user traffic!) to `path` atomically; only
+        called when the operator asked for it (`--persist-traffic`). Returns examples written."""
+        with self._lock:
+            rows = [dict(vars(e), probe=False) for e in self.examples] + [dict(vars(e), probe=True) for e in self.probe]
+        tmp = f"{path}.tmp"
+        torch.save(rows, tmp)
+        os.replace(tmp, path)
+        return len(rows)
+
+    def load(self, path) -> int:
+        """Add the examples `save` wrote (oldest first, bounds applied). Returns examples read."""
+        rows = torch.load(path, weights_only=True)
+        with self._lock:
+            for row in rows:
+                probe = row.pop("probe")
+                e = Example(**row)
+                if probe:
+                    self.probe.append(e)
+                else:
+                    self._store(e)
+        return len(rows)
 
     def take_batch(self, size: int, replay_share: float = 0.25) -> list[Example]:
         """Up to `size` examples: the newest since the last call first, topped up (and mixed, by

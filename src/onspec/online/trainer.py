@@ -52,6 +52,8 @@ class TrainerConfig:
     lam: float = option(0.5, "probability of a student-sampled request when --data-source mix")
     teacher_top_k: int = option(32, "target probabilities kept per position (plus the leftover mass)")
     buffer_tokens: int = option(200_000, "buffer capacity in generated tokens; the oldest requests are evicted first")
+    max_buffer_records: int = option(0, "buffer capacity in requests as well (0: bounded by --buffer-tokens only); "
+                                     "the oldest are evicted first")
     replay_share: float = option(0.25, "share of each batch drawn from older buffered requests (against forgetting)")
     probe_every: int = option(8, "hold back every N-th request as a probe for the guard (never trained on)")
     probe_size: int = option(16, "probe requests kept (most recent)")
@@ -73,7 +75,7 @@ class TrainerConfig:
             "teacher_top_k": self.teacher_top_k >= 1, "buffer_tokens": self.buffer_tokens >= 1,
             "replay_share": 0 <= self.replay_share <= 1, "guard_tolerance": self.guard_tolerance >= 0,
             "max_train_tokens": self.max_train_tokens >= 2, "train_budget": 0 < self.train_budget <= 1,
-            "trainer_threads": self.trainer_threads >= 0,
+            "trainer_threads": self.trainer_threads >= 0, "max_buffer_records": self.max_buffer_records >= 0,
             "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
@@ -110,7 +112,8 @@ class OnlineDistiller:
             p.requires_grad_(name in self.trainable)
         self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=config.lr, weight_decay=config.weight_decay)
         self.builder = ExampleBuilder(config.teacher_top_k)
-        self.buffer = ReplayBuffer(config.buffer_tokens, config.probe_every, config.probe_size, seed=config.seed)
+        self.buffer = ReplayBuffer(config.buffer_tokens, config.probe_every, config.probe_size, seed=config.seed,
+                                   capacity_requests=config.max_buffer_records)
         self.store = CheckpointStore(checkpoint_dir) if checkpoint_dir else None
         self.version = engine.draft_version
         self.requests = 0

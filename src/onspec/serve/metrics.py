@@ -1,0 +1,112 @@
+"""What the server counts: vLLM-style speculative decoding counters, alpha over a recent window,
+the trainer's state, requests, tokens and latencies (Prometheus), plus a short timeline for the
+dashboard. Written by the scheduler thread, read by HTTP handlers: a lock guards the timeline."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from onspec.engine.records import RequestOutput, StepRecord
+
+PREFIX = "onspec:"
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+
+
+class ServerMetrics:
+    def __init__(self, k: int, window: int = 64, timeline: int = 2000) -> None:
+        self.registry = r = CollectorRegistry()
+        self.window = window
+        self.num_drafts = Counter(f"{PREFIX}spec_decode_num_drafts", "verify steps that checked draft tokens", registry=r)
+        self.num_draft_tokens = Counter(f"{PREFIX}spec_decode_num_draft_tokens", "draft tokens proposed", registry=r)
+        self.num_accepted_tokens = Counter(f"{PREFIX}spec_decode_num_accepted_tokens", "draft tokens accepted",
+                                           registry=r)
+        self.accepted_per_pos = Counter(f"{PREFIX}spec_decode_num_accepted_tokens_per_pos",
+                                        "draft tokens accepted, by position in the proposal (0 = first)",
+                                        ["position"], registry=r)
+        for pos in range(k):
+            self.accepted_per_pos.labels(position=str(pos))
+        self.alpha = Gauge(f"{PREFIX}spec_decode_alpha_recent",
+                           f"accepted / evaluated draft tokens over the last {window} finished requests", registry=r)
+        self.draft_version = Gauge(f"{PREFIX}draft_version", "draft version serving now", registry=r)
+        self.updates = Gauge(f"{PREFIX}trainer_updates", "accepted draft updates", registry=r)
+        self.rollbacks = Gauge(f"{PREFIX}trainer_rollbacks", "updates rolled back by the guard", registry=r)
+        self.discarded = Gauge(f"{PREFIX}trainer_discarded_nan", "updates discarded for a NaN/inf loss", registry=r)
+        self.trainer_time = Gauge(f"{PREFIX}trainer_time_seconds", "wall-clock time spent training", registry=r)
+        self.buffer_records = Gauge(f"{PREFIX}buffer_records", "requests held in the training buffer", registry=r)
+        self.buffer_tokens = Gauge(f"{PREFIX}buffer_tokens", "generated tokens held in the training buffer", registry=r)
+        self.buffer_bytes = Gauge(f"{PREFIX}buffer_bytes", "bytes held in the training buffer", registry=r)
+        self.running = Gauge(f"{PREFIX}num_requests_running", "requests in the decoding batch", registry=r)
+        self.waiting = Gauge(f"{PREFIX}num_requests_waiting", "requests queued for the batch", registry=r)
+        self.requests = Counter(f"{PREFIX}request_success", "finished requests by finish reason", ["finished_reason"],
+                                registry=r)
+        self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "tokens generated", registry=r)
+        self.e2e_latency = Histogram(f"{PREFIX}e2e_request_latency_seconds", "request latency, arrival to last token",
+                                     buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(f"{PREFIX}time_to_first_token_seconds", "arrival to first token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self._lock = threading.Lock()
+        self._recent: deque[tuple[int, int]] = deque(maxlen=window)
+        self.timeline: deque[dict] = deque(maxlen=timeline)
+        self.started = time.time()
+
+    def observe_step(self, rec: StepRecord) -> None:
+        k = len(rec.proposed)
+        if not k:
+            return
+        self.num_drafts.inc()
+        self.num_draft_tokens.inc(k)
+        if rec.num_accepted:
+            self.num_accepted_tokens.inc(rec.num_accepted)
+            for pos in range(rec.num_accepted):
+                self.accepted_per_pos.labels(position=str(pos)).inc()
+
+    def observe_finish(self, out: RequestOutput, latency_s: float, ttft_s: float | None, draft_version: int) -> None:
+        s = out.stats
+        self.requests.labels(finished_reason=out.finish_reason).inc()
+        self.prompt_tokens.inc(len(out.prompt_ids))
+        self.generation_tokens.inc(len(out.token_ids))
+        self.e2e_latency.observe(latency_s)
+        if ttft_s is not None:
+            self.ttft.observe(ttft_s)
+        with self._lock:
+            if s.evaluated:
+                self._recent.append((s.accepted, s.evaluated))
+            accepted = sum(a for a, _ in self._recent)
+            evaluated = sum(e for _, e in self._recent)
+            if evaluated:
+                self.alpha.set(accepted / evaluated)
+            self.timeline.append({
+                "t": time.time() - self.started, "alpha": s.alpha, "alpha_window": accepted / evaluated if evaluated else None,
+                "tokens": len(out.token_ids), "tokens_per_s": len(out.token_ids) / latency_s if latency_s > 0 else None,
+                "draft_version": draft_version, "finish_reason": out.finish_reason,
+            })
+
+    def refresh(self, draft_version: int, trainer: dict | None, running: int, waiting: int) -> None:
+        self.draft_version.set(draft_version)
+        self.running.set(running)
+        self.waiting.set(waiting)
+        if trainer:
+            self.updates.set(trainer["updates"])
+            self.rollbacks.set(trainer["rollbacks"])
+            self.discarded.set(trainer["discarded_nan"])
+            self.trainer_time.set(trainer["trainer_time_s"])
+            self.buffer_records.set(trainer["buffer_requests"])
+            self.buffer_tokens.set(trainer["buffer_tokens"])
+            self.buffer_bytes.set(trainer["buffer_bytes"])
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def recent_alpha(self) -> float | None:
+        with self._lock:
+            evaluated = sum(e for _, e in self._recent)
+            return sum(a for a, _ in self._recent) / evaluated if evaluated else None
+
+    def timeline_since(self, n: int) -> list[dict]:
+        with self._lock:
+            return list(self.timeline)[-n:]

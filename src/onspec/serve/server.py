@@ -1,0 +1,109 @@
+"""`onspec serve`: load the pair, resume the draft from the state directory, start the scheduler
+and (unless --no-online) the online trainer, and run uvicorn until SIGINT/SIGTERM; then write the
+final checkpoint (and, only with --persist-traffic, the buffered traffic)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import uvicorn
+
+from onspec.engine.engine import EngineConfig, SpeculativeEngine
+from onspec.engine.policy import AdaptiveK, PolicyConfig
+from onspec.models.pair import ModelConfig, load_pair
+from onspec.online.checkpoint import CheckpointStore
+from onspec.online.trainer import OnlineDistiller, TrainerConfig
+from onspec.serve.app import ServerState, create_app
+from onspec.serve.config import ServerConfig
+from onspec.serve.metrics import ServerMetrics
+from onspec.serve.scheduler import Scheduler
+
+log = logging.getLogger("onspec.serve")
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+def build_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: PolicyConfig,
+                trainer_cfg: TrainerConfig, cfg: ServerConfig) -> ServerState:
+    target, draft = load_pair(model_cfg)
+    k = engine_cfg.k if draft is not None else 0
+    policy = AdaptiveK(k, policy_cfg) if policy_cfg.adaptive_k and draft is not None else None
+    engine = SpeculativeEngine(target.model, target.tokenizer, draft.model if draft else None, k=k, policy=policy)
+    state_dir = Path(cfg.state_dir)
+    checkpoints = state_dir / "checkpoints"
+    distiller = None
+    if draft is not None and not cfg.no_online:
+        distiller = OnlineDistiller(engine, trainer_cfg, checkpoint_dir=str(checkpoints))  # resumes LATEST
+        traffic = state_dir / "traffic.pt"
+        if cfg.persist_traffic and traffic.is_file():
+            log.info("reloaded %d buffered requests from %s", distiller.buffer.load(traffic), traffic)
+    elif draft is not None:
+        meta = CheckpointStore(checkpoints).load_into(engine.draft)
+        if meta is not None:
+            engine.draft_version = int(meta["version"])
+    metrics = ServerMetrics(k)
+    metrics.draft_version.set(engine.draft_version)
+    scheduler = Scheduler(engine, metrics, distiller, max_batch=cfg.max_batch)
+    name = cfg.served_model_name or (DEFAULT_MODEL_NAME if model_cfg.target == "default" else model_cfg.target)
+    return ServerState(engine=engine, scheduler=scheduler, metrics=metrics, cfg=cfg, model_name=name,
+                       distiller=distiller)
+
+
+def shutdown(state: ServerState) -> None:
+    state.scheduler.close()
+    if state.distiller is not None:
+        state.distiller.close()  # waits for a running update, writes the final checkpoint
+        if state.cfg.persist_traffic:
+            path = Path(state.cfg.state_dir) / "traffic.pt"
+            log.info("wrote %d buffered requests to %s", state.distiller.buffer.save(path), path)
+
+
+def run_serve(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: PolicyConfig,
+              trainer_cfg: TrainerConfig, cfg: ServerConfig) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    sock = _bind(cfg.host, cfg.port)  # before loading: a taken port fails fast
+    print(f"onspec serve: loading models ({model_cfg.target}) ...", file=sys.stderr, flush=True)
+    state = build_state(model_cfg, engine_cfg, policy_cfg, trainer_cfg, cfg)
+    Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
+    state.scheduler.start()
+    host, port = sock.getsockname()[:2]
+    print(f"onspec serve: {state.model_name} (draft v{state.engine.draft_version}, "
+          f"online {'off' if state.distiller is None else 'on'}) on http://{host}:{port}  "
+          f"(dashboard: /dashboard, metrics: /metrics)", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", timeout_graceful_shutdown=5))
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler
+    # that was there before it: make that one stop us cleanly (checkpoint first), not kill us
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run(sockets=[sock])
+    except _Stop:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        shutdown(state)
+        print("onspec serve: stopped", file=sys.stderr, flush=True)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(signum, frame) -> None:
+    raise _Stop()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ValueError(f"cannot bind {host}:{port}: {e.strerror}") from None
+    sock.set_inheritable(True)
+    return sock
