@@ -45,12 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     from onspec.online.distill import DistillConfig, run_distill
     from onspec.online.replay import ReplayConfig, run_replay
     from onspec.online.trainer import TrainerConfig
+    from onspec.pool.pool import PoolConfig
 
     models = (ModelConfig, ("no_draft",))
     _config_command(sub, "bench", "target-only vs onspec vs transformers assisted generation on ShareGPT prompts",
                     run_bench, [models, (EngineConfig, ()), (BenchConfig, ())])
     _config_command(sub, "replay", "serve a query stream in order, online (learning) and/or static; plot alpha",
-                    run_replay, [models, (EngineConfig, ()), (PolicyConfig, ()), (TrainerConfig, ()), (ReplayConfig, ())])
+                    run_replay, [models, (EngineConfig, ()), (PolicyConfig, ()), (TrainerConfig, ()), (ReplayConfig, ()),
+                                 (PoolConfig, ())])
     _config_command(sub, "distill", "offline: the target answers a dataset, the draft distills from it",
                     run_distill, [models, (TrainerConfig, ()), (DistillConfig, ())])
 

@@ -34,6 +34,15 @@ class Query:
     """A raw completion prompt (no chat template)."""
     messages: tuple[dict, ...] | None = None
     """A chat conversation, sent through the target's chat template."""
+    domain: str | None = None
+    """The domain the client names (JSONL `domain`), for `--router field`; None = not given."""
+
+    @property
+    def content(self) -> str:
+        """The query's own words (user turns; no chat template), for routers."""
+        if self.messages is not None:
+            return "\n".join(str(m.get("content", "")) for m in self.messages if m.get("role") == "user")
+        return self.text or ""
 
     def encode(self, tokenizer) -> list[int]:
         if self.messages is not None:
@@ -93,13 +102,16 @@ def iter_jsonl(path: Path) -> Iterator[Query]:
             if not isinstance(obj, dict):
                 raise DatasetError(f"{path}:{n}: expected an object with 'prompt' or 'messages'")
             qid = str(obj.get("id", f"{path.stem}-{n}"))
+            domain = obj.get("domain")
+            if domain is not None and not (isinstance(domain, str) and domain):
+                raise DatasetError(f"{path}:{n}: 'domain' must be a non-empty string")
             if isinstance(obj.get("messages"), list) and obj["messages"]:
                 msgs = obj["messages"]
                 if not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
                     raise DatasetError(f"{path}:{n}: each message needs 'role' and 'content'")
-                yield Query(id=qid, source=path.stem, messages=tuple(msgs))
+                yield Query(id=qid, source=path.stem, messages=tuple(msgs), domain=domain)
             elif isinstance(obj.get("prompt"), str) and obj["prompt"]:
-                yield Query(id=qid, source=path.stem, text=obj["prompt"])
+                yield Query(id=qid, source=path.stem, text=obj["prompt"], domain=domain)
             else:
                 raise DatasetError(f"{path}:{n}: expected a non-empty 'prompt' string or 'messages' list")
 

@@ -32,6 +32,8 @@ from onspec.engine.sampling import SamplingParams
 from onspec.models.pair import ModelConfig, load_pair
 from onspec.online.forward import greedy_agreement
 from onspec.online.trainer import OnlineDistiller, TrainerConfig
+from onspec.pool.pool import GENERAL, DraftPool, Member, PoolConfig
+from onspec.pool.routers import make_router
 
 STREAM_ALIASES = {
     # code, then chat, then the same code again: adaptation at each boundary, and forgetting
@@ -84,7 +86,8 @@ def load_stream(cfg: ReplayConfig) -> list[Query]:
 
 
 def run_replay(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: PolicyConfig,
-               trainer_cfg: TrainerConfig, cfg: ReplayConfig) -> dict:
+               trainer_cfg: TrainerConfig, cfg: ReplayConfig, pool_cfg: PoolConfig | None = None) -> dict:
+    pool_cfg = pool_cfg or PoolConfig()
     console = Console(stderr=True)
     if model_cfg.no_draft:
         raise ValueError("replay measures a draft: --no-draft makes no sense here")
@@ -99,7 +102,7 @@ def run_replay(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Pol
     results = {}
     for mode in modes:
         rows, summary = _serve(mode, target, copy.deepcopy(draft.model), kept, model_cfg, engine_cfg, policy_cfg,
-                               trainer_cfg, cfg, out_dir, console)
+                               trainer_cfg, pool_cfg, cfg, out_dir, console)
         _write_csv(out_dir / f"replay_{mode}.csv", rows)
         results[mode] = summary
     plot_alpha(out_dir, modes, cfg.plot_window, boundaries=_boundaries(kept, cfg.passes))
@@ -120,19 +123,42 @@ def run_replay(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Pol
     return summary
 
 
-def _serve(mode, target, draft_model, queries, model_cfg, engine_cfg, policy_cfg, trainer_cfg, cfg, out_dir, console):
-    policy = AdaptiveK(engine_cfg.k, policy_cfg) if policy_cfg.adaptive_k else None
-    engine = SpeculativeEngine(target.model, target.tokenizer, draft_model, k=engine_cfg.k, policy=policy)
-    distiller = None
-    if mode == "online":
-        distiller = OnlineDistiller(engine, trainer_cfg, checkpoint_dir=str(out_dir / "checkpoints"))
+def _serve(mode, target, draft_model, queries, model_cfg, engine_cfg, policy_cfg, trainer_cfg, pool_cfg, cfg, out_dir,
+           console):
+    ckpt_root = out_dir / "checkpoints"
+
+    def make_member(name: str, model) -> Member:
+        policy = AdaptiveK(engine_cfg.k, policy_cfg) if policy_cfg.adaptive_k else None
+        engine = SpeculativeEngine(target.model, target.tokenizer, model, k=engine_cfg.k, policy=policy)
+        distiller = None
+        if mode == "online":
+            where = ckpt_root if pool_cfg.drafts == 1 else ckpt_root / name
+            distiller = OnlineDistiller(engine, trainer_cfg, checkpoint_dir=str(where))
+        return Member(name, engine, distiller)
+
+    general = make_member(GENERAL, draft_model)
+    pool = DraftPool(pool_cfg, general, make_member, seed=trainer_cfg.seed)
+    router = None
+    if pool_cfg.drafts > 1:
+        router = make_router(pool_cfg.router, target.model, threshold=pool_cfg.cluster_threshold,
+                             min_size=pool_cfg.cluster_min_size, max_open=pool_cfg.drafts - 1,
+                             language_confidence=pool_cfg.language_confidence)
+        if mode == "online":
+            state = pool.restore(ckpt_root)
+            if state:
+                router.load_state_dict(state)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=0)
-    rows, tokens, decode_s = [], 0, 0.0
+    rows, tokens, decode_s, route_s = [], 0, 0.0, 0.0
     columns = [TextColumn(f"[bold]{mode}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("alpha(avg {task.fields[window]}) {task.fields[alpha]}  v{task.fields[version]}")]
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(mode, total=len(queries), alpha="n/a", version=0, window=cfg.plot_window)
         for i, (q, ids) in enumerate(queries):
+            t_route = time.perf_counter()
+            key = router.route(q, ids) if router is not None else None
+            member = pool.pick(key, router.opens_at_once) if router is not None else general
+            route_s += time.perf_counter() - t_route
+            engine, distiller = member.engine, member.distiller
             t0 = time.perf_counter()
             out = engine.generate([Request(ids, params)],
                                   on_record=distiller.on_record if distiller else None,
@@ -141,36 +167,62 @@ def _serve(mode, target, draft_model, queries, model_cfg, engine_cfg, policy_cfg
             tokens += len(out.token_ids)
             s = out.stats
             tf = greedy_agreement(engine.draft, ids + out.token_ids, len(ids)) if params.greedy else None
+            pool.observe(key, member, tf if tf is not None else s.alpha)
+            members = pool.all_members
             rows.append({
-                "query": i, "id": q.id, "source": q.source, "prompt_tokens": len(ids), "tokens": len(out.token_ids),
+                "query": i, "id": q.id, "source": q.source, "route": key or "", "draft": member.name,
+                "prompt_tokens": len(ids), "tokens": len(out.token_ids),
                 "alpha": s.alpha, "alpha_tf": tf, "accepted": s.accepted, "evaluated": s.evaluated,
                 "proposed": s.proposed, "steps": s.steps, "mean_k": s.proposed / s.steps if s.steps else 0,
                 "tokens_per_s": s.tokens_per_s, "draft_version": engine.draft_version,
-                "updates": distiller.updates if distiller else 0, "rollbacks": distiller.rollbacks if distiller else 0,
+                "updates": sum(m.distiller.updates for m in members if m.distiller),
+                "rollbacks": sum(m.distiller.rollbacks for m in members if m.distiller),
             })
             recent = [r["alpha_tf"] if r["alpha_tf"] is not None else r["alpha"] for r in rows[-cfg.plot_window:]]
             recent = [a for a in recent if a is not None]
             progress.update(task, advance=1, alpha=f"{sum(recent) / len(recent):.3f}" if recent else "n/a",
                             version=engine.draft_version)
-    trainer = {}
-    if distiller is not None:
-        distiller.wait_idle(timeout=600)
-        distiller.close()
-        trainer = distiller.stats()
-        trainer["seconds_per_update"] = trainer["trainer_time_s"] / max(1, len(distiller.history))
-        trainer["bytes_per_buffered_token"] = trainer["buffer_bytes"] / max(1, trainer["buffer_tokens"])
-    alphas = [r["alpha_tf"] if r["alpha_tf"] is not None else r["alpha"] for r in rows]
-    fifth = max(1, len(alphas) // 5)
+    trainer, per_member = {}, {}
+    for m in pool.all_members:
+        if m.distiller is None:
+            continue
+        m.distiller.wait_idle(timeout=600)
+        m.distiller.close()
+        st = m.distiller.stats()
+        st["seconds_per_update"] = st["trainer_time_s"] / max(1, len(m.distiller.history))
+        st["bytes_per_buffered_token"] = st["buffer_bytes"] / max(1, st["buffer_tokens"])
+        per_member[m.name] = st
+    if per_member:
+        trainer = per_member[GENERAL] if len(per_member) == 1 else {"per_draft": per_member}
+    if router is not None and mode == "online":
+        pool.save_manifest(ckpt_root, router.state_dict())
     summary = {
-        "mode": mode, "queries": len(rows), "tokens": tokens, "tokens_per_s": tokens / decode_s if decode_s else 0.0,
-        "alpha_first": _mean(alphas[:fifth]), "alpha_last": _mean(alphas[-fifth:]), "alpha_mean": _mean(alphas),
+        "mode": mode, **_alpha_summary(rows), "tokens": tokens, "tokens_per_s": tokens / decode_s if decode_s else 0.0,
         "measured_alpha": _ratio(sum(r["accepted"] for r in rows), sum(r["evaluated"] for r in rows)),
         "mean_k": _ratio(sum(r["proposed"] for r in rows), sum(r["steps"] for r in rows)),
-        "updates": trainer.get("updates", 0), "rollbacks": trainer.get("rollbacks", 0),
-        "probing_steps": policy.probing_steps if policy else 0,
+        "updates": sum(st["updates"] for st in per_member.values()),
+        "rollbacks": sum(st["rollbacks"] for st in per_member.values()),
+        "probing_steps": sum(m.engine.policy.probing_steps for m in pool.all_members if m.engine.policy),
+        "per_source": _groups(rows, "source"),
         "trainer": trainer,
     }
+    if router is not None:
+        summary.update(router=pool_cfg.router, router_stats=router.stats(), per_draft=_groups(rows, "draft"),
+                       pool=pool.stats(), router_us_per_request=1e6 * route_s / max(1, len(rows)))
     return rows, summary
+
+
+def _alpha_summary(rows: list[dict]) -> dict:
+    alphas = [r["alpha_tf"] if r["alpha_tf"] is not None else r["alpha"] for r in rows]
+    fifth = max(1, len(alphas) // 5)
+    return {"queries": len(rows), "alpha_first": _mean(alphas[:fifth]), "alpha_last": _mean(alphas[-fifth:]),
+            "alpha_mean": _mean(alphas)}
+
+
+def _groups(rows: list[dict], column: str) -> dict:
+    """alpha_first / alpha_last / alpha_mean within each value of `column` (source, draft)."""
+    names = sorted({r[column] for r in rows})
+    return {name: _alpha_summary([r for r in rows if r[column] == name]) for name in names}
 
 
 def plot_alpha(out_dir: Path, modes: list[str], window: int, boundaries: list[int]) -> Path:

@@ -103,7 +103,8 @@ class OnlineDistiller:
             raise ValueError("online distillation needs a draft model")
         self.engine = engine
         self.cfg = config
-        self.student = copy.deepcopy(engine.draft).float().train()
+        # frozen float32 embedding tables are shared with the serving draft, not copied
+        self.student = copy.deepcopy(engine.draft, memo=frozen_tables(engine.draft, config.train_embeddings)).float().train()
         self.trainable = {
             name: p for name, p in self.student.named_parameters()
             if config.train_embeddings or not _is_embedding(self.student, p)
@@ -370,6 +371,14 @@ class OnlineDistiller:
             "buffer_tokens": self.buffer.tokens, "buffer_bytes": self.buffer.nbytes, "evicted": self.buffer.evicted,
             "trainer_time_s": self.trainer_time_s,
         }
+
+
+def frozen_tables(model, train_embeddings: bool) -> dict:
+    """A deepcopy memo that shares the (tied) float32 embedding table instead of copying it, when
+    training leaves it frozen: drafts cloned with it, and their students, cost only their layers."""
+    if train_embeddings:
+        return {}
+    return {id(p): p for p in model.parameters() if _is_embedding(model, p) and p.dtype == torch.float32}
 
 
 def _is_embedding(model, p: torch.nn.Parameter) -> bool:

@@ -1,0 +1,210 @@
+"""A pool of drafts for one target: the general draft plus specialists opened per route key.
+
+Every member has its own engine (sharing the target model and tokenizer), buffer, trainer
+schedule, version and checkpoint directory; a specialist starts as a clone of the general draft
+that shares its frozen embedding table, so an extra draft costs its layers (and, when learning,
+its student copy and optimizer state), not another vocabulary-sized matrix.
+
+Routing is checked by acceptance: a share of each route's queries still goes to the general
+draft, and a specialist whose recent alpha falls below the general draft's on its own route
+(by more than a margin) is marked degraded and its route served by the general draft again.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from onspec.config import option
+from onspec.pool.routers import ROUTERS
+from onspec.online.trainer import frozen_tables
+
+GENERAL = "general"
+
+
+@dataclass
+class PoolConfig:
+    """Draft pool and routing."""
+
+    drafts: int = option(1, "drafts in the pool, the general one included (1: one shared draft, no routing)")
+    router: str = option("cluster", "how a query picks its draft", choices=ROUTERS)
+    general_share: float = option(0.1, "share of routed queries served by the general draft anyway, to check that "
+                                  "each specialist still beats it on its own route")
+    open_after: int = option(8, "queries a language/field route needs before it gets its own draft")
+    cluster_threshold: float = option(0.5, "cosine similarity a query needs to join a cluster")
+    cluster_min_size: int = option(16, "queries a cluster needs before it gets its own draft")
+    language_confidence: float = option(0.9, "language-id probability needed to route by language")
+    check_window: int = option(24, "recent requests per route compared, specialist vs general")
+    degrade_margin: float = option(0.05, "a specialist this much below the general draft on its route is degraded")
+
+    def __post_init__(self) -> None:
+        if self.drafts < 1:
+            raise ValueError(f"--drafts must be >= 1, got {self.drafts}")
+        if not 0 <= self.general_share < 1:
+            raise ValueError(f"--general-share must be in [0, 1), got {self.general_share}")
+        if self.open_after < 1 or self.cluster_min_size < 1 or self.check_window < 2:
+            raise ValueError("--open-after and --cluster-min-size must be >= 1, --check-window >= 2")
+        if not 0 < self.language_confidence <= 1:
+            raise ValueError(f"--language-confidence must be in (0, 1], got {self.language_confidence}")
+
+
+@dataclass
+class Member:
+    name: str
+    engine: object
+    distiller: object | None = None
+    queries: int = 0
+    degraded: bool = False
+
+    @property
+    def version(self) -> int:
+        return self.engine.draft_version
+
+
+MemberFactory = Callable[[str, torch.nn.Module], Member]
+
+
+@dataclass
+class _RouteHealth:
+    specialist: deque = field(default_factory=deque)
+    general: deque = field(default_factory=deque)
+
+
+class DraftPool:
+    def __init__(self, cfg: PoolConfig, general: Member, make_member: MemberFactory, seed: int = 0) -> None:
+        self.cfg = cfg
+        self.general = general
+        self.members: dict[str, Member] = {}  # route key -> specialist
+        self.make_member = make_member
+        # the embedding table is shared between drafts only when no trainer ever changes it
+        self.train_embeddings = general.distiller is not None and general.distiller.cfg.train_embeddings
+        self.seen: dict[str, int] = defaultdict(int)
+        self.health: dict[str, _RouteHealth] = defaultdict(_RouteHealth)
+        self.checks = 0
+        self._rng = random.Random(seed)
+
+    @property
+    def all_members(self) -> list[Member]:
+        return [self.general, *self.members.values()]
+
+    def pick(self, key: str | None, opens_at_once: bool = False) -> Member:
+        """The member that serves a query with this route key (None: the general draft)."""
+        if key is None:
+            return self.general
+        self.seen[key] += 1
+        member = self.members.get(key)
+        if member is None:
+            room = len(self.members) < self.cfg.drafts - 1
+            if not room or not (opens_at_once or self.seen[key] >= self.cfg.open_after):
+                return self.general
+            member = self.open(key)
+        if member.degraded:
+            return self.general
+        if self.cfg.general_share and self._rng.random() < self.cfg.general_share:
+            self.checks += 1
+            return self.general
+        return member
+
+    def open(self, key: str) -> Member:
+        """A specialist for `key`, cloned from the general draft as it is now."""
+        draft = self.general.engine.draft
+        clone = copy.deepcopy(draft, memo=frozen_tables(draft, self.train_embeddings))
+        member = self.make_member(key, clone)  # a fresh engine (version 0) or one resumed from its checkpoint
+        self.members[key] = member
+        return member
+
+    def observe(self, key: str | None, member: Member, alpha: float | None) -> None:
+        """After a request: keep the recent alpha per route of the specialist and of the general
+        draft, and degrade a specialist that the general draft beats on its own route."""
+        member.queries += 1
+        if key is None or alpha is None or key not in self.members:
+            return
+        h = self.health[key]
+        side = h.general if member is self.general else h.specialist
+        side.append(alpha)
+        while len(side) > self.cfg.check_window:
+            side.popleft()
+        spec = self.members[key]
+        enough = min(len(h.specialist), len(h.general)) >= max(2, self.cfg.check_window // 4)
+        if not spec.degraded and enough and _mean(h.general) > _mean(h.specialist) + self.cfg.degrade_margin:
+            spec.degraded = True
+
+    def stats(self) -> dict:
+        out = {}
+        for m in self.all_members:
+            h = self.health.get(m.name)
+            out[m.name] = {"version": m.version, "queries": m.queries, "degraded": m.degraded,
+                           "updates": m.distiller.updates if m.distiller else 0,
+                           "rollbacks": m.distiller.rollbacks if m.distiller else 0,
+                           "recent_alpha": _mean(h.specialist) if h else None,
+                           "general_alpha_on_route": _mean(h.general) if h else None}
+        return {"drafts": len(self.all_members), "general_checks": self.checks, "members": out,
+                "memory_bytes": self.memory_bytes(), "memory_bytes_per_extra_draft": self.memory_per_extra_draft()}
+
+    def memory_bytes(self, members: list[Member] | None = None) -> int:
+        """Bytes of distinct tensor storages held by these members' drafts, students and optimizer
+        state (shared tables counted once)."""
+        seen, total = set(), 0
+        for m in members if members is not None else self.all_members:
+            for t in _tensors(m):
+                storage = t.untyped_storage()
+                if storage.data_ptr() in seen:
+                    continue
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total
+
+    def memory_per_extra_draft(self) -> float | None:
+        extra = len(self.members)
+        if not extra:
+            return None
+        return (self.memory_bytes() - self.memory_bytes([self.general])) / extra
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+
+    def save_manifest(self, root: Path, router_state: dict | None = None) -> None:
+        """Which routes have specialists (each member checkpoints into root/<name>)."""
+        root.mkdir(parents=True, exist_ok=True)
+        manifest = {"members": {k: {"degraded": m.degraded, "queries": m.queries} for k, m in self.members.items()},
+                    "seen": dict(self.seen)}
+        tmp = root / ".pool.json.tmp"
+        tmp.write_text(json.dumps(manifest, indent=2))
+        tmp.replace(root / "pool.json")
+        if router_state is not None:
+            torch.save(router_state, root / ".router.pt.tmp")
+            (root / ".router.pt.tmp").replace(root / "router.pt")
+
+    def restore(self, root: Path) -> dict | None:
+        """Re-open the specialists a previous run had (their trainers resume their own
+        checkpoints). Returns the router state saved with them, if any."""
+        path = root / "pool.json"
+        if not path.is_file():
+            return None
+        manifest = json.loads(path.read_text())
+        self.seen.update(manifest.get("seen", {}))
+        for key, info in manifest["members"].items():
+            member = self.members.get(key) or self.open(key)
+            member.degraded = bool(info.get("degraded", False))
+            member.queries = int(info.get("queries", 0))
+        router = root / "router.pt"
+        return torch.load(router, weights_only=True) if router.is_file() else {}
+
+
+def _tensors(m: Member):
+    yield from m.engine.draft.parameters()
+    if m.distiller is not None:
+        yield from m.distiller.student.parameters()
+        for state in m.distiller.optimizer.state.values():
+            yield from (v for v in state.values() if torch.is_tensor(v) and v.numel() > 1)
+
+
+def _mean(xs) -> float | None:
+    xs = list(xs)
+    return sum(xs) / len(xs) if xs else None
