@@ -271,14 +271,17 @@ def test_metrics_parse_and_move(server):
     before = scrape()
     complete(server, "metrics please", 16)
     after = scrape()
-    for name in ("onspec:spec_decode_num_drafts_total", "onspec:spec_decode_num_draft_tokens_total",
+    g = '{"draft": "general"}'
+    for name in ("onspec:spec_decode_num_drafts_total" + g, "onspec:spec_decode_num_draft_tokens_total" + g,
                  "onspec:generation_tokens_total", "onspec:e2e_request_latency_seconds_count"):
         assert after[name] > before.get(name, 0), name
-    assert after["onspec:spec_decode_num_accepted_tokens_total"] >= before["onspec:spec_decode_num_accepted_tokens_total"]
-    assert 'onspec:spec_decode_num_accepted_tokens_per_pos_total{"position": "0"}' in after
-    for name in ("onspec:spec_decode_alpha_recent", "onspec:draft_version", "onspec:trainer_updates",
-                 "onspec:trainer_rollbacks", "onspec:buffer_records", "onspec:trainer_time_seconds"):
-        assert name in after, name
+    accepted = "onspec:spec_decode_num_accepted_tokens_total" + g
+    assert after[accepted] >= before[accepted]
+    assert 'onspec:spec_decode_num_accepted_tokens_per_pos_total{"draft": "general", "position": "0"}' in after
+    assert "onspec:spec_decode_alpha_recent" in after
+    for name in ("onspec:draft_version", "onspec:trainer_updates", "onspec:trainer_rollbacks", "onspec:buffer_records",
+                 "onspec:trainer_time_seconds", "onspec:spec_decode_alpha_recent_by_draft"):
+        assert name + g in after, name
 
 
 def test_dashboard_renders_in_headless_chromium(server, tmp_path):
@@ -325,6 +328,33 @@ def test_restart_resumes_the_draft_version(models, tmp_path):
         assert httpx.get(second.url + "/health").json()["draft_version"] >= version
     finally:
         second.stop()
+
+
+def test_field_routing_serves_each_domain_with_its_own_draft(models, tmp_path):
+    server = Server(models, tmp_path / "state", "--drafts", "3", "--router", "field", "--open-after", "1",
+                    "--general-share", "0", "--update-interval", "2", "--steps", "1", "--batch-size", "2")
+    try:
+        served = {}
+        for i in range(3):
+            for domain, prompt in (("code", "def f(x):"), ("chat", "hello there")):
+                r = httpx.post(server.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 12,
+                               "temperature": 0, "ignore_eos": True, "domain": domain}, timeout=120)
+                assert r.status_code == 200, r.text
+                served.setdefault(domain, set()).add(r.json()["onspec"]["draft"])
+        assert served == {"code": {"code"}, "chat": {"chat"}}
+        plain = httpx.post(server.url + "/v1/completions", json={"prompt": "x", "max_tokens": 4}, timeout=120).json()
+        assert plain["onspec"]["draft"] == "general"  # no domain named: the general draft
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'onspec:spec_decode_num_drafts_total{draft="code"}' in metrics
+        assert set(httpx.get(server.url + "/health").json()["drafts"]) == {"general", "code", "chat"}
+    finally:
+        server.stop()
+    assert (tmp_path / "state" / "checkpoints" / "pool.json").is_file()
+    again = Server(models, tmp_path / "state", "--drafts", "3", "--router", "field", "--no-online")
+    try:  # the pool comes back with its specialists
+        assert set(httpx.get(again.url + "/health").json()["drafts"]) == {"general", "code", "chat"}
+    finally:
+        again.stop()
 
 
 def test_persist_traffic_round_trip(models, tmp_path):

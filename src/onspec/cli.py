@@ -64,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         serve(*configs)
 
     _config_command(sub, "serve", "OpenAI-compatible server; the draft keeps learning from the served traffic",
-                    run_serve, [models, (EngineConfig, ()), (PolicyConfig, ()), (TrainerConfig, ()), (ServerConfig, ())])
+                    run_serve, [models, (EngineConfig, ()), (PolicyConfig, ()), (TrainerConfig, ()), (ServerConfig, ()),
+                                (PoolConfig, ())])
 
     derive = sub.add_parser("derive-draft", help="write the derived draft (first N target layers) as safetensors")
     derive.add_argument("--out", required=True, type=Path, help="output directory")

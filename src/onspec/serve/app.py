@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from onspec.data.streams import Query
 from onspec.engine.engine import Request, SpeculativeEngine
 from onspec.engine.records import RequestOutput
 from onspec.engine.sampling import SamplingParams
@@ -51,11 +52,23 @@ class ServerState:
     metrics: ServerMetrics
     cfg: ServerConfig
     model_name: str
-    distiller: Any = None
+    pool: Any = None
+    """The DraftPool (a pool of one when there is a single draft)."""
+    router: Any = None
 
     @property
     def tokenizer(self):
         return self.engine.tokenizer
+
+    @property
+    def distiller(self):
+        return self.pool.general.distiller if self.pool is not None else None
+
+    def drafts(self) -> dict:
+        """name -> (serving version, trainer stats or None) for every pool member."""
+        if self.pool is None:
+            return {"general": (self.engine.draft_version, None)}
+        return {m.name: (m.version, m.distiller.stats() if m.distiller else None) for m in self.pool.all_members}
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -68,7 +81,8 @@ def create_app(state: ServerState) -> FastAPI:
     async def health():
         latest = state.distiller.version if state.distiller is not None else state.engine.draft_version
         # draft_version: serving now; latest: the trainer's newest (goes live at the next verify step)
-        return {"status": "ok", "draft_version": state.engine.draft_version, "latest_draft_version": latest}
+        return {"status": "ok", "draft_version": state.engine.draft_version, "latest_draft_version": latest,
+                "drafts": {name: version for name, (version, _) in state.drafts().items()}}
 
     @app.get("/v1/models")
     async def models(request: HTTPRequest):
@@ -79,7 +93,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def completions(body: CompletionRequest, request: HTTPRequest):
         _authorize(request, state)
         prompt_ids = _completion_prompt(body, state)
-        return await _serve(request, state, body, prompt_ids, "completion")
+        text = body.prompt if isinstance(body.prompt, str) else (body.prompt[0] if body.prompt and isinstance(
+            body.prompt[0], str) else state.tokenizer.decode(prompt_ids))
+        query = Query("http", "http", text=text, domain=body.domain)
+        return await _serve(request, state, body, prompt_ids, "completion", query)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
@@ -91,7 +108,8 @@ def create_app(state: ServerState) -> FastAPI:
             raise OpenAIError(400, f"the model {state.model_name} has no chat template; use /v1/completions")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
-        return await _serve(request, state, body, list(ids), "chat")
+        query = Query("http", "http", messages=tuple(messages), domain=body.domain)
+        return await _serve(request, state, body, list(ids), "chat", query)
 
     @app.get("/metrics")
     async def metrics():
@@ -106,15 +124,18 @@ def create_app(state: ServerState) -> FastAPI:
     async def dashboard_data():
         _refresh_metrics(state)
         trainer = state.distiller.stats() if state.distiller is not None else None
-        history = list(state.distiller.history)[-20:] if state.distiller is not None else []
+        history = sorted(((m.name, h) for m in (state.pool.all_members if state.pool else []) if m.distiller
+                          for h in list(m.distiller.history)[-20:]), key=lambda nh: nh[1].at)[-20:]
         return {
             "model": state.model_name, "draft_version": state.engine.draft_version, "online": state.distiller is not None,
             "alpha_recent": state.metrics.recent_alpha(), "started": state.metrics.started,
             "running": state.scheduler.running, "waiting": state.scheduler.waiting, "trainer": trainer,
             "timeline": state.metrics.timeline_since(500),
-            "updates": [{"version": h.version, "outcome": h.outcome, "loss": h.loss, "probe_before": h.probe_before,
+            "drafts": {name: {"version": v, "updates": t["updates"] if t else 0, "rollbacks": t["rollbacks"] if t else 0}
+                       for name, (v, t) in state.drafts().items()},
+            "updates": [{"draft": name, "version": h.version, "outcome": h.outcome, "loss": h.loss, "probe_before": h.probe_before,
                          "probe_after": h.probe_after, "seconds": h.seconds, "t": h.at - state.metrics.started}
-                        for h in history],
+                        for name, h in history],
         }
 
     return app
@@ -178,12 +199,12 @@ def _sampling(body, state: ServerState, kind: str, prompt_len: int) -> SamplingP
         raise OpenAIError(400, str(e)) from None
 
 
-async def _serve(http: HTTPRequest, state: ServerState, body, prompt_ids: list[int], kind: str):
+async def _serve(http: HTTPRequest, state: ServerState, body, prompt_ids: list[int], kind: str, query: Query):
     params = _sampling(body, state, kind, len(prompt_ids))
     request = Request(prompt_ids, params)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
-    state.scheduler.submit(request, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
+    state.scheduler.submit(request, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), query)
     rid = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{request.request_id}"
     created = int(time.time())
     if body.stream:
@@ -268,12 +289,11 @@ def _spec(out: RequestOutput, ev: Event) -> dict:
     return {"accepted_tokens": s.accepted, "evaluated_tokens": s.evaluated, "proposed_tokens": s.proposed,
             "alpha": s.alpha, "mean_accepted_length": s.mean_accepted_length, "verify_steps": s.steps,
             "draft_version": ev.draft_versions[-1] if ev.draft_versions else None,
-            "draft_versions": ev.draft_versions}
+            "draft_versions": ev.draft_versions, "draft": ev.draft, "route": ev.route}
 
 
 def _refresh_metrics(state: ServerState) -> None:
-    trainer = state.distiller.stats() if state.distiller is not None else None
-    state.metrics.refresh(state.engine.draft_version, trainer, state.scheduler.running, state.scheduler.waiting)
+    state.metrics.refresh(state.drafts(), state.scheduler.running, state.scheduler.waiting)
 
 
 # -- errors ---------------------------------------------------------------------------------------------

@@ -20,25 +20,30 @@ class ServerMetrics:
     def __init__(self, k: int, window: int = 64, timeline: int = 2000) -> None:
         self.registry = r = CollectorRegistry()
         self.window = window
-        self.num_drafts = Counter(f"{PREFIX}spec_decode_num_drafts", "verify steps that checked draft tokens", registry=r)
-        self.num_draft_tokens = Counter(f"{PREFIX}spec_decode_num_draft_tokens", "draft tokens proposed", registry=r)
-        self.num_accepted_tokens = Counter(f"{PREFIX}spec_decode_num_accepted_tokens", "draft tokens accepted",
+        self.k = k
+        d = ["draft"]  # the pool member that proposed ("general" when there is one draft)
+        self.num_drafts = Counter(f"{PREFIX}spec_decode_num_drafts", "verify steps that checked draft tokens", d,
+                                  registry=r)
+        self.num_draft_tokens = Counter(f"{PREFIX}spec_decode_num_draft_tokens", "draft tokens proposed", d,
+                                        registry=r)
+        self.num_accepted_tokens = Counter(f"{PREFIX}spec_decode_num_accepted_tokens", "draft tokens accepted", d,
                                            registry=r)
         self.accepted_per_pos = Counter(f"{PREFIX}spec_decode_num_accepted_tokens_per_pos",
                                         "draft tokens accepted, by position in the proposal (0 = first)",
-                                        ["position"], registry=r)
-        for pos in range(k):
-            self.accepted_per_pos.labels(position=str(pos))
+                                        ["draft", "position"], registry=r)
         self.alpha = Gauge(f"{PREFIX}spec_decode_alpha_recent",
                            f"accepted / evaluated draft tokens over the last {window} finished requests", registry=r)
-        self.draft_version = Gauge(f"{PREFIX}draft_version", "draft version serving now", registry=r)
-        self.updates = Gauge(f"{PREFIX}trainer_updates", "accepted draft updates", registry=r)
-        self.rollbacks = Gauge(f"{PREFIX}trainer_rollbacks", "updates rolled back by the guard", registry=r)
-        self.discarded = Gauge(f"{PREFIX}trainer_discarded_nan", "updates discarded for a NaN/inf loss", registry=r)
-        self.trainer_time = Gauge(f"{PREFIX}trainer_time_seconds", "wall-clock time spent training", registry=r)
-        self.buffer_records = Gauge(f"{PREFIX}buffer_records", "requests held in the training buffer", registry=r)
-        self.buffer_tokens = Gauge(f"{PREFIX}buffer_tokens", "generated tokens held in the training buffer", registry=r)
-        self.buffer_bytes = Gauge(f"{PREFIX}buffer_bytes", "bytes held in the training buffer", registry=r)
+        self.draft_alpha = Gauge(f"{PREFIX}spec_decode_alpha_recent_by_draft", "recent alpha of each pool member",
+                                 d, registry=r)
+        self.draft_version = Gauge(f"{PREFIX}draft_version", "draft version serving now", d, registry=r)
+        self.updates = Gauge(f"{PREFIX}trainer_updates", "accepted draft updates", d, registry=r)
+        self.rollbacks = Gauge(f"{PREFIX}trainer_rollbacks", "updates rolled back by the guard", d, registry=r)
+        self.discarded = Gauge(f"{PREFIX}trainer_discarded_nan", "updates discarded for a NaN/inf loss", d, registry=r)
+        self.trainer_time = Gauge(f"{PREFIX}trainer_time_seconds", "wall-clock time spent training", d, registry=r)
+        self.buffer_records = Gauge(f"{PREFIX}buffer_records", "requests held in the training buffer", d, registry=r)
+        self.buffer_tokens = Gauge(f"{PREFIX}buffer_tokens", "generated tokens held in the training buffer", d,
+                                   registry=r)
+        self.buffer_bytes = Gauge(f"{PREFIX}buffer_bytes", "bytes held in the training buffer", d, registry=r)
         self.running = Gauge(f"{PREFIX}num_requests_running", "requests in the decoding batch", registry=r)
         self.waiting = Gauge(f"{PREFIX}num_requests_waiting", "requests queued for the batch", registry=r)
         self.requests = Counter(f"{PREFIX}request_success", "finished requests by finish reason", ["finished_reason"],
@@ -51,21 +56,32 @@ class ServerMetrics:
                               buckets=LATENCY_BUCKETS, registry=r)
         self._lock = threading.Lock()
         self._recent: deque[tuple[int, int]] = deque(maxlen=window)
+        self._recent_by_draft: dict[str, deque] = {}
+        self.add_draft("general")
         self.timeline: deque[dict] = deque(maxlen=timeline)
         self.started = time.time()
 
-    def observe_step(self, rec: StepRecord) -> None:
+    def add_draft(self, name: str) -> None:
+        """Create a pool member's series (so they exist, at 0, before its first step)."""
+        for c in (self.num_drafts, self.num_draft_tokens, self.num_accepted_tokens):
+            c.labels(draft=name)
+        for pos in range(self.k):
+            self.accepted_per_pos.labels(draft=name, position=str(pos))
+        self._recent_by_draft.setdefault(name, deque(maxlen=self.window))
+
+    def observe_step(self, rec: StepRecord, draft: str = "general") -> None:
         k = len(rec.proposed)
         if not k:
             return
-        self.num_drafts.inc()
-        self.num_draft_tokens.inc(k)
+        self.num_drafts.labels(draft=draft).inc()
+        self.num_draft_tokens.labels(draft=draft).inc(k)
         if rec.num_accepted:
-            self.num_accepted_tokens.inc(rec.num_accepted)
+            self.num_accepted_tokens.labels(draft=draft).inc(rec.num_accepted)
             for pos in range(rec.num_accepted):
-                self.accepted_per_pos.labels(position=str(pos)).inc()
+                self.accepted_per_pos.labels(draft=draft, position=str(pos)).inc()
 
-    def observe_finish(self, out: RequestOutput, latency_s: float, ttft_s: float | None, draft_version: int) -> None:
+    def observe_finish(self, out: RequestOutput, latency_s: float, ttft_s: float | None, draft_version: int,
+                       draft: str = "general", route: str | None = None) -> None:
         s = out.stats
         self.requests.labels(finished_reason=out.finish_reason).inc()
         self.prompt_tokens.inc(len(out.prompt_ids))
@@ -76,6 +92,9 @@ class ServerMetrics:
         with self._lock:
             if s.evaluated:
                 self._recent.append((s.accepted, s.evaluated))
+                mine = self._recent_by_draft.setdefault(draft, deque(maxlen=self.window))
+                mine.append((s.accepted, s.evaluated))
+                self.draft_alpha.labels(draft=draft).set(sum(a for a, _ in mine) / sum(e for _, e in mine))
             accepted = sum(a for a, _ in self._recent)
             evaluated = sum(e for _, e in self._recent)
             if evaluated:
@@ -83,21 +102,23 @@ class ServerMetrics:
             self.timeline.append({
                 "t": time.time() - self.started, "alpha": s.alpha, "alpha_window": accepted / evaluated if evaluated else None,
                 "tokens": len(out.token_ids), "tokens_per_s": len(out.token_ids) / latency_s if latency_s > 0 else None,
-                "draft_version": draft_version, "finish_reason": out.finish_reason,
+                "draft_version": draft_version, "finish_reason": out.finish_reason, "draft": draft, "route": route,
             })
 
-    def refresh(self, draft_version: int, trainer: dict | None, running: int, waiting: int) -> None:
-        self.draft_version.set(draft_version)
+    def refresh(self, drafts: dict[str, tuple[int, dict | None]], running: int, waiting: int) -> None:
+        """drafts: name -> (serving version, trainer stats or None)."""
         self.running.set(running)
         self.waiting.set(waiting)
-        if trainer:
-            self.updates.set(trainer["updates"])
-            self.rollbacks.set(trainer["rollbacks"])
-            self.discarded.set(trainer["discarded_nan"])
-            self.trainer_time.set(trainer["trainer_time_s"])
-            self.buffer_records.set(trainer["buffer_requests"])
-            self.buffer_tokens.set(trainer["buffer_tokens"])
-            self.buffer_bytes.set(trainer["buffer_bytes"])
+        for name, (version, trainer) in drafts.items():
+            self.draft_version.labels(draft=name).set(version)
+            if trainer:
+                self.updates.labels(draft=name).set(trainer["updates"])
+                self.rollbacks.labels(draft=name).set(trainer["rollbacks"])
+                self.discarded.labels(draft=name).set(trainer["discarded_nan"])
+                self.trainer_time.labels(draft=name).set(trainer["trainer_time_s"])
+                self.buffer_records.labels(draft=name).set(trainer["buffer_requests"])
+                self.buffer_tokens.labels(draft=name).set(trainer["buffer_tokens"])
+                self.buffer_bytes.labels(draft=name).set(trainer["buffer_bytes"])
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

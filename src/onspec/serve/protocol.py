@@ -27,6 +27,8 @@ class _Sampling(BaseModel):
     n: int = 1
     ignore_eos: bool = False
     """vLLM's extension: keep generating past the end-of-sequence token."""
+    domain: str | None = Field(None, min_length=1, max_length=64)
+    """onspec's extension: the request's domain, for `--router field` (ignored by other routers)."""
 
 
 class CompletionRequest(_Sampling):

@@ -1,6 +1,8 @@
-"""One thread owns the engine and its running batch. Between verify steps it admits queued
-requests (they join the batch), drops cancelled ones (their slot is freed at once), and hands
-every request's new text to its sink; the HTTP side only submits, cancels and listens."""
+"""One thread owns the engines and their running batches (one per draft of the pool; a single
+draft is a pool of one). Between verify steps it routes and admits queued requests (they join
+their draft's batch), drops cancelled ones (their slot is freed at once), steps every non-empty
+batch, and hands every request's new text to its sink; the HTTP side only submits, cancels and
+listens. Routers and the pool are touched by this thread only."""
 
 from __future__ import annotations
 
@@ -10,8 +12,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-from onspec.engine.engine import Request, RunningBatch, SpeculativeEngine
+from onspec.data.streams import Query
+from onspec.engine.engine import Request, RunningBatch
 from onspec.engine.records import RequestOutput, StepRecord
+from onspec.pool.pool import DraftPool, Member
+from onspec.pool.routers import Router
 from onspec.serve.metrics import ServerMetrics
 
 log = logging.getLogger("onspec.serve")
@@ -27,6 +32,9 @@ class Event:
     error: str | None = None
     status: int = 200
     """With an error: 400 when the request itself was refused, 503 when the server failed it."""
+    draft: str | None = None
+    """The pool member that served the request, and the route key the router gave it."""
+    route: str | None = None
 
     @property
     def last(self) -> bool:
@@ -40,19 +48,24 @@ Sink = Callable[[Event], None]
 class _Ticket:
     request: Request
     sink: Sink
+    query: Query | None = None
+    """What the router sees (the request's words and its `domain` field)."""
     arrived: float = field(default_factory=time.perf_counter)
+    member: Member | None = None
+    route: str | None = None
     first_token_at: float | None = None
     sent: int = 0  # characters of text already handed out
     versions: set[int] = field(default_factory=set)
 
 
 class Scheduler:
-    def __init__(self, engine: SpeculativeEngine, metrics: ServerMetrics, distiller=None, max_batch: int = 8) -> None:
-        self.engine = engine
+    def __init__(self, pool: DraftPool, metrics: ServerMetrics, router: Router | None = None,
+                 max_batch: int = 8) -> None:
+        self.pool = pool
+        self.router = router
         self.metrics = metrics
-        self.distiller = distiller
         self.max_batch = max_batch
-        self.batch = RunningBatch(engine)
+        self.batches: dict[str, RunningBatch] = {pool.general.name: RunningBatch(pool.general.engine)}
         self._queue: list[_Ticket] = []
         self._cancelled: set[str] = set()
         self._tickets: dict[str, _Ticket] = {}
@@ -65,11 +78,11 @@ class Scheduler:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, request: Request, sink: Sink) -> None:
+    def submit(self, request: Request, sink: Sink, query: Query | None = None) -> None:
         with self._cond:
             if self._closing:
                 raise RuntimeError("the server is shutting down")
-            self._queue.append(_Ticket(request, sink))
+            self._queue.append(_Ticket(request, sink, query))
             self._cond.notify()
 
     def cancel(self, request_id: str) -> None:
@@ -84,7 +97,7 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return len(self.batch)
+        return sum(len(b) for b in self.batches.values())
 
     def close(self) -> None:
         with self._cond:
@@ -98,13 +111,13 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closing and not self._queue and not self.batch and not self._cancelled:
+                while not self._closing and not self._queue and not self.running and not self._cancelled:
                     self._cond.wait()
                 if self._closing:
                     break
                 cancelled, self._cancelled = self._cancelled, set()
                 self._queue = [t for t in self._queue if t.request.request_id not in cancelled]
-                room = self.max_batch - len(self.batch)
+                room = self.max_batch - self.running
                 joining, self._queue = self._queue[:room], self._queue[room:]
             try:
                 self._cancel(cancelled)
@@ -117,35 +130,55 @@ class Scheduler:
 
     def _cancel(self, request_ids: set[str]) -> None:
         for rid in request_ids:
-            if self.batch.cancel(rid) is not None:
-                self._tickets.pop(rid, None)
-                if self.distiller is not None:
-                    self.distiller.builder.discard(rid)
-                log.info("request %s cancelled by its client; slot freed", rid)
+            t = self._tickets.pop(rid, None)
+            if t is None:
+                continue
+            self.batches[t.member.name].cancel(rid)
+            if t.member.distiller is not None:
+                t.member.distiller.builder.discard(rid)
+            log.info("request %s cancelled by its client; slot freed", rid)
 
     def _admit(self, tickets: list[_Ticket]) -> None:
-        if not tickets:
+        groups: dict[str, list[_Ticket]] = {}
+        for t in tickets:
+            self._route(t)
+            groups.setdefault(t.member.name, []).append(t)
+        for name, group in groups.items():
+            batch = self.batches[name]
+            try:
+                batch.add([t.request for t in group])
+                ok = group
+            except ValueError:  # one bad request must not keep the others out: admit one by one
+                ok = []
+                for t in group:
+                    try:
+                        batch.add([t.request])
+                        ok.append(t)
+                    except ValueError as e:
+                        t.sink(Event(error=str(e), status=400))
+            for t in ok:
+                self._tickets[t.request.request_id] = t
+
+    def _route(self, t: _Ticket) -> None:
+        if self.router is None or t.query is None:
+            t.member = self.pool.general
             return
-        try:
-            self.batch.add([t.request for t in tickets])
-            ok = tickets
-        except ValueError:  # one bad request must not keep the others out: admit one by one
-            ok = []
-            for t in tickets:
-                try:
-                    self.batch.add([t.request])
-                    ok.append(t)
-                except ValueError as e:
-                    t.sink(Event(error=str(e), status=400))
-        for t in ok:
-            self._tickets[t.request.request_id] = t
+        t.route = self.router.route(t.query, t.request.prompt_ids)
+        t.member = self.pool.pick(t.route, self.router.opens_at_once)
+        if t.member.name not in self.batches:  # a specialist just opened
+            self.batches[t.member.name] = RunningBatch(t.member.engine)
+            self.metrics.add_draft(t.member.name)
+            log.info("opened draft %r for route %r", t.member.name, t.route)
 
     def _step(self) -> None:
-        if not self.batch:
-            return
-        finished = self.batch.step(self._on_record)
+        for name, batch in list(self.batches.items()):
+            if batch:
+                self._step_batch(batch, self.pool.members.get(name) or self.pool.general)
+
+    def _step_batch(self, batch: RunningBatch, member: Member) -> None:
+        finished = batch.step(lambda rec: self._on_record(rec, member))
         now = time.perf_counter()
-        for seq in list(self.batch.rows) + finished:
+        for seq in list(batch.rows) + finished:
             t = self._tickets.get(seq.request.request_id)
             if t is None:
                 continue
@@ -156,21 +189,22 @@ class Scheduler:
             if done:
                 del self._tickets[seq.request.request_id]
                 out = seq.output()
-                if self.distiller is not None:
-                    self.distiller.on_finish(out)
+                if member.distiller is not None:
+                    member.distiller.on_finish(out)
+                self.pool.observe(t.route, member, out.stats.alpha)
                 ttft = t.first_token_at - t.arrived if t.first_token_at is not None else None
-                self.metrics.observe_finish(out, now - t.arrived, ttft, self.engine.draft_version)
-                t.sink(Event(delta=delta, output=out, draft_versions=sorted(t.versions)))
+                self.metrics.observe_finish(out, now - t.arrived, ttft, member.version, member.name, t.route)
+                t.sink(Event(delta=delta, output=out, draft_versions=sorted(t.versions), draft=member.name, route=t.route))
             elif delta:
                 t.sink(Event(delta=delta))
 
-    def _on_record(self, rec: StepRecord) -> None:
+    def _on_record(self, rec: StepRecord, member: Member) -> None:
         t = self._tickets.get(rec.request_id)
         if t is not None:
             t.versions.add(rec.draft_version)
-        self.metrics.observe_step(rec)
-        if self.distiller is not None:
-            self.distiller.on_record(rec)
+        self.metrics.observe_step(rec, member.name)
+        if member.distiller is not None:
+            member.distiller.on_record(rec)
 
     @staticmethod
     def _new_text(t: _Ticket, seq, done: bool) -> str:
@@ -195,7 +229,8 @@ class Scheduler:
             tickets += self._queue
             self._queue = []
         self._tickets.clear()
-        for s in list(self.batch.rows):
-            self.batch.cancel(s.request.request_id)
+        for batch in self.batches.values():
+            for s in list(batch.rows):
+                batch.cancel(s.request.request_id)
         for t in tickets:
             t.sink(Event(error=message, status=503))

@@ -17,6 +17,8 @@ from onspec.engine.policy import AdaptiveK, PolicyConfig
 from onspec.models.pair import ModelConfig, load_pair
 from onspec.online.checkpoint import CheckpointStore
 from onspec.online.trainer import OnlineDistiller, TrainerConfig
+from onspec.pool.pool import GENERAL, DraftPool, Member, PoolConfig
+from onspec.pool.routers import make_router
 from onspec.serve.app import ServerState, create_app
 from onspec.serve.config import ServerConfig
 from onspec.serve.metrics import ServerMetrics
@@ -27,51 +29,80 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 def build_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: PolicyConfig,
-                trainer_cfg: TrainerConfig, cfg: ServerConfig) -> ServerState:
+                trainer_cfg: TrainerConfig, cfg: ServerConfig, pool_cfg: PoolConfig | None = None) -> ServerState:
+    pool_cfg = pool_cfg or PoolConfig()
     target, draft = load_pair(model_cfg)
+    if draft is None and pool_cfg.drafts > 1:
+        raise ValueError("--drafts > 1 needs a draft (drop --no-draft)")
     k = engine_cfg.k if draft is not None else 0
-    policy = AdaptiveK(k, policy_cfg) if policy_cfg.adaptive_k and draft is not None else None
-    engine = SpeculativeEngine(target.model, target.tokenizer, draft.model if draft else None, k=k, policy=policy)
     state_dir = Path(cfg.state_dir)
     checkpoints = state_dir / "checkpoints"
-    distiller = None
-    if draft is not None and not cfg.no_online:
-        distiller = OnlineDistiller(engine, trainer_cfg, checkpoint_dir=str(checkpoints))  # resumes LATEST
-        traffic = state_dir / "traffic.pt"
-        if cfg.persist_traffic and traffic.is_file():
-            log.info("reloaded %d buffered requests from %s", distiller.buffer.load(traffic), traffic)
-    elif draft is not None:
-        meta = CheckpointStore(checkpoints).load_into(engine.draft)
-        if meta is not None:
-            engine.draft_version = int(meta["version"])
+    online = draft is not None and not cfg.no_online
+
+    def make_member(name: str, model) -> Member:
+        policy = AdaptiveK(k, policy_cfg) if policy_cfg.adaptive_k and model is not None else None
+        engine = SpeculativeEngine(target.model, target.tokenizer, model, k=k, policy=policy)
+        where = checkpoints if name == GENERAL else checkpoints / name
+        distiller = None
+        if online:
+            distiller = OnlineDistiller(engine, trainer_cfg, checkpoint_dir=str(where))  # resumes LATEST
+            traffic = _traffic_file(state_dir, name)
+            if cfg.persist_traffic and traffic.is_file():
+                log.info("reloaded %d buffered requests from %s", distiller.buffer.load(traffic), traffic)
+        elif model is not None:
+            meta = CheckpointStore(where).load_into(engine.draft)
+            if meta is not None:
+                engine.draft_version = int(meta["version"])
+        return Member(name, engine, distiller)
+
+    general = make_member(GENERAL, draft.model if draft else None)
+    pool = DraftPool(pool_cfg, general, make_member, seed=trainer_cfg.seed)
+    router = None
+    if pool_cfg.drafts > 1:
+        router = make_router(pool_cfg.router, target.model, threshold=pool_cfg.cluster_threshold,
+                             min_size=pool_cfg.cluster_min_size, max_open=pool_cfg.drafts - 1,
+                             language_confidence=pool_cfg.language_confidence)
+        router_state = pool.restore(checkpoints)
+        if router_state:
+            router.load_state_dict(router_state)
     metrics = ServerMetrics(k)
-    metrics.draft_version.set(engine.draft_version)
-    scheduler = Scheduler(engine, metrics, distiller, max_batch=cfg.max_batch)
+    for m in pool.all_members:
+        metrics.add_draft(m.name)
+    scheduler = Scheduler(pool, metrics, router, max_batch=cfg.max_batch)
     name = cfg.served_model_name or (DEFAULT_MODEL_NAME if model_cfg.target == "default" else model_cfg.target)
-    return ServerState(engine=engine, scheduler=scheduler, metrics=metrics, cfg=cfg, model_name=name,
-                       distiller=distiller)
+    return ServerState(engine=general.engine, scheduler=scheduler, metrics=metrics, cfg=cfg, model_name=name,
+                       pool=pool, router=router)
 
 
 def shutdown(state: ServerState) -> None:
     state.scheduler.close()
-    if state.distiller is not None:
-        state.distiller.close()  # waits for a running update, writes the final checkpoint
+    for m in state.pool.all_members:
+        if m.distiller is None:
+            continue
+        m.distiller.close()  # waits for a running update, writes the final checkpoint
         if state.cfg.persist_traffic:
-            path = Path(state.cfg.state_dir) / "traffic.pt"
-            log.info("wrote %d buffered requests to %s", state.distiller.buffer.save(path), path)
+            path = _traffic_file(Path(state.cfg.state_dir), m.name)
+            log.info("wrote %d buffered requests to %s", m.distiller.buffer.save(path), path)
+    if state.router is not None:
+        state.pool.save_manifest(Path(state.cfg.state_dir) / "checkpoints", state.router.state_dict())
+
+
+def _traffic_file(state_dir: Path, name: str) -> Path:
+    return state_dir / ("traffic.pt" if name == GENERAL else f"traffic-{name}.pt")
 
 
 def run_serve(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: PolicyConfig,
-              trainer_cfg: TrainerConfig, cfg: ServerConfig) -> None:
+              trainer_cfg: TrainerConfig, cfg: ServerConfig, pool_cfg: PoolConfig | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sock = _bind(cfg.host, cfg.port)  # before loading: a taken port fails fast
     print(f"onspec serve: loading models ({model_cfg.target}) ...", file=sys.stderr, flush=True)
-    state = build_state(model_cfg, engine_cfg, policy_cfg, trainer_cfg, cfg)
+    state = build_state(model_cfg, engine_cfg, policy_cfg, trainer_cfg, cfg, pool_cfg)
     Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
     state.scheduler.start()
     host, port = sock.getsockname()[:2]
     print(f"onspec serve: {state.model_name} (draft v{state.engine.draft_version}, "
-          f"online {'off' if state.distiller is None else 'on'}) on http://{host}:{port}  "
+          f"online {'off' if state.distiller is None else 'on'}, drafts {len(state.pool.all_members)}"
+          f"{'' if state.router is None else ' max ' + str(state.pool.cfg.drafts) + ', router ' + state.router.name}) on http://{host}:{port}  "
           f"(dashboard: /dashboard, metrics: /metrics)", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", timeout_graceful_shutdown=5))
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler
