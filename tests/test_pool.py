@@ -233,3 +233,13 @@ def test_replay_with_field_and_cluster_routers(tmp_path):
         if router == "field":
             assert set(summary["per_draft"]) == {GENERAL, "code", "chat"}
             assert {r["route"] for r in rows} == {"code", "chat"}
+
+
+def test_interleaved_and_concatenated_stream_segments(tmp_path):
+    from onspec.online.replay import ReplayConfig, load_stream
+
+    for name, n in (("a", 2), ("b", 4)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": f"{name}{i}"}) + "\n" for i in range(n)))
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    got = [q.text for q in load_stream(ReplayConfig(dataset=f"{a}|{b}+{a}", limit=100))]
+    assert got == ["a0", "b0", "a1", "b1", "b2", "b3", "a0", "a1"]

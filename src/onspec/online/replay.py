@@ -38,6 +38,8 @@ from onspec.pool.routers import make_router
 STREAM_ALIASES = {
     # code, then chat, then the same code again: adaptation at each boundary, and forgetting
     "shift": "humaneval:0:82+sharegpt:0:164+humaneval:0:82",
+    # code and chat interleaved, one of each in turn (the mixed-domain stream of the pool)
+    "mixed": "humaneval:0:164|sharegpt:0:164",
 }
 
 
@@ -46,7 +48,8 @@ class ReplayConfig:
     """Stream replay."""
 
     dataset: str = option("sharegpt", "sharegpt | humaneval | a .jsonl file (prompt or messages per line) | shift | "
-                          "segments joined by '+', each NAME[:SKIP[:LIMIT]]")
+                          "mixed | segments NAME[:SKIP[:LIMIT]] joined by '+' (one after another) or '|' "
+                          "(interleaved)")
     limit: int = option(200, "queries to serve (after --skip)")
     skip: int = option(0, "queries to skip at the start of the stream")
     passes: int = option(1, "serve the stream this many times in a row (e.g. 2 for HumanEval twice)")
@@ -69,20 +72,27 @@ class ReplayConfig:
 
 
 def load_stream(cfg: ReplayConfig) -> list[Query]:
+    """Segments joined by '+' follow one another; segments joined by '|' are interleaved
+    (round robin, one query from each in turn, until all are used up)."""
     spec = STREAM_ALIASES.get(cfg.dataset, cfg.dataset)
     queries: list[Query] = []
-    for segment in spec.split("+"):
-        name, *rest = segment.split(":") if not segment.endswith(".jsonl") else [segment]
-        try:
-            skip, limit = (int(rest[0]) if rest else 0), (int(rest[1]) if len(rest) > 1 else None)
-        except ValueError:
-            raise DatasetError(f"bad stream segment {segment!r}: expected NAME[:SKIP[:LIMIT]]") from None
-        stop = None if limit is None else skip + limit
-        queries += list(itertools.islice(iter_queries(name), skip, stop))
+    for part in spec.split("+"):
+        lanes = [_segment(segment) for segment in part.split("|")]
+        queries += [q for group in itertools.zip_longest(*lanes) for q in group if q is not None]
     queries = queries[cfg.skip : cfg.skip + cfg.limit]
     if not queries:
         raise DatasetError(f"the stream {cfg.dataset!r} has no queries after --skip {cfg.skip}")
     return queries * cfg.passes
+
+
+def _segment(segment: str) -> list[Query]:
+    name, *rest = segment.split(":") if not segment.endswith(".jsonl") else [segment]
+    try:
+        skip, limit = (int(rest[0]) if rest else 0), (int(rest[1]) if len(rest) > 1 else None)
+    except ValueError:
+        raise DatasetError(f"bad stream segment {segment!r}: expected NAME[:SKIP[:LIMIT]]") from None
+    stop = None if limit is None else skip + limit
+    return list(itertools.islice(iter_queries(name), skip, stop))
 
 
 def run_replay(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: PolicyConfig,
