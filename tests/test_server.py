@@ -371,3 +371,29 @@ def test_persist_traffic_round_trip(models, tmp_path):
         assert data["trainer"]["buffer_requests"] == 3
     finally:
         second.stop()
+
+
+@pytest.mark.real_model
+def test_default_pair_server_equals_onspec_generate(tmp_path):
+    """The documented path: `onspec serve` with no model flags, the openai client, greedy chat."""
+    import openai
+
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([*ONSPEC, "serve", "--port", "0", "--state-dir", str(tmp_path / "state"), "--no-online"],
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    try:
+        deadline = time.monotonic() + 300
+        while not (m := re.search(r"on (http://[\d.]+:\d+)", log.read_text())):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        oc = openai.OpenAI(base_url=m.group(1) + "/v1", api_key="unused")
+        question = "What is the capital of France?"
+        r = oc.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=24, temperature=0,
+                                       messages=[{"role": "user", "content": question}])
+        out = subprocess.run([*ONSPEC, "generate", "--chat", "--prompt", question, "--max-new-tokens", "24", "--json"],
+                             capture_output=True, text=True, check=True)
+        assert r.choices[0].message.content == json.loads(out.stdout.strip().splitlines()[-1])["text"]
+        assert "Paris" in r.choices[0].message.content
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
