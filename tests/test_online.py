@@ -238,3 +238,35 @@ def test_example_builder_keeps_one_target_distribution_per_generated_token(token
     assert torch.equal(ex.top_ids.long(), ref.indices)
     assert torch.allclose(ex.top_probs.float(), ref.values, atol=1e-3)
     assert ex.top_ids[:, 0].tolist() == out.token_ids  # greedy: the target's top-1 was emitted
+
+
+def test_replay_static_baseline_tf_equals_a_static_run(tmp_path):
+    """The online run's `static_alpha_tf` (the starting draft teacher-forced on the served tokens)
+    is exactly the static run's `alpha_tf`: greedy serving is lossless, so both served the same
+    tokens, and the static draft never changes."""
+    import csv
+    import json
+
+    from conftest import byte_tokenizer, noisy_copy
+
+    from onspec.engine.engine import EngineConfig
+    from onspec.engine.policy import PolicyConfig
+    from onspec.models.pair import ModelConfig
+    from onspec.online.replay import ReplayConfig, run_replay
+
+    tok = byte_tokenizer()
+    target = tiny_model("llama", 0)
+    for name, model in (("target", target), ("draft", noisy_copy(target, 0.3, seed=1))):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    stream = tmp_path / "s.jsonl"
+    stream.write_text("".join(json.dumps({"prompt": f"query {i % 3} says hello"}) + "\n" for i in range(12)))
+    summary = run_replay(ModelConfig(target=str(tmp_path / "target"), draft=str(tmp_path / "draft")),
+                         EngineConfig(k=2), PolicyConfig(), TrainerConfig(update_interval=2, steps=2, lr=1e-2,
+                                                                          background=False, probe_every=0),
+                         ReplayConfig(dataset=str(stream), limit=12, max_new_tokens=8, mode="both", out=str(tmp_path / "o")))
+    static = list(csv.DictReader(open(tmp_path / "o" / "replay_static.csv")))
+    online = list(csv.DictReader(open(tmp_path / "o" / "replay_online.csv")))
+    assert [float(r["static_alpha_tf"]) for r in online] == pytest.approx([float(r["alpha_tf"]) for r in static])
+    assert summary["modes"]["online"]["updates"] >= 1
+    assert summary["modes"]["online"]["static_tf"]["alpha_last"] == pytest.approx(summary["static_alpha_last"])

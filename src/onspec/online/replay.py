@@ -6,6 +6,10 @@ Per query it records the measured alpha (accepted / evaluated over the steps tha
 `alpha_tf`: the serving draft's greedy agreement with the served tokens (teacher-forced, one draft
 pass after the request, not counted in tokens/s), which is defined for every query whatever k
 the policy chose, and is what the curves and the JSON summary use for greedy streams.
+A greedy online run also records `static_alpha_tf`: the *starting* draft's agreement with the same
+served tokens. Greedy serving is lossless, so the served tokens are the ones a static run would
+serve, and this is exactly the static run's `alpha_tf`, measured without decoding the stream twice
+(`--static-baseline tf`, the default; `--mode both` still decodes both, for tokens/s).
 Writes `<out>/replay_<mode>.csv`, `<out>/alpha.png` (moving averages, modes on the same axes),
 `<out>/summary.json`; with --json the last line printed is the summary.
 """
@@ -60,6 +64,9 @@ class ReplayConfig:
     out: str = option("runs/replay", "output directory (CSV, PNG, summary.json, checkpoints)")
     json: bool = option(False, "print the summary as one JSON object on the last line")
     plot_window: int = option(25, "moving-average window of the alpha plot (queries)")
+    static_baseline: str = option("tf", "greedy online runs: also measure the starting (static) draft teacher-forced on "
+                                  "the same served tokens ('tf', one extra draft pass per query) or not ('none')",
+                                  choices=("tf", "none"))
 
     def __post_init__(self) -> None:
         for name in ("limit", "passes", "max_new_tokens", "max_prompt_tokens", "plot_window"):
@@ -125,6 +132,8 @@ def run_replay(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Pol
         summary["static_alpha_last"] = results["static"]["alpha_last"]
         summary["alpha_last_gain"] = results["online"]["alpha_last"] - results["static"]["alpha_last"]
         summary["tokens_per_s_ratio_online_vs_static"] = results["online"]["tokens_per_s"] / results["static"]["tokens_per_s"]
+    if "static_tf" in results.get("online", {}):
+        summary["static_tf_alpha_last"] = results["online"]["static_tf"]["alpha_last"]
     summary["plot"] = str(out_dir / "alpha.png")
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_table(results, console)
@@ -158,6 +167,10 @@ def _serve(mode, target, draft_model, queries, model_cfg, engine_cfg, policy_cfg
             if state:
                 router.load_state_dict(state)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=0)
+    # the starting draft, frozen: its agreement with the (lossless, hence identical) served tokens
+    # is the static run's alpha_tf, without decoding the stream a second time
+    static_draft = (copy.deepcopy(draft_model).eval()
+                    if mode == "online" and params.greedy and cfg.static_baseline == "tf" else None)
     rows, tokens, decode_s, route_s = [], 0, 0.0, 0.0
     columns = [TextColumn(f"[bold]{mode}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("alpha(avg {task.fields[window]}) {task.fields[alpha]}  v{task.fields[version]}")]
@@ -177,12 +190,13 @@ def _serve(mode, target, draft_model, queries, model_cfg, engine_cfg, policy_cfg
             tokens += len(out.token_ids)
             s = out.stats
             tf = greedy_agreement(engine.draft, ids + out.token_ids, len(ids)) if params.greedy else None
+            static_tf = greedy_agreement(static_draft, ids + out.token_ids, len(ids)) if static_draft else None
             pool.observe(key, member, tf if tf is not None else s.alpha)
             members = pool.all_members
             rows.append({
                 "query": i, "id": q.id, "source": q.source, "route": key or "", "draft": member.name,
                 "prompt_tokens": len(ids), "tokens": len(out.token_ids),
-                "alpha": s.alpha, "alpha_tf": tf, "accepted": s.accepted, "evaluated": s.evaluated,
+                "alpha": s.alpha, "alpha_tf": tf, "static_alpha_tf": static_tf, "accepted": s.accepted, "evaluated": s.evaluated,
                 "proposed": s.proposed, "steps": s.steps, "mean_k": s.proposed / s.steps if s.steps else 0,
                 "tokens_per_s": s.tokens_per_s, "draft_version": engine.draft_version,
                 "updates": sum(m.distiller.updates for m in members if m.distiller),
@@ -216,6 +230,10 @@ def _serve(mode, target, draft_model, queries, model_cfg, engine_cfg, policy_cfg
         "per_source": _groups(rows, "source"),
         "trainer": trainer,
     }
+    if static_draft is not None:
+        static = _alpha_summary([{"alpha_tf": r["static_alpha_tf"], "alpha": None} for r in rows])
+        summary["static_tf"] = static
+        summary["alpha_last_gain_vs_static_tf"] = _diff(summary["alpha_last"], static["alpha_last"])
     if router is not None:
         summary.update(router=pool_cfg.router, router_stats=router.stats(), per_draft=_groups(rows, "draft"),
                        pool=pool.stats(), router_us_per_request=1e6 * route_s / max(1, len(rows)))
@@ -247,6 +265,10 @@ def plot_alpha(out_dir: Path, modes: list[str], window: int, boundaries: list[in
             rows = list(csv.DictReader(f))
         values = [float(r["alpha_tf"] or r["alpha"] or "nan") for r in rows]
         ax.plot(range(len(values)), _moving_average(values, window), label=mode)
+        if mode == "online" and "static" not in modes and any(r.get("static_alpha_tf") for r in rows):
+            static = [float(r["static_alpha_tf"] or "nan") for r in rows]
+            ax.plot(range(len(static)), _moving_average(static, window), label="static (starting draft, teacher-forced)",
+                    color="tab:blue", linestyle="--")
         if mode == "online":
             changes = [i for i in range(1, len(rows)) if rows[i]["draft_version"] != rows[i - 1]["draft_version"]]
             ax.plot(changes, [0.02] * len(changes), "|", color="gray", alpha=0.4, label="draft update")
@@ -301,6 +323,10 @@ def _print_table(results: dict, console: Console) -> None:
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return sum(xs) / len(xs) if xs else None
+
+
+def _diff(a, b):
+    return None if a is None or b is None else a - b
 
 
 def _ratio(a, b):
