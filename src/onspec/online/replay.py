@@ -254,17 +254,23 @@ def _groups(rows: list[dict], column: str) -> dict:
 
 
 def plot_alpha(out_dir: Path, modes: list[str], window: int, boundaries: list[int]) -> Path:
+    """alpha over the stream (moving averages, modes on the same axes); when the stream has several
+    sources or the pool several drafts, a second panel draws each source's and each draft's own
+    moving average (over its own queries, placed at their stream positions)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    tables = {}
     for mode in modes:
         with open(out_dir / f"replay_{mode}.csv") as f:
-            rows = list(csv.DictReader(f))
-        values = [float(r["alpha_tf"] or r["alpha"] or "nan") for r in rows]
-        ax.plot(range(len(values)), _moving_average(values, window), label=mode)
+            tables[mode] = list(csv.DictReader(f))
+    groups = _plot_groups(tables)
+    fig, axes = plt.subplots(2 if groups else 1, 1, figsize=(9, 8 if groups else 4.5), squeeze=False)
+    ax = axes[0][0]
+    for mode, rows in tables.items():
+        ax.plot(range(len(rows)), _moving_average(_alphas(rows), window), label=mode)
         if mode == "online" and "static" not in modes and any(r.get("static_alpha_tf") for r in rows):
             static = [float(r["static_alpha_tf"] or "nan") for r in rows]
             ax.plot(range(len(static)), _moving_average(static, window), label="static (starting draft, teacher-forced)",
@@ -272,18 +278,46 @@ def plot_alpha(out_dir: Path, modes: list[str], window: int, boundaries: list[in
         if mode == "online":
             changes = [i for i in range(1, len(rows)) if rows[i]["draft_version"] != rows[i - 1]["draft_version"]]
             ax.plot(changes, [0.02] * len(changes), "|", color="gray", alpha=0.4, label="draft update")
-    for b in boundaries:
-        ax.axvline(b, color="black", linestyle=":", linewidth=1)
-    ax.set_xlabel("query (stream order)")
-    ax.set_ylabel(f"alpha (moving average, {window} queries)")
-    ax.set_ylim(0, 1)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left")
+    panels = [ax]
+    if groups:
+        gx = axes[1][0]
+        for label, (xs, values) in groups.items():
+            gx.plot(xs, _moving_average(values, window), label=label, linestyle="--" if " source " in f" {label}" else "-")
+        gx.set_title(f"alpha per source (dashed) and per draft ({window}-query moving average within each)", fontsize=10)
+        panels.append(gx)
+    for a in panels:
+        for b in boundaries:
+            a.axvline(b, color="black", linestyle=":", linewidth=1)
+        a.set_xlabel("query (stream order)")
+        a.set_ylabel(f"alpha (moving average, {window} queries)")
+        a.set_ylim(0, 1)
+        a.grid(alpha=0.3)
+        a.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     path = out_dir / "alpha.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _alphas(rows: list[dict]) -> list[float]:
+    return [float(r["alpha_tf"] or r["alpha"] or "nan") for r in rows]
+
+
+def _plot_groups(tables: dict[str, list[dict]]) -> dict[str, tuple[list[int], list[float]]]:
+    """{label: (stream positions, alphas)} for each source and each draft of each mode, when the
+    stream has more than one source or the pool more than one draft; else empty."""
+    out = {}
+    for mode, rows in tables.items():
+        for column in ("source", "draft"):
+            names = sorted({r[column] for r in rows})
+            if len(names) < 2:
+                continue
+            for name in names:
+                picked = [(i, a) for i, a in enumerate(_alphas(rows)) if rows[i][column] == name]
+                label = f"{mode}: {column} {name}" if len(tables) > 1 else f"{column} {name}"
+                out[label] = ([i for i, _ in picked], [a for _, a in picked])
+    return out
 
 
 def _boundaries(queries, passes: int) -> list[int]:
