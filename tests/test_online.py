@@ -90,6 +90,36 @@ def test_a_worse_update_is_rolled_back(tokenizer, monkeypatch):
         assert torch.equal(p, before[n])
 
 
+def test_guard_reuses_probe_counts_only_under_the_same_weights(tokenizer, monkeypatch):
+    """The guard's "before" reuses the per-probe counts last measured under the same weights (an
+    accepted update's "after", or a rolled-back update's restored "before") and evaluates only the
+    probe examples added since; it must equal a full probe pass every time."""
+    engine, cfg = make(tokenizer, probe_every=2, probe_size=4, update_interval=2)
+    distiller = OnlineDistiller(engine, cfg)
+    real_update, honest = distiller.update, distiller.loss_on
+    fresh_sizes, checked = [], []
+
+    def checked_update():
+        probe = distiller.buffer.probe_examples()
+        expected = distiller.probe_alpha(probe) if probe else None
+        fresh = [e for e in probe if id(e) not in distiller._probe_cache]
+        entry = real_update()
+        if entry is not None and probe:
+            assert entry.probe_before == pytest.approx(expected, abs=1e-6)  # float32 mean vs exact ratio
+            fresh_sizes.append(len(fresh))
+            checked.append(entry.outcome)
+        return entry
+
+    monkeypatch.setattr(distiller, "update", checked_update)
+    prompts = [tokenizer.encode(t) for t in TEXTS]
+    for round_ in range(4):
+        # round 2: updates made worse on purpose, rolled back, so the restored "before" counts are reused
+        monkeypatch.setattr(distiller, "loss_on", (lambda ex: -honest(ex)) if round_ == 2 else honest)
+        serve(engine, distiller, prompts)
+    assert "accepted" in checked and "rolled_back" in checked, checked
+    assert len(checked) >= 8 and max(fresh_sizes[1:]) < cfg.probe_size, fresh_sizes
+
+
 def test_nan_loss_is_discarded(tokenizer, monkeypatch):
     engine, cfg = make(tokenizer)
     distiller = OnlineDistiller(engine, cfg)

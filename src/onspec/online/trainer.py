@@ -123,6 +123,7 @@ class OnlineDistiller:
         self.discarded = 0
         self.trainer_time_s = 0.0
         self.history: list[UpdateLog] = []
+        self._probe_cache: dict[int, tuple[Example, int, int]] = {}  # probe counts under the current weights
         self._generator = torch.Generator().manual_seed(config.seed)
         self._due = 0
         self._cond = threading.Condition()
@@ -161,7 +162,8 @@ class OnlineDistiller:
         t0 = time.perf_counter()
         snapshot = self._snapshot()
         probe = self.buffer.probe_examples()
-        before = self.probe_alpha(probe) if probe else None
+        before_counts = self._probe_counts(probe, reuse=True)
+        before = _ratio(before_counts, probe)
         losses = []
         for _ in range(self.cfg.steps):
             loss = self.train_step(self._batch())
@@ -169,19 +171,25 @@ class OnlineDistiller:
                 continue
             if not math.isfinite(loss):
                 self._restore(snapshot)
+                self._probe_cache = before_counts
                 self.discarded += 1
                 return self._log(UpdateLog(self.version, "discarded_nan", loss, before, None, time.perf_counter() - t0))
             losses.append(loss)
         if not losses:
+            self._probe_cache = before_counts  # no step was taken: the weights are unchanged
             return None
-        after = self.probe_alpha(probe) if probe else None
+        after_counts = self._probe_counts(probe, reuse=False)
+        after = _ratio(after_counts, probe)
         mean_loss = sum(losses) / len(losses)
+        self._probe_cache = after_counts
         if not all(bool(torch.isfinite(p).all()) for p in self.trainable.values()):
             self._restore(snapshot)
+            self._probe_cache = before_counts
             self.discarded += 1
             return self._log(UpdateLog(self.version, "discarded_nan", mean_loss, before, after, time.perf_counter() - t0))
         if before is not None and after is not None and after < before - self.cfg.guard_tolerance:
             self._restore(snapshot)
+            self._probe_cache = before_counts
             self.rollbacks += 1
             return self._log(UpdateLog(self.version, "rolled_back", mean_loss, before, after, time.perf_counter() - t0))
         self.version += 1
@@ -210,7 +218,7 @@ class OnlineDistiller:
 
     def loss_on(self, examples: list[Example]) -> torch.Tensor | None:
         """Mean distillation loss of the student over the chosen positions of `examples`."""
-        logits, top_ids, top_probs = self._student_logits(examples, grad=True)
+        logits, top_ids, top_probs, _ = self._student_logits(examples, grad=True)
         if logits is None:
             return None
         if self.cfg.positions == "wrong":
@@ -225,18 +233,35 @@ class OnlineDistiller:
     def probe_alpha(self, examples: list[Example]) -> float | None:
         """Greedy acceptance on held-back requests: the share of positions where the draft's
         argmax (teacher-forced on the served context) equals the target's."""
-        logits, top_ids, _ = self._student_logits(examples, grad=False)
+        logits, top_ids, _, _ = self._student_logits(examples, grad=False)
         if logits is None:
             return None
         return float((logits.argmax(-1) == top_ids[:, 0]).float().mean())
 
     # -- internals ----------------------------------------------------------------------------------
 
+    @torch.no_grad()
+    def _probe_counts(self, examples: list[Example], reuse: bool) -> dict[int, tuple[Example, int, int]]:
+        """(example, matching positions, positions) per probe example under the current weights.
+        With `reuse`, examples already measured under these same weights (the previous update's
+        accepted "after", or its restored "before") are not evaluated again: only the probe
+        examples added since are, which saves most of a probe pass per update."""
+        cached = self._probe_cache if reuse else {}
+        counts = {id(e): cached[id(e)] for e in examples if id(e) in cached and cached[id(e)][0] is e}
+        fresh = [e for e in examples if id(e) not in counts]
+        logits, top_ids, _, sizes = self._student_logits(fresh, grad=False)
+        if logits is not None:
+            hits = (logits.argmax(-1) == top_ids[:, 0]).long()
+            for e, part in zip(fresh, hits.split(sizes)):
+                counts[id(e)] = (e, int(part.sum()), len(part))
+        return counts
+
     def _student_logits(self, examples: list[Example], grad: bool):
         """Student logits at every generated position of `examples` (teacher-forced), with the
-        matching teacher top-K. Returns ([M, vocab], [M, K] long, [M, K] float) or Nones."""
+        matching teacher top-K, and how many of the M positions each example contributed.
+        Returns ([M, vocab], [M, K] long, [M, K] float, sizes) or Nones."""
         if not examples:
-            return None, None, None
+            return None, None, None, None
         with torch.set_grad_enabled(grad):
             logits, skipped = logits_at_generated(
                 self.student, [(e.tokens, e.start) for e in examples], self.cfg.max_train_tokens
@@ -244,7 +269,7 @@ class OnlineDistiller:
         device = logits.device
         t_ids = torch.cat([e.top_ids[s:].long() for e, s in zip(examples, skipped)]).to(device)
         t_probs = torch.cat([e.top_probs[s:].float() for e, s in zip(examples, skipped)]).to(device)
-        return logits, t_ids, t_probs
+        return logits, t_ids, t_probs, [len(e.top_ids) - s for e, s in zip(examples, skipped)]
 
     def _batch(self) -> list[Example]:
         batch = self.buffer.take_batch(self.cfg.batch_size, self.cfg.replay_share)
@@ -385,6 +410,12 @@ def _is_embedding(model, p: torch.nn.Parameter) -> bool:
     emb = model.get_input_embeddings().weight
     out = model.get_output_embeddings()
     return p is emb or (out is not None and p is out.weight and out.weight is emb)
+
+
+def _ratio(counts: dict[int, tuple[Example, int, int]], examples: list[Example]) -> float | None:
+    """Probe alpha over `examples` from per-example counts (None: no probe positions)."""
+    total = sum(counts[id(e)][2] for e in examples)
+    return sum(counts[id(e)][1] for e in examples) / total if total else None
 
 
 def _fmt(x: float | None) -> str:
