@@ -204,8 +204,12 @@ def _serve(mode, target, draft_model, queries, model_cfg, engine_cfg, policy_cfg
             })
             recent = [r["alpha_tf"] if r["alpha_tf"] is not None else r["alpha"] for r in rows[-cfg.plot_window:]]
             recent = [a for a in recent if a is not None]
-            progress.update(task, advance=1, alpha=f"{sum(recent) / len(recent):.3f}" if recent else "n/a",
-                            version=engine.draft_version)
+            alpha_text = f"{sum(recent) / len(recent):.3f}" if recent else "n/a"
+            progress.update(task, advance=1, alpha=alpha_text, version=engine.draft_version)
+            if not console.is_terminal and ((i + 1) % max(1, len(queries) // 20) == 0 or i + 1 == len(queries)):
+                # a log file gets no live bar: a plain line every 5% of the stream instead
+                console.print(f"{mode} {i + 1}/{len(queries)} alpha(avg {cfg.plot_window}) {alpha_text} "
+                              f"v{engine.draft_version} {tokens / decode_s if decode_s else 0:.1f} tok/s")
     trainer, per_member = {}, {}
     for m in pool.all_members:
         if m.distiller is None:
