@@ -160,10 +160,11 @@ class OnlineDistiller:
         if len(self.buffer) == 0:
             return None
         t0 = time.perf_counter()
-        snapshot = self._snapshot()
         probe = self.buffer.probe_examples()
         before_counts = self._probe_counts(probe, reuse=True)
         before = _ratio(before_counts, probe)
+        snapshot = self._snapshot(before_counts)
+        self._probe_cache = {}  # the steps below change the weights; _restore brings the counts back with them
         losses = []
         for _ in range(self.cfg.steps):
             loss = self.train_step(self._batch())
@@ -171,25 +172,21 @@ class OnlineDistiller:
                 continue
             if not math.isfinite(loss):
                 self._restore(snapshot)
-                self._probe_cache = before_counts
                 self.discarded += 1
                 return self._log(UpdateLog(self.version, "discarded_nan", loss, before, None, time.perf_counter() - t0))
             losses.append(loss)
         if not losses:
             self._probe_cache = before_counts  # no step was taken: the weights are unchanged
             return None
-        after_counts = self._probe_counts(probe, reuse=False)
-        after = _ratio(after_counts, probe)
+        self._probe_cache = self._probe_counts(probe, reuse=False)
+        after = _ratio(self._probe_cache, probe)
         mean_loss = sum(losses) / len(losses)
-        self._probe_cache = after_counts
         if not all(bool(torch.isfinite(p).all()) for p in self.trainable.values()):
             self._restore(snapshot)
-            self._probe_cache = before_counts
             self.discarded += 1
             return self._log(UpdateLog(self.version, "discarded_nan", mean_loss, before, after, time.perf_counter() - t0))
         if before is not None and after is not None and after < before - self.cfg.guard_tolerance:
             self._restore(snapshot)
-            self._probe_cache = before_counts
             self.rollbacks += 1
             return self._log(UpdateLog(self.version, "rolled_back", mean_loss, before, after, time.perf_counter() - t0))
         self.version += 1
@@ -233,10 +230,7 @@ class OnlineDistiller:
     def probe_alpha(self, examples: list[Example]) -> float | None:
         """Greedy acceptance on held-back requests: the share of positions where the draft's
         argmax (teacher-forced on the served context) equals the target's."""
-        logits, top_ids, _, _ = self._student_logits(examples, grad=False)
-        if logits is None:
-            return None
-        return float((logits.argmax(-1) == top_ids[:, 0]).float().mean())
+        return _ratio(self._probe_counts(examples, reuse=False), examples)
 
     # -- internals ----------------------------------------------------------------------------------
 
@@ -303,11 +297,13 @@ class OnlineDistiller:
         return Example(e.request_id + "+student", seq.to(torch.int32), e.start,
                        top.indices.to(torch.int32), top.values.to(torch.float16), self.version, "student")
 
-    def _snapshot(self):
-        return ({n: p.detach().clone() for n, p in self.trainable.items()}, copy.deepcopy(self.optimizer.state_dict()))
+    def _snapshot(self, probe_counts: dict):
+        """The weights, the optimizer state, and the probe counts measured under those weights."""
+        return ({n: p.detach().clone() for n, p in self.trainable.items()}, copy.deepcopy(self.optimizer.state_dict()),
+                probe_counts)
 
     def _restore(self, snapshot) -> None:
-        params, opt_state = snapshot
+        params, opt_state, self._probe_cache = snapshot
         with torch.no_grad():
             for n, p in self.trainable.items():
                 p.copy_(params[n])
