@@ -313,12 +313,13 @@ def _plot_groups(tables: dict[str, list[dict]]) -> dict[str, tuple[list[int], li
     stream has more than one source or the pool more than one draft; else empty."""
     out = {}
     for mode, rows in tables.items():
+        alphas = _alphas(rows)
         for column in ("source", "draft"):
             names = sorted({r[column] for r in rows})
             if len(names) < 2:
                 continue
             for name in names:
-                picked = [(i, a) for i, a in enumerate(_alphas(rows)) if rows[i][column] == name]
+                picked = [(i, a) for i, a in enumerate(alphas) if rows[i][column] == name]
                 label = f"{mode}: {column} {name}" if len(tables) > 1 else f"{column} {name}"
                 out[label] = ([i for i, _ in picked], [a for _, a in picked])
     return out
