@@ -76,8 +76,11 @@ def test_cluster_router_separates_topics_and_state_round_trips():
     router = ClusterRouter(_two_blobs(), threshold=0.5, min_size=3, max_open=3)
     q = Query("q", "t", text="")
     for _ in range(4):
-        ra, rb = router.route(q, [1, 2, 3]), router.route(q, [11, 12, 13])
+        ra = router.route(q, [1, 2, 3])
+        joined_a = router.last_cluster
+        rb = router.route(q, [11, 12, 13])
     assert ra is not None and rb is not None and ra != rb
+    assert (f"cluster{joined_a}", f"cluster{router.last_cluster}") == (ra, rb)
     clone = ClusterRouter(_two_blobs(), threshold=0.5, min_size=3, max_open=3)
     clone.load_state_dict(router.state_dict())
     assert clone.route(q, [1, 2, 4]) == ra and clone.route(q, [11, 12, 14]) == rb
@@ -243,3 +246,34 @@ def test_interleaved_and_concatenated_stream_segments(tmp_path):
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     got = [q.text for q in load_stream(ReplayConfig(dataset=f"{a}|{b}+{a}", limit=100))]
     assert got == ["a0", "b0", "a1", "b1", "b2", "b3", "a0", "a1"]
+
+
+def test_replay_reports_alpha_per_segment_of_a_shift_stream(tmp_path):
+    """A '+' stream (code, then chat, then code) gets one summary entry per segment, in stream
+    order, with the starting draft's alpha beside it; an interleaved stream gets none."""
+    from onspec.engine.engine import EngineConfig
+    from onspec.engine.policy import PolicyConfig
+    from onspec.models.pair import ModelConfig
+    from onspec.online.replay import ReplayConfig, run_replay
+
+    tok = byte_tokenizer()
+    target = tiny_model("llama", 0)
+    for name, model in (("target", target), ("draft", noisy_copy(target, 0.3, seed=1))):
+        model.save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    code, chat = tmp_path / "code.jsonl", tmp_path / "chat.jsonl"
+    code.write_text("".join(json.dumps({"prompt": f"def f{i}(x): return x"}) + "\n" for i in range(4)))
+    chat.write_text("".join(json.dumps({"prompt": f"Dear friend {i}, how are you"}) + "\n" for i in range(6)))
+    models = ModelConfig(target=str(tmp_path / "target"), draft=str(tmp_path / "draft"))
+    trainer = TrainerConfig(update_interval=4, steps=1, batch_size=2, background=False)
+    shift = run_replay(models, EngineConfig(k=2), PolicyConfig(), trainer,
+                       ReplayConfig(dataset=f"{code}+{chat}+{code}", limit=100, max_new_tokens=6, out=str(tmp_path / "s")))
+    segments = shift["per_segment"]
+    assert [(s["source"], s["start"], s["queries"]) for s in segments] == [("code", 0, 4), ("chat", 4, 6), ("code", 10, 4)]
+    rows = list(csv.DictReader(open(tmp_path / "s" / "replay_online.csv")))
+    last_chat = [float(r["alpha_tf"]) for r in rows[4:10]][-1:]
+    assert segments[1]["alpha_last"] == pytest.approx(sum(last_chat) / len(last_chat))
+    assert all(s["static_tf"]["alpha_mean"] is not None for s in segments)
+    mixed = run_replay(models, EngineConfig(k=2), PolicyConfig(), trainer,
+                       ReplayConfig(dataset=f"{code}|{chat}", limit=100, max_new_tokens=6, out=str(tmp_path / "m")))
+    assert "per_segment" not in mixed

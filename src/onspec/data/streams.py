@@ -36,6 +36,8 @@ class Query:
     """A chat conversation, sent through the target's chat template."""
     domain: str | None = None
     """The domain the client names (JSONL `domain`), for `--router field`; None = not given."""
+    segment: int = 0
+    """Which '+' part of a replay stream the query came from (`a+b+a`: 0, 1, 2)."""
 
     @property
     def content(self) -> str:

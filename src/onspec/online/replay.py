@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import itertools
 import json
 import sys
@@ -83,9 +84,10 @@ def load_stream(cfg: ReplayConfig) -> list[Query]:
     (round robin, one query from each in turn, until all are used up)."""
     spec = STREAM_ALIASES.get(cfg.dataset, cfg.dataset)
     queries: list[Query] = []
-    for part in spec.split("+"):
+    for n, part in enumerate(spec.split("+")):
         lanes = [_segment(segment) for segment in part.split("|")]
-        queries += [q for group in itertools.zip_longest(*lanes) for q in group if q is not None]
+        queries += [dataclasses.replace(q, segment=n) for group in itertools.zip_longest(*lanes) for q in group
+                    if q is not None]
     queries = queries[cfg.skip : cfg.skip + cfg.limit]
     if not queries:
         raise DatasetError(f"the stream {cfg.dataset!r} has no queries after --skip {cfg.skip}")
@@ -194,7 +196,7 @@ def _serve(mode, target, draft_model, queries, model_cfg, engine_cfg, policy_cfg
             pool.observe(key, member, tf if tf is not None else s.alpha)
             members = pool.all_members
             rows.append({
-                "query": i, "id": q.id, "source": q.source, "route": key or "", "draft": member.name,
+                "query": i, "id": q.id, "source": q.source, "segment": q.segment, "route": key or "", "draft": member.name,
                 "prompt_tokens": len(ids), "tokens": len(out.token_ids),
                 "alpha": s.alpha, "alpha_tf": tf, "static_alpha_tf": static_tf, "accepted": s.accepted, "evaluated": s.evaluated,
                 "proposed": s.proposed, "steps": s.steps, "mean_k": s.proposed / s.steps if s.steps else 0,
@@ -235,9 +237,16 @@ def _serve(mode, target, draft_model, queries, model_cfg, engine_cfg, policy_cfg
         "trainer": trainer,
     }
     if static_draft is not None:
-        static = _alpha_summary([{"alpha_tf": r["static_alpha_tf"], "alpha": None} for r in rows])
+        static = _alpha_summary(_static_rows(rows))
         summary["static_tf"] = static
         summary["alpha_last_gain_vs_static_tf"] = _diff(summary["alpha_last"], static["alpha_last"])
+    segments = _segments(rows)
+    if len(segments) > 1:  # a "+" stream (shift): adaptation and forgetting, segment by segment
+        summary["per_segment"] = [
+            {"source": seg[0]["source"], "start": seg[0]["query"], **_alpha_summary(seg),
+             **({"static_tf": _alpha_summary(_static_rows(seg))} if static_draft is not None else {})}
+            for seg in segments
+        ]
     if router is not None:
         summary.update(router=pool_cfg.router, router_stats=router.stats(), per_draft=_groups(rows, "draft"),
                        pool=pool.stats(), router_us_per_request=1e6 * route_s / max(1, len(rows)))
@@ -249,6 +258,16 @@ def _alpha_summary(rows: list[dict]) -> dict:
     fifth = max(1, len(alphas) // 5)
     return {"queries": len(rows), "alpha_first": _mean(alphas[:fifth]), "alpha_last": _mean(alphas[-fifth:]),
             "alpha_mean": _mean(alphas)}
+
+
+def _static_rows(rows: list[dict]) -> list[dict]:
+    """The rows as the starting draft saw them (its teacher-forced alpha), for `_alpha_summary`."""
+    return [{"alpha_tf": r["static_alpha_tf"], "alpha": None} for r in rows]
+
+
+def _segments(rows: list[dict]) -> list[list[dict]]:
+    """The stream's "+" parts in stream order (each pass repeats them): runs of one segment index."""
+    return [list(run) for _, run in itertools.groupby(rows, key=lambda r: r["segment"])]
 
 
 def _groups(rows: list[dict], column: str) -> dict:

@@ -108,6 +108,8 @@ class ClusterRouter(Router):
         self.clusters: list[Cluster] = []
         self._sum = torch.zeros(embeddings.shape[1], dtype=torch.float64)
         self._n = 0
+        self.last_cluster: int | None = None
+        """The cluster the last routed query joined (None: it matched none and no candidate had room)."""
 
     def represent(self, prompt_ids: list[int]) -> torch.Tensor:
         ids = torch.tensor(prompt_ids, dtype=torch.long, device=self.embeddings.device)
@@ -123,7 +125,9 @@ class ClusterRouter(Router):
             self.clusters.append(cluster)
             sim = 1.0
         elif sim < self.threshold:
+            self.last_cluster = None
             return None  # no room for another candidate and no confident match: general draft
+        self.last_cluster = cluster.id
         cluster.total += v
         cluster.count += 1
         opened = sum(c.opened for c in self.clusters)
