@@ -76,3 +76,50 @@ def test_adaptive_engine_stays_lossless(tokenizer):
         out = engine.generate([Request(prompt, SamplingParams(max_new_tokens=30, ignore_eos=True))])[0]
         assert out.token_ids == plain_greedy(target, prompt, 30)
     assert policy.alpha < 0.3  # a random draft: the policy learned it does not pay
+
+
+class Scripted(AdaptiveK):
+    """A policy that picks k from a fixed script and records what it is told."""
+
+    def __init__(self, script: list[int]) -> None:
+        super().__init__(max(script), PolicyConfig(adaptive_k=True))
+        self.script = list(script)
+        self.seen: list[tuple[int, float]] = []
+
+    def choose(self) -> int:
+        return self.script.pop(0) if self.script else 0
+
+    def observe(self, k, accepted, evaluated, draft_seconds, target_seconds) -> None:
+        self.seen.append((k, draft_seconds))
+        super().observe(k, accepted, evaluated, draft_seconds, target_seconds)
+
+
+def test_backlog_of_target_only_steps_is_cached_apart_from_the_proposal(tokenizer, monkeypatch):
+    """After steps with k = 0 the draft has a backlog (one token per step). It is cached in its own
+    pass before proposing, so every proposal pass feeds one position and the policy's draft time
+    is the steady cost of proposing; the output is still the target's greedy output."""
+    from onspec.engine.runner import ModelRunner
+
+    target, draft = tiny_model("llama", 0), tiny_model("llama", 7, layers=1)
+    script = [2, 0, 0, 0, 0, 0, 2, 0, 3, 1]
+    engine = SpeculativeEngine(target, tokenizer, draft, k=3, policy=Scripted(script))
+    widths, catch_ups = [], []
+    feed, catch_up = ModelRunner.feed, ModelRunner.catch_up
+
+    def spy_feed(self, extra=None):
+        if self.model is draft:
+            widths.append(max(len(p) for p in self.pending) + (0 if extra is None else extra.shape[1]))
+        return feed(self, extra)
+
+    def spy_catch_up(self):
+        catch_ups.append(max(len(p) for p in self.pending))
+        return catch_up(self)
+
+    monkeypatch.setattr(ModelRunner, "feed", spy_feed)
+    monkeypatch.setattr(ModelRunner, "catch_up", spy_catch_up)
+    prompt = tokenizer.encode("the quick brown fox")
+    out = engine.generate([Request(prompt, SamplingParams(max_new_tokens=len(script) + 8, ignore_eos=True))])[0]
+    assert out.token_ids == plain_greedy(target, prompt, len(script) + 8)
+    assert set(widths) == {1}  # every draft pass while proposing sees one new position
+    assert 6 in catch_ups  # five target-only steps (plus the token emitted before them) were caught up
+    assert [k for k, _ in engine.policy.seen[: len(script)]] == script

@@ -4,6 +4,9 @@ The speedup model of OSD.md section 2, with both costs measured live:
     speedup(k) = tokens(alpha, k) * T(0) / (k * t_draft + T(k)),  tokens = (1 - alpha^(k+1)) / (1 - alpha)
 where t_draft is one draft forward and T(k) one target pass over k+1 positions (T(k) grows a
 little with k; with T(k) = T(0) this is the paper's formula with c = t_draft / T(0)).
+t_draft is measured on proposal passes only: the backlog a draft builds up over steps that did
+not speculate is cached in a pass of its own (`ModelRunner.catch_up`), else a probe after a long
+k = 0 stretch would charge that backlog to proposing and keep k at 0.
 Each step takes the k in [0, k_max] with the best expected speedup; when that is 0 (no k pays),
 a small share of steps still proposes one token so alpha keeps being measured and speculation
 resumes as soon as the draft (e.g. after an online update) pays.
