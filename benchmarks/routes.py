@@ -83,7 +83,9 @@ def main() -> int:
         routes.append(key or "")
         texts.append(q.content)
         # the group a query belongs to: its cluster (open or still a candidate) or its language
-        group = (None if router.last_cluster is None else f"cluster{router.last_cluster}") if args.router == "cluster" else key
+        group = key
+        if args.router == "cluster":
+            group = None if router.last_cluster is None else f"cluster{router.last_cluster}"
         members.setdefault(group or "(no confident match)", []).append(len(texts) - 1)
     everyone = Counter(w for text in texts for w in words(text))
     alpha = _route_alpha(Path(args.replay_dir)) if args.replay_dir else {}

@@ -113,7 +113,7 @@ def test_backlog_of_target_only_steps_is_cached_apart_from_the_proposal(tokenize
 
     def spy_catch_up(self):
         catch_ups.append(max(len(p) for p in self.pending))
-        return catch_up(self)
+        catch_up(self)
 
     monkeypatch.setattr(ModelRunner, "feed", spy_feed)
     monkeypatch.setattr(ModelRunner, "catch_up", spy_catch_up)

@@ -56,18 +56,17 @@ class ModelRunner:
         return self.kv.forward(self.model, ids, valid, logits_to_keep=keep)
 
     @torch.no_grad()
-    def catch_up(self) -> bool:
+    def catch_up(self) -> None:
         """Cache every pending token but the last of each row, whose logits start the next
         proposal. After steps that did not speculate the draft has a backlog (one token per such
         step); caching it in its own pass keeps the proposal passes at their steady-state size, so
-        their measured time is the cost of proposing. Returns whether there was a backlog."""
+        their measured time is the cost of proposing."""
         backlog = [p[:-1] for p in self.pending]
         if not any(backlog):
-            return False
+            return
         ids, valid = right_aligned(backlog, self.device)
         self.kv.forward(self.model, ids, valid, logits_to_keep=1)
         self.pending = [p[-1:] for p in self.pending]
-        return True
 
     def accept(self, num_accepted: list[int], emitted: list[list[int]]) -> None:
         """Keep the first num_accepted[b] extras of row b, drop the rest, queue unseen tokens."""
