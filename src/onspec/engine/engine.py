@@ -24,17 +24,25 @@ from onspec.engine.policy import AdaptiveK
 from onspec.engine.sampling import SamplingParams, process_logits, sample
 from onspec.engine.stopping import StopChecker
 from onspec.engine.verify import Verdict, greedy_verify, rejection_sample
+from onspec.models.draft_vocab import DraftVocab
+from onspec.models.fast_draft import FastDraft
 
 
 @dataclass
 class EngineConfig:
     """Speculative decoding engine."""
 
-    k: int = option(4, "draft tokens proposed per verify step (0 = target-only decoding)")
+    k: int = option(4, "draft tokens proposed per verify step, at most (0 = target-only decoding)")
+    draft_vocab: int = option(0, "the draft proposes only from the N most frequent target tokens (a reduced head, "
+                              "FR-Spec style; verification stays over the full vocabulary); 0 = the full head")
+    draft_int8: bool = option(False, "run the draft's linear layers with int8 weights (weight-only, per-channel "
+                              "scales; the target keeps its dtype)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.k <= 32:
             raise ValueError(f"k must be in [0, 32], got {self.k}")
+        if self.draft_vocab < 0:
+            raise ValueError(f"--draft-vocab must be >= 0, got {self.draft_vocab}")
 
 
 @dataclass
@@ -46,8 +54,8 @@ class Request:
 
 @dataclass
 class Proposal:
-    tokens: torch.Tensor  # [batch, k]
-    logits: torch.Tensor  # [batch, k, vocab] raw draft logits
+    tokens: torch.Tensor  # [batch, k] token ids
+    logits: torch.Tensor  # [batch, k, draft vocab] raw draft logits over the draft's head (FastDraft.vocab_ids)
     probs: list[torch.Tensor | None]  # per row: processed q [k, vocab], None for greedy rows
 
 
@@ -83,11 +91,17 @@ FinishCallback = Callable[[RequestOutput], None]
 
 
 class SpeculativeEngine:
-    def __init__(self, target, tokenizer, draft=None, *, k: int = 4, policy: AdaptiveK | None = None) -> None:
+    def __init__(self, target, tokenizer, draft=None, *, k: int = 4, policy: AdaptiveK | None = None,
+                 draft_vocab: DraftVocab | None = None, draft_int8: bool = False) -> None:
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         self.target = target.eval()
         self.draft = draft.eval() if draft is not None else None
+        """The draft's full-precision weights: what the trainer copies and swaps into."""
+        self.fast = (FastDraft(self.draft, draft_vocab.ids if draft_vocab is not None else None, int8=draft_int8)
+                     if draft is not None else None)
+        """The copy of the draft that runs (reduced head, int8), refreshed after each swap."""
+        self.vocab = draft_vocab if draft is not None else None
         self.tokenizer = tokenizer
         self.k = k if draft is not None else 0
         self.policy = policy if draft is not None else None
@@ -124,7 +138,7 @@ class SpeculativeEngine:
         target.prefill(prompts)
         draft = None
         if self.draft is not None:
-            draft = ModelRunner(self.draft, len(seqs))
+            draft = ModelRunner(self.fast.model, len(seqs))
             draft.prefill(prompts)
         self._sync()
         for s in seqs:
@@ -140,6 +154,8 @@ class SpeculativeEngine:
     ) -> bool:
         """One speculative step for every row. Returns True if any row finished."""
         self.apply_pending_swap()
+        if self.vocab is not None and (ids := self.vocab.maybe_refresh()) is not None:
+            self.fast.set_vocab(ids)  # the served tokens moved the most frequent set
         k_max = (self.policy.choose() if self.policy is not None else self.k) if draft is not None else 0
         ks = self._choose_k(rows, k_max)
         k = max(ks)  # the draft runs k forwards for the batch; row r uses its first ks[r] proposals
@@ -162,6 +178,9 @@ class SpeculativeEngine:
         target.accept(accepted, emitted)
         if draft is not None:
             draft.accept(accepted, emitted)
+        if self.vocab is not None:
+            for tokens in emitted:
+                self.vocab.observe(tokens)
         any_finished = False
         for r, (s, v) in enumerate(zip(rows, verdicts)):
             s.stats.observe(ks[r], v.num_accepted)
@@ -177,19 +196,20 @@ class SpeculativeEngine:
     def propose(self, draft: ModelRunner, rows: list[_Sequence], ks: list[int]) -> Proposal:
         """The draft proposes max(ks) tokens per row, one forward pass each; a sampling row draws
         from its RNG only for the ks[r] proposals it will use (its stream never depends on the batch)."""
-        logits = draft.feed()[:, -1]  # [batch, vocab] at the last committed token
+        fast = self.fast
+        logits = draft.feed()[:, -1]  # [batch, draft vocab] at the last committed token
         tokens, all_logits = [], []
         probs: list[list[torch.Tensor]] = [[] for _ in rows]
         for i in range(max(ks)):
             if i:
                 logits = draft.feed(tokens[-1][:, None])[:, -1]
-            tok = logits.argmax(-1)  # [batch]
+            choice = logits.argmax(-1)  # [batch], an index into the draft's head
             for r, s in enumerate(rows):
                 if not s.params.greedy and i < ks[r]:
-                    q = process_logits(logits[r], s.params)
-                    tok[r] = sample(q[None], s.generator)[0]
-                    probs[r].append(q)
-            tokens.append(tok)
+                    q = process_logits(logits[r], s.params)  # [draft vocab]
+                    choice[r] = sample(q[None], s.generator)[0]
+                    probs[r].append(fast.to_full_probs(q))  # [vocab], 0 outside the draft's head
+            tokens.append(fast.to_full_ids(choice))
             all_logits.append(logits)
         return Proposal(
             tokens=torch.stack(tokens, 1),
@@ -233,6 +253,7 @@ class SpeculativeEngine:
         state_dict, version, alpha_hint = pending
         with torch.no_grad():
             self.draft.load_state_dict(state_dict, strict=False)
+        self.fast.refresh()
         self.draft_version = version
         if self.policy is not None and alpha_hint is not None:
             self.policy.reset_alpha(alpha_hint)
@@ -289,7 +310,7 @@ class SpeculativeEngine:
             num_accepted=n,
             emitted=list(v.tokens),
             target_logits=target_logits[row, : n + 1].clone(),
-            draft_logits=proposal.logits[row, : min(n + 1, k)].clone() if k else None,
+            draft_logits=self.fast.to_full_logits(proposal.logits[row, : min(n + 1, k)]).clone() if k else None,
             draft_version=self.draft_version,
         )
 

@@ -29,15 +29,26 @@ def expected_tokens(alpha: float, k: int) -> float:
 class PolicyConfig:
     """Choice of k per step."""
 
-    adaptive_k: bool = option(False, "choose k per step from live alpha and measured costs (down to 0 = target only)")
+    fixed_k: bool = option(False, "always propose --k tokens per step; by default k is chosen per step in [0, --k] "
+                           "from live alpha and the measured costs (0 = target only)")
+    adaptive_k: bool = option(False, "adaptive k (the default; the flag is kept for older commands)")
     probe_share: float = option(0.05, "with adaptive k, share of steps that still propose 1 token while no k pays")
     alpha_decay: float = option(0.98, "per-step decay of the live alpha estimate (closer to 1 = longer memory)")
 
     def __post_init__(self) -> None:
+        if self.fixed_k and self.adaptive_k:
+            raise ValueError("--fixed-k and --adaptive-k exclude each other")
         if not 0 <= self.probe_share <= 1:
             raise ValueError(f"--probe-share must be in [0, 1], got {self.probe_share}")
         if not 0 < self.alpha_decay < 1:
             raise ValueError(f"--alpha-decay must be in (0, 1), got {self.alpha_decay}")
+
+
+def make_policy(k_max: int, config: "PolicyConfig", has_draft: bool = True) -> "AdaptiveK | None":
+    """The policy an engine decodes with: adaptive (the default) or None for a fixed k."""
+    if config.fixed_k or not has_draft or k_max == 0:
+        return None
+    return AdaptiveK(k_max, config)
 
 
 class AdaptiveK:

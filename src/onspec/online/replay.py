@@ -32,7 +32,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from onspec.config import option
 from onspec.data.streams import DatasetError, Query, iter_queries
 from onspec.engine.engine import EngineConfig, Request, SpeculativeEngine
-from onspec.engine.policy import AdaptiveK, PolicyConfig
+from onspec.engine.policy import PolicyConfig, make_policy
 from onspec.engine.sampling import SamplingParams
 from onspec.models.pair import ModelConfig, load_pair
 from onspec.online.forward import greedy_agreement
@@ -149,7 +149,7 @@ def _serve(mode, target, draft_model, queries, model_cfg, engine_cfg, policy_cfg
     ckpt_root = out_dir / "checkpoints"
 
     def make_member(name: str, model) -> Member:
-        policy = AdaptiveK(engine_cfg.k, policy_cfg) if policy_cfg.adaptive_k else None
+        policy = make_policy(engine_cfg.k, policy_cfg)
         engine = SpeculativeEngine(target.model, target.tokenizer, model, k=engine_cfg.k, policy=policy)
         distiller = None
         if mode == "online":

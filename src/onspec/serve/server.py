@@ -13,7 +13,7 @@ from pathlib import Path
 import uvicorn
 
 from onspec.engine.engine import EngineConfig, SpeculativeEngine
-from onspec.engine.policy import AdaptiveK, PolicyConfig
+from onspec.engine.policy import PolicyConfig, make_policy
 from onspec.models.pair import ModelConfig, load_pair
 from onspec.online.checkpoint import CheckpointStore
 from onspec.online.trainer import OnlineDistiller, TrainerConfig
@@ -40,7 +40,7 @@ def build_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Po
     online = draft is not None and not cfg.no_online
 
     def make_member(name: str, model) -> Member:
-        policy = AdaptiveK(k, policy_cfg) if policy_cfg.adaptive_k and model is not None else None
+        policy = make_policy(k, policy_cfg, model is not None)
         engine = SpeculativeEngine(target.model, target.tokenizer, model, k=k, policy=policy)
         where = checkpoints if name == GENERAL else checkpoints / name
         distiller = None

@@ -1,0 +1,29 @@
+"""Build an engine from the typed configs: the policy, the reduced draft vocabulary, int8."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from onspec.engine.engine import EngineConfig, SpeculativeEngine, _eos_ids
+from onspec.engine.policy import PolicyConfig, make_policy
+from onspec.models.draft_vocab import DraftVocab, calibration_counts
+
+
+def make_engine(target_model: nn.Module, tokenizer, draft_model: nn.Module | None, engine_cfg: EngineConfig,
+                policy_cfg: PolicyConfig | None = None) -> SpeculativeEngine:
+    """The engine every command decodes with; `draft_model` None = target-only."""
+    k = engine_cfg.k if draft_model is not None else 0
+    vocab = None
+    if draft_model is not None and engine_cfg.draft_vocab:
+        vocab = draft_vocab(target_model, tokenizer, engine_cfg.draft_vocab)
+    return SpeculativeEngine(target_model, tokenizer, draft_model, k=k,
+                             policy=make_policy(k, policy_cfg or PolicyConfig(), draft_model is not None),
+                             draft_vocab=vocab, draft_int8=engine_cfg.draft_int8)
+
+
+def draft_vocab(target_model: nn.Module, tokenizer, n: int) -> DraftVocab:
+    """The N most frequent target tokens (calibration counts, then served outputs); every
+    end-of-sequence and special id is always in."""
+    size = target_model.get_output_embeddings().weight.shape[0]
+    always = set(_eos_ids(target_model, tokenizer)) | set(getattr(tokenizer, "all_special_ids", []) or [])
+    return DraftVocab(calibration_counts(tokenizer, size), min(n, size), always={i for i in always if i < size})
