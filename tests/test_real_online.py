@@ -1,4 +1,4 @@
-"""`onspec replay` and `onspec distill` on the default pair, small enough for CI (marked real_model)."""
+"""`onspec replay` and `onspec distill` on the small named pair (smollm2-135m, float32), small enough for CI (marked real_model)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import sys
 import pytest
 
 pytestmark = pytest.mark.real_model
+SMALL = ("--target", "smollm2-135m", "--dtype", "float32")
 
 
 def onspec(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "onspec.cli", *args], capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, "-m", "onspec.cli", args[0], *SMALL, *args[1:]], capture_output=True, text=True, timeout=900)
 
 
 def test_replay_both_modes_writes_csv_plot_and_json(tmp_path):

