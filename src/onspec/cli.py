@@ -148,7 +148,12 @@ def cmd_derive_draft(args: argparse.Namespace) -> int:
 
 
 def _quiet_libraries() -> None:
+    import warnings
+
     import transformers
+
+    # transformers 5.2x renames `past_key_values` to `cache`; onspec passes the name every 5.x accepts
+    warnings.filterwarnings("ignore", message=r".*`past_key_values` is deprecated", category=FutureWarning)
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

@@ -3,7 +3,7 @@
 Two levers, both lossless (verification stays over the target's full vocabulary):
 - a reduced head (FR-Spec, EAGLE-3): the draft scores only `vocab_ids`, the N most frequent
   target tokens, so its LM head costs N/V of the full one; q = 0 outside that set;
-- int8 weights (weight-only, per-output-channel scales) for the decoder's linear layers: the
+- int8 weights (weight-only, per-output-channel scales) for every linear layer and the head: the
   draft always runs one position at a time, where a decode step reads its weights once and int8
   halves the bytes (`torch.ops.aten._weight_int8pack_mm` on CPU).
 
@@ -69,8 +69,8 @@ class FastDraft:
         memo = {id(t): t for t in list(master.parameters()) + list(master.buffers())}
         self.model = copy.deepcopy(master, memo=memo).eval()
         self._pairs = []
-        if int8:
-            head = master.get_output_embeddings()
+        head = master.get_output_embeddings()
+        if int8:  # every linear layer but the head, which set_vocab / _int8_head handle
             masters = dict(master.named_modules())
             for name, module in list(self.model.named_modules()):
                 if isinstance(module, nn.Linear) and masters[name] is not head:
@@ -79,6 +79,8 @@ class FastDraft:
                     self._pairs.append((q, masters[name]))
         if vocab_ids is not None:
             self.set_vocab(vocab_ids)
+        elif int8:
+            self.model.set_output_embeddings(Int8Linear(head))
 
     @property
     def reduced(self) -> bool:
@@ -98,7 +100,7 @@ class FastDraft:
         small.weight.copy_(head.weight[ids])
         if head.bias is not None:
             small.bias.copy_(head.bias[ids])
-        self.model.set_output_embeddings(small)
+        self.model.set_output_embeddings(Int8Linear(small) if self.int8 else small)
         self.vocab_ids = ids
 
     @torch.no_grad()
@@ -108,6 +110,8 @@ class FastDraft:
             q.refresh(source)
         if self.vocab_ids is not None:
             self.set_vocab(self.vocab_ids)
+        elif self.int8:
+            self.model.get_output_embeddings().refresh(self.master.get_output_embeddings())
 
     def to_full_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """Positions in the running head's output -> token ids."""
