@@ -112,6 +112,11 @@ class WayResult:
             return self.draft_accepted / self.drafted  # llama.cpp counts drafted, not evaluated: a lower bound
         return None
 
+    @property
+    def label_alpha(self) -> str:
+        return "accepted / drafted" if self.stats is None and self.drafted else "accepted / evaluated"
+        return None
+
 
 Decode = Callable[[list[int]], tuple[list[int], float, RequestStats | None]]
 
@@ -176,6 +181,9 @@ def run_bench(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Poli
     finally:
         for s in servers:
             s.__exit__(None, None, None)
+    if "llamacpp" in ways:
+        ways["llamacpp"].drafted = decoders["llamacpp"].drafted
+        ways["llamacpp"].draft_accepted = decoders["llamacpp"].accepted
     bandwidth = memory_read_bandwidth(device)
     curve = verify_cost_curve(target.model, prompts[0], range(1, 10)) if not cfg.no_cost_curve else {}
     result = _summarise(cfg, ways, prompts, bandwidth, k, device, dtype, curve, model_cfg)
@@ -200,9 +208,11 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, console):
             engine = make_engine(target.model, target.tokenizer, draft.model, engine_cfg, pc)
             label = f"onspec, {'adaptive k <= ' if name == 'adaptive' else 'fixed k = '}{k}"
             ways[name], decoders[name] = WayResult(name, label), onspec_way(engine, cfg.max_new_tokens)
-        elif name == "hf-assisted":
+        elif name == "hf-assisted":  # the draft exactly as onspec runs it (int8 where onspec uses int8)
+            fast = make_engine(target.model, target.tokenizer, draft.model, engine_cfg).fast
+            running = draft.model if fast.reduced else fast.model  # transformers needs the full head
             ways[name], decoders[name] = WayResult(name, f"transformers assisted, k = {k}"), \
-                transformers_way(target.model, cfg.max_new_tokens, draft.model, k)
+                transformers_way(target.model, cfg.max_new_tokens, running, k)
         elif name == "hf-greedy":
             ways[name], decoders[name] = WayResult(name, "transformers greedy", weight_bytes=tbytes), \
                 transformers_way(target.model, cfg.max_new_tokens)

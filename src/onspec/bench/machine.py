@@ -23,9 +23,10 @@ def memory_read_bandwidth(device: torch.device, megabytes: int = 512, repeats: i
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads: every parameter once (tied weights counted once)."""
     seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
+    for p in [*model.parameters(), *model.buffers()]:  # packed / int8 weights are buffers
+        key = p.data_ptr() if p.layout == torch.strided else id(p)  # oneDNN-packed tensors have no data pointer
+        if key not in seen:
+            seen.add(key)
             total += p.numel() * p.element_size()
     return total
 

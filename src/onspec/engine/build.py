@@ -18,12 +18,19 @@ def make_engine(target_model: nn.Module, tokenizer, draft_model: nn.Module | Non
         vocab = draft_vocab(target_model, tokenizer, engine_cfg.draft_vocab)
     return SpeculativeEngine(target_model, tokenizer, draft_model, k=k,
                              policy=make_policy(k, policy_cfg or PolicyConfig(), draft_model is not None),
-                             draft_vocab=vocab, draft_int8=engine_cfg.draft_int8)
+                             draft_vocab=vocab, draft_int8=draft_int8(engine_cfg.draft_quant, draft_model))
+
+
+def draft_int8(quant: str, draft_model: nn.Module | None) -> bool:
+    """`auto`: int8 on CPU (torch's int8 weight-only kernel), not on other devices."""
+    if draft_model is None or quant == "none":
+        return False
+    return quant == "int8" or next(draft_model.parameters()).device.type == "cpu"
 
 
 def draft_vocab(target_model: nn.Module, tokenizer, n: int) -> DraftVocab:
     """The N most frequent target tokens (calibration counts, then served outputs); every
     end-of-sequence and special id is always in."""
-    size = target_model.get_output_embeddings().weight.shape[0]
+    size = target_model.get_output_embeddings().out_features
     always = set(_eos_ids(target_model, tokenizer)) | set(getattr(tokenizer, "all_special_ids", []) or [])
     return DraftVocab(calibration_counts(tokenizer, size), min(n, size), always={i for i in always if i < size})

@@ -35,8 +35,10 @@ class EngineConfig:
     k: int = option(4, "draft tokens proposed per verify step, at most (0 = target-only decoding)")
     draft_vocab: int = option(0, "the draft proposes only from the N most frequent target tokens (a reduced head, "
                               "FR-Spec style; verification stays over the full vocabulary); 0 = the full head")
-    draft_int8: bool = option(False, "run the draft's linear layers with int8 weights (weight-only, per-channel "
-                              "scales; the target keeps its dtype)")
+    draft_quant: str = option("auto", "the running draft's weights: int8 (weight-only, per-channel scales; the "
+                              "target keeps its dtype), none, or auto (int8 on CPU, where one-position draft passes "
+                              "read half the bytes; none on CUDA, where the int8 path only dequantises)",
+                              choices=("auto", "int8", "none"))
 
     def __post_init__(self) -> None:
         if not 0 <= self.k <= 32:

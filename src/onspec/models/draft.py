@@ -71,8 +71,8 @@ def check_compatible(target: LoadedModel, draft: LoadedModel) -> None:
         if moved:
             parts.append(f"same token, different id: {moved}")
         raise ModelSpecError(f"draft {draft.source} does not share the target's tokenizer: " + "; ".join(parts))
-    t_rows = target.model.get_output_embeddings().weight.shape[0]
-    d_rows = draft.model.get_output_embeddings().weight.shape[0]
+    t_rows = target.model.get_output_embeddings().out_features
+    d_rows = draft.model.get_output_embeddings().out_features
     if t_rows != d_rows:
         raise ModelSpecError(
             f"draft {draft.source} has an LM head over {d_rows} ids, the target over {t_rows}: "

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from onspec.config import option
 from onspec.models.draft import check_compatible, load_or_derive_draft
 from onspec.models.loading import LoadedModel, load_model, resolve_device
+from onspec.models.precision import can_pack, pack_linears
 from onspec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
 
@@ -25,6 +26,9 @@ class ModelConfig:
     dtype: str = option("auto", "auto (bfloat16 where the device computes it natively: a CUDA GPU, or a CPU with "
                         "AVX512-BF16/AMX; float32 elsewhere), float32, float16, bfloat16, float64",
                         choices=("auto", "float32", "float16", "bfloat16", "float64"))
+    no_pack: bool = option(False, "keep torch's default linear kernels for the target; by default a bf16 target on a "
+                           "native-bf16 CPU runs its linear layers on oneDNN-packed weights (about 2x faster here, "
+                           "same outputs)")
 
     def __post_init__(self) -> None:
         if self.draft_layers < 1:
@@ -45,6 +49,8 @@ class ModelConfig:
 def load_pair(cfg: ModelConfig) -> tuple[LoadedModel, LoadedModel | None]:
     device = resolve_device(cfg.device)
     target = load_model(cfg.target_name, device=device, dtype=cfg.dtype)
+    if not cfg.no_pack and can_pack(target.model):
+        pack_linears(target.model)  # the target is never trained: inference-only kernels are safe
     if cfg.no_draft:
         return target, None
     if cfg.draft_spec is None:
