@@ -9,7 +9,7 @@ from pathlib import Path
 
 from onspec.config import add_arguments, from_args
 from onspec.engine.engine import EngineConfig
-from onspec.engine.policy import PolicyConfig, make_policy
+from onspec.engine.policy import PolicyConfig
 from onspec.engine.sampling import SamplingParams
 from onspec.models.pair import ModelConfig
 
@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from onspec.data.streams import Query
-    from onspec.engine.engine import Request, SpeculativeEngine
+    from onspec.engine.build import make_engine
+    from onspec.engine.engine import Request
     from onspec.models.pair import load_pair
 
     model_cfg, engine_cfg, params = from_args(ModelConfig, args), from_args(EngineConfig, args), from_args(SamplingParams, args)
@@ -92,8 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--chat: the target {target.source} has no chat template")
     query = (Query("cli", "cli", messages=({"role": "user", "content": args.prompt},)) if args.chat
              else Query("cli", "cli", text=args.prompt))
-    engine = SpeculativeEngine(target.model, target.tokenizer, draft.model if draft else None, k=engine_cfg.k,
-                               policy=make_policy(engine_cfg.k, policy_cfg, draft is not None))
+    engine = make_engine(target.model, target.tokenizer, draft.model if draft else None, engine_cfg, policy_cfg)
     out = engine.generate([Request(query.encode(target.tokenizer), params)])[0]
     s = out.stats
     if args.json:

@@ -31,8 +31,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from onspec.config import option
 from onspec.data.streams import DatasetError, Query, iter_queries
-from onspec.engine.engine import EngineConfig, Request, SpeculativeEngine
-from onspec.engine.policy import PolicyConfig, make_policy
+from onspec.engine.engine import EngineConfig, Request
+from onspec.engine.build import make_engine
+from onspec.engine.policy import PolicyConfig
 from onspec.engine.sampling import SamplingParams
 from onspec.models.pair import ModelConfig, load_pair
 from onspec.online.forward import greedy_agreement
@@ -149,8 +150,7 @@ def _serve(mode, target, draft_model, queries, model_cfg, engine_cfg, policy_cfg
     ckpt_root = out_dir / "checkpoints"
 
     def make_member(name: str, model) -> Member:
-        policy = make_policy(engine_cfg.k, policy_cfg)
-        engine = SpeculativeEngine(target.model, target.tokenizer, model, k=engine_cfg.k, policy=policy)
+        engine = make_engine(target.model, target.tokenizer, model, engine_cfg, policy_cfg)
         distiller = None
         if mode == "online":
             where = ckpt_root if pool_cfg.drafts == 1 else ckpt_root / name

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import uvicorn
 
-from onspec.engine.engine import EngineConfig, SpeculativeEngine
-from onspec.engine.policy import PolicyConfig, make_policy
+from onspec.engine.engine import EngineConfig
+from onspec.engine.build import make_engine
+from onspec.engine.policy import PolicyConfig
 from onspec.models.pair import ModelConfig, load_pair
 from onspec.online.checkpoint import CheckpointStore
 from onspec.online.trainer import OnlineDistiller, TrainerConfig
@@ -39,8 +40,7 @@ def build_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Po
     online = draft is not None and not cfg.no_online
 
     def make_member(name: str, model) -> Member:
-        policy = make_policy(k, policy_cfg, model is not None)
-        engine = SpeculativeEngine(target.model, target.tokenizer, model, k=k, policy=policy)
+        engine = make_engine(target.model, target.tokenizer, model, engine_cfg, policy_cfg)
         where = checkpoints if name == GENERAL else checkpoints / name
         distiller = None
         if online:
