@@ -96,8 +96,9 @@ class Scripted(AdaptiveK):
 
 def test_backlog_of_target_only_steps_is_cached_apart_from_the_proposal(tokenizer, monkeypatch):
     """After steps with k = 0 the draft has a backlog (one token per step). It is cached in its own
-    pass before proposing, so every proposal pass feeds one position and the policy's draft time
-    is the steady cost of proposing; the output is still the target's greedy output."""
+    pass before proposing, so every proposal pass feeds at most the steady two positions (the
+    last accepted proposal and the bonus token) and the policy's draft time is the steady cost of
+    proposing; the output is still the target's greedy output."""
     from onspec.engine.runner import ModelRunner
 
     target, draft = tiny_model("llama", 0), tiny_model("llama", 7, layers=1)
@@ -120,6 +121,6 @@ def test_backlog_of_target_only_steps_is_cached_apart_from_the_proposal(tokenize
     prompt = tokenizer.encode("the quick brown fox")
     out = engine.generate([Request(prompt, SamplingParams(max_new_tokens=len(script) + 8, ignore_eos=True))])[0]
     assert out.token_ids == plain_greedy(target, prompt, len(script) + 8)
-    assert set(widths) == {1}  # every draft pass while proposing sees one new position
+    assert set(widths) <= {1, 2}  # every draft pass while proposing sees at most two new positions
     assert 6 in catch_ups  # five target-only steps (plus the token emitted before them) were caught up
     assert [k for k, _ in engine.policy.seen[: len(script)]] == script

@@ -56,17 +56,19 @@ class ModelRunner:
         return self.kv.forward(self.model, ids, valid, logits_to_keep=keep)
 
     @torch.no_grad()
-    def catch_up(self) -> None:
-        """Cache every pending token but the last of each row, whose logits start the next
-        proposal. After steps that did not speculate the draft has a backlog (one token per such
-        step); caching it in its own pass keeps the proposal passes at their steady-state size, so
-        their measured time is the cost of proposing."""
-        backlog = [p[:-1] for p in self.pending]
-        if not any(backlog):
+    def catch_up(self, keep: int = 2) -> None:
+        """Cache every pending token but the last `keep` of each row. In steady state a proposal
+        pass starts from 1 or 2 unseen tokens (the recovered token; or the last accepted proposal
+        and the bonus token), which cost one memory-bound pass like a single token; after steps
+        that did not speculate the draft has a backlog (one token per such step), and caching it in
+        its own pass keeps the proposal passes at their steady size, so their measured time is the
+        cost of proposing. (keep=1 would add a draft pass after every fully accepted step.)"""
+        if max(len(p) for p in self.pending) <= keep:
             return
+        backlog = [p[:-keep] for p in self.pending]
         ids, valid = right_aligned(backlog, self.device)
         self.kv.forward(self.model, ids, valid, logits_to_keep=1)
-        self.pending = [p[-1:] for p in self.pending]
+        self.pending = [p[-keep:] for p in self.pending]
 
     def accept(self, num_accepted: list[int], emitted: list[list[int]]) -> None:
         """Keep the first num_accepted[b] extras of row b, drop the rest, queue unseen tokens."""
