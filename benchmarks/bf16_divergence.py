@@ -4,7 +4,8 @@ speculative engine, both in bfloat16, on the same prompts (half HumanEval, half 
 For each prompt: do the two outputs differ, and at the first divergence, what were the target's
 top-2 logits in the one-position pass (target-only decoding) and in the multi-position verify
 pass; were they exact ties after rounding? Then the distributional check: the mean log-probability
-the float32 target assigns to each way's outputs. `--fp32-head` adds the same two ways with the
+the float32 target assigns to each way's outputs, on the prompts where they differ (elsewhere the
+two are the same tokens, so the same score). `--fp32-head` adds the same two ways with the
 target's final projection (LM head) computed in float32 from the bf16 hidden state, the cheap fix
 for ties made by rounding logits to bf16.
 
@@ -29,6 +30,7 @@ from onspec.engine.build import make_engine
 from onspec.engine.engine import EngineConfig, Request
 from onspec.engine.sampling import SamplingParams
 from onspec.models.loading import load_model
+from onspec.models.pair import ModelConfig, load_pair
 from onspec.models.precision import Float32Head
 
 
@@ -63,14 +65,14 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
-    target = load_model("qwen2.5-coder-1.5b", dtype="bfloat16")
-    draft = load_model("qwen2.5-coder-0.5b", dtype="bfloat16")
+    target, draft = load_pair(ModelConfig(dtype="bfloat16"))  # what the CLI runs: packed target, int8 draft
     prompts = prompts_for(target.tokenizer, args.prompts)
     cfg = EngineConfig(k=args.k)
     bf16_head = target.model.get_output_embeddings()
     heads = {"bf16": bf16_head}
-    if args.fp32_head:
-        heads["fp32head"] = Float32Head(bf16_head)
+    if args.fp32_head:  # from the unpacked bf16 weights, re-read: the packed head has no plain weight
+        plain = load_model("qwen2.5-coder-1.5b", dtype="bfloat16").model.get_output_embeddings()
+        heads["fp32head"] = Float32Head(plain)
     rows = []
     for i, (source, prompt) in enumerate(prompts):
         row = {"source": source, "prompt_tokens": len(prompt)}
@@ -93,14 +95,20 @@ def main() -> int:
             row[head_name] = entry
         target.model.set_output_embeddings(bf16_head)
         rows.append(row)
+        if args.out:  # progress survives an interrupted run
+            args.out.mkdir(parents=True, exist_ok=True)
+            (args.out / "rows.partial.json").write_text(json.dumps(rows))
         print(f"[{i + 1}/{len(prompts)}] {source}: " + ", ".join(
             f"{h} {'DIFFERS' if row[h]['differs'] else 'same'}" for h in heads), file=sys.stderr, flush=True)
 
-    # distributional check: the float32 target scores every output
-    del draft
+    # distributional check: the float32 target scores the outputs. Where the two ways agree the
+    # scores are equal by construction, so only differing pairs are scored (both ways each).
+    del draft, target
     fp32 = load_model("qwen2.5-coder-1.5b", dtype="float32").model
     for (source, prompt), row in zip(prompts, rows):
         for head_name in heads:
+            if not row[head_name]["differs"]:
+                continue
             for way in ("target_only", "speculative"):
                 ids = row[head_name][way]
                 with torch.no_grad():
@@ -117,8 +125,8 @@ def main() -> int:
                    or (f["verify_pass"] and f["verify_pass"]["margin"] == 0))
         margins = [min(f["one_position"]["margin"], f["verify_pass"]["margin"]) for f in firsts
                    if f["one_position"] and f["verify_pass"]]
-        lp_ref = sum(e["target_only_fp32_logprob"] for e in es) / len(es)
-        lp_out = sum(e["speculative_fp32_logprob"] for e in es) / len(es)
+        lp_ref = sum(e["target_only_fp32_logprob"] for e in div) / len(div) if div else None
+        lp_out = sum(e["speculative_fp32_logprob"] for e in div) / len(div) if div else None
         summary[head_name] = {
             "differing": len(div),
             "differing_code": sum(1 for r in rows if r[head_name]["differs"] and r["source"] == "humaneval"),
@@ -127,8 +135,8 @@ def main() -> int:
             "median_min_margin_at_divergence": sorted(margins)[len(margins) // 2] if margins else None,
             "max_min_margin_at_divergence": max(margins) if margins else None,
             "mean_first_divergence_index": sum(f["index"] for f in firsts) / len(firsts) if firsts else None,
-            "fp32_mean_logprob_target_only": lp_ref,
-            "fp32_mean_logprob_speculative": lp_out,
+            "fp32_mean_logprob_target_only_on_differing": lp_ref,
+            "fp32_mean_logprob_speculative_on_differing": lp_out,
             "target_only_seconds": sum(e["seconds"][0] for e in es),
             "speculative_seconds": sum(e["seconds"][1] for e in es),
         }
@@ -137,9 +145,10 @@ def main() -> int:
     for head_name in heads:
         s = summary[head_name]
         med = "" if s["median_min_margin_at_divergence"] is None else f"{s['median_min_margin_at_divergence']:.4f}"
+        lr, lo = s["fp32_mean_logprob_target_only_on_differing"], s["fp32_mean_logprob_speculative_on_differing"]
         print(f"{head_name:<10} {s['differing']:>4}/{len(rows):<2} {s['differing_code']:>5} {s['differing_chat']:>5} "
-              f"{s['exact_ties_at_first_divergence']:>5} {med:>14} {s['fp32_mean_logprob_target_only']:>20.4f} "
-              f"{s['fp32_mean_logprob_speculative']:>18.4f}")
+              f"{s['exact_ties_at_first_divergence']:>5} {med:>14} {lr if lr is None else round(lr, 4)!s:>20} "
+              f"{lo if lo is None else round(lo, 4)!s:>18}")
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "rows.json").write_text(json.dumps(rows))
