@@ -63,10 +63,15 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=4)
     ap.add_argument("--fp32-head", action="store_true", help="also run both ways with the target's LM head in float32")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--only", type=Path, default=None,
+                    help="rows.json of an earlier run: decode only the prompts that differed there")
     args = ap.parse_args()
 
     target, draft = load_pair(ModelConfig(dtype="bfloat16"))  # what the CLI runs: packed target, int8 draft
     prompts = prompts_for(target.tokenizer, args.prompts)
+    if args.only:
+        earlier = json.loads(args.only.read_text())
+        prompts = [p for p, r in zip(prompts, earlier) if r["bf16"]["differs"]]
     cfg = EngineConfig(k=args.k)
     bf16_head = target.model.get_output_embeddings()
     heads = {"bf16": bf16_head}
