@@ -231,7 +231,6 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, console):
             decoders[name] = _llamacpp_decode(server, cfg.max_new_tokens)
             ways[name] = WayResult(name, "llama.cpp, draft" if name == "llamacpp" else "llama.cpp, target only",
                                    weight_bytes=server.model_bytes if name == "llamacpp-target" else None)
-            ways[name].drafted = ways[name].draft_accepted = 0 if name == "llamacpp" else None
     return ways, decoders, servers
 
 
