@@ -45,7 +45,7 @@ class Server:
         target, draft = models
         self.log = state_dir.parent / f"{state_dir.name}-{time.monotonic_ns()}.log"
         args = [*ONSPEC, "serve", "--target", str(target), "--draft", str(draft), "--port", "0", "--k", "3",
-                "--state-dir", str(state_dir), "--max-tokens-limit", "200", "--max-body-bytes", "20000", *extra]
+                "--state-dir", str(state_dir), "--max-tokens-limit", "200", "--max-body-bytes", "20000", "--dtype", "float32", *extra]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"), env=env)
         deadline = time.monotonic() + 120
@@ -69,8 +69,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(models, tmp_path_factory):
+    # --fixed-k: every step drafts, so the drafting metrics move on every request (adaptive k may
+    # step aside on these tiny models, where a draft pass costs as much as a target pass)
     s = Server(models, tmp_path_factory.mktemp("state") / "main", "--api-key", KEY, "--update-interval", "2",
-               "--steps", "1", "--batch-size", "2", "--max-batch", "4")
+               "--steps", "1", "--batch-size", "2", "--max-batch", "4", "--fixed-k")
     yield s
     s.stop()
 
@@ -108,7 +110,7 @@ def test_completion_equals_onspec_generate(server, models):
     target, draft = models
     prompt, n = "hello world", 24
     out = subprocess.run([*ONSPEC, "generate", "--target", str(target), "--draft", str(draft), "--k", "3",
-                          "--prompt", prompt, "--max-new-tokens", str(n), "--ignore-eos", "--json"],
+                          "--prompt", prompt, "--max-new-tokens", str(n), "--ignore-eos", "--json", "--dtype", "float32"],
                          capture_output=True, text=True, check=True)
     expected = json.loads(out.stdout.strip().splitlines()[-1])
     got = complete(server, prompt, n)

@@ -20,8 +20,9 @@ import torch
 from conftest import cached_draft, cached_model, full_logits, noisy_copy
 
 from onspec.engine.engine import Request, SpeculativeEngine
-from onspec.engine.sampling import SamplingParams, process_logits
-from onspec.engine.verify import greedy_verify, rejection_sample
+from onspec.engine.policy import AdaptiveK, PolicyConfig
+from onspec.engine.sampling import SamplingParams, gumbel_noise, process_logits
+from onspec.engine.verify import greedy_verify, gumbel_verify, rejection_sample
 
 P_THRESHOLD = 1e-4
 
@@ -142,6 +143,63 @@ def test_acceptance_rate_is_overlap():
     assert all(v.evaluated == 1 for v in verdicts)
 
 
+# -- gumbel_verify (seeded requests) -----------------------------------------------------------
+
+
+def run_gumbel_trials(p: torch.Tensor, q: torch.Tensor, n: int):
+    """n seeded verify steps at output positions 0..k: the draft proposes argmax(log q + G), the
+    target verifies with the same noise G (seeds 0..n-1)."""
+    k = q.shape[0]
+    verdicts = []
+    for seed in range(n):
+        g = torch.stack([gumbel_noise(seed, i, V) for i in range(k + 1)])
+        x = (q.log() + g[:k]).argmax(-1)
+        verdicts.append(gumbel_verify(x, p, g))
+    return verdicts
+
+
+def test_gumbel_noise_is_a_function_of_seed_and_position():
+    assert torch.equal(gumbel_noise(3, 5, 100), gumbel_noise(3, 5, 100))
+    assert not torch.equal(gumbel_noise(3, 5, 100), gumbel_noise(3, 6, 100))
+    assert not torch.equal(gumbel_noise(3, 5, 100), gumbel_noise(4, 5, 100))
+    assert torch.isfinite(gumbel_noise(-1, 0, 1000)).all()
+
+
+def test_gumbel_verify_emits_the_target_distribution():
+    """Seeded speculative sampling is lossless as well: with the same p, q as the rejection test
+    (k = 3, a token the target never emits, one the draft never proposes), the token emitted at
+    position i among the trials that reached it is distributed as p[i]."""
+    k, n = 3, 30_000
+    gen = torch.Generator().manual_seed(1234)
+    p = random_dists(k + 1, gen, zero_at={0: 2})
+    q = 0.5 * p[:k] + 0.5 * random_dists(k, gen)
+    q[1, 4] = 0.0
+    q = q / q.sum(-1, keepdim=True)
+    verdicts = run_gumbel_trials(p, q, n)
+    for i in range(k + 1):
+        reached = [v.tokens[i] for v in verdicts if v.num_accepted >= i]
+        assert len(reached) > 2000, f"too few trials reach position {i}"
+        assert_matches(torch.bincount(torch.tensor(reached), minlength=V), p[i], f"position {i}")
+    # the emitted tokens are the target's own Gumbel-max samples: the draft changes only how many
+    # come from one step
+    for seed, v in enumerate(verdicts[:200]):
+        g = torch.stack([gumbel_noise(seed, i, V) for i in range(k + 1)])
+        assert v.tokens == (p.log() + g).argmax(-1)[: len(v.tokens)].tolist()
+
+
+def test_gumbel_acceptance_is_within_its_bound():
+    """k = 1: P(accept) = P(argmax(log q + G) = argmax(log p + G)) lies in
+    [(1 - TV) / (1 + TV), 1 - TV] (Daliri et al. 2024), up to the Hoeffding margin."""
+    n = 20_000
+    gen = torch.Generator().manual_seed(7)
+    p, q = random_dists(2, gen), random_dists(1, gen)
+    overlap = float(torch.minimum(p[0], q[0]).sum())  # 1 - TV
+    tv = 1 - overlap
+    alpha = sum(v.num_accepted for v in run_gumbel_trials(p, q, n)) / n
+    eps = hoeffding_eps(n)
+    assert (1 - tv) / (1 + tv) - eps <= alpha <= overlap + eps, (alpha, overlap)
+
+
 def test_rejection_sample_with_one_hot_probs_is_greedy_verify():
     """Greedy params make p and q one-hot: rejection sampling then decides exactly like greedy_verify."""
     gen = torch.Generator().manual_seed(0)
@@ -258,17 +316,22 @@ def test_top_k_then_top_p(logits):
 # -- sampling through the engine ----------------------------------------------------------------
 
 
-def test_engine_sampling_is_lossless(tokenizer):
+@pytest.mark.parametrize("seeded", [True, False], ids=["seeded-gumbel", "unseeded-rejection"])
+def test_engine_sampling_is_lossless(seeded, tokenizer):
     """End to end: with a partly agreeing draft (top-k 8 supports overlap only partly, k=2),
     the joint distribution of the first two generated tokens equals the target's own
-    p(x1) * p(x2 | x1) after the same temperature/top-k processing. 10,000 seeded requests of
-    one prompt decoded in a single batch; chi-square at p-value 1e-4 over the (x1, x2) cells."""
+    p(x1) * p(x2 | x1) after the same temperature/top-k processing. 10,000 requests of one prompt
+    decoded in a single batch; chi-square at p-value 1e-4 over the (x1, x2) cells. Seeded requests
+    verify with gumbel_verify, unseeded ones with rejection_sample (their streams are drawn from
+    torch's global RNG, seeded here so the test is deterministic)."""
     n = 10_000
     target = cached_model("llama")
     draft = noisy_copy(target, 0.3, seed=1)
     prompt = tokenizer.encode("hello")
-    params = [SamplingParams(temperature=1.0, top_k=8, max_new_tokens=3, seed=s, ignore_eos=True) for s in range(n)]
+    params = [SamplingParams(temperature=1.0, top_k=8, max_new_tokens=3, seed=s if seeded else None,
+                             ignore_eos=True) for s in range(n)]
     engine = SpeculativeEngine(target, tokenizer, draft, k=2)
+    torch.manual_seed(0)
     outs = engine.generate([Request(prompt, sp) for sp in params])
 
     p1 = process_logits(full_logits(target, prompt)[-1], params[0])  # [V]
@@ -306,6 +369,34 @@ def test_same_seed_same_output(tokenizer):
     assert first.token_ids == again.token_ids
     assert len(first.token_ids) == 30
     assert first.token_ids != other.token_ids
+
+
+def test_same_seed_same_output_whatever_the_draft(tokenizer):
+    """A seeded request's tokens depend on the seed and the target alone: target-only decoding,
+    a close draft at k = 1 and 3, an unrelated draft, a draft whose weights change between two
+    requests (an online update), and adaptive k all give the same tokens."""
+    target = cached_model("llama")
+    prompt = tokenizer.encode("hello")
+    params = [_sampling(seed) for seed in (11, 12)]
+
+    def run(draft, k, policy=None):
+        engine = SpeculativeEngine(target, tokenizer, draft, k=k, policy=policy)
+        return [engine.generate([Request(prompt, sp)])[0] for sp in params]
+
+    reference = [o.token_ids for o in run(None, 0)]
+    noisy = cached_draft("llama", "noisy")
+    for name, draft, k, policy in [
+        ("noisy k=3", noisy, 3, None), ("noisy k=1", noisy, 1, None),
+        ("unrelated draft", cached_draft("llama", "random"), 3, None),
+        ("adaptive k", noisy, 4, AdaptiveK(4, PolicyConfig())),
+    ]:
+        outs = run(draft, k, policy)
+        assert [o.token_ids for o in outs] == reference, name
+    assert sum(o.stats.accepted for o in run(noisy, 3)) > 0  # the draft was in play
+    engine = SpeculativeEngine(target, tokenizer, noisy_copy(target, 0.2, seed=5), k=3)
+    first = engine.generate([Request(prompt, params[0])])[0].token_ids
+    engine.offer_draft(noisy.state_dict(), version=1)  # an online update goes live
+    assert [first, engine.generate([Request(prompt, params[1])])[0].token_ids] == reference
 
 
 @pytest.mark.parametrize("draft_kind", ["none", "noisy"])

@@ -21,9 +21,9 @@ from onspec.config import option
 from onspec.engine.records import RequestOutput, RequestStats, StepRecord
 from onspec.engine.runner import ModelRunner
 from onspec.engine.policy import AdaptiveK
-from onspec.engine.sampling import SamplingParams, process_logits, sample
+from onspec.engine.sampling import SamplingParams, gumbel_noise, process_logits, sample
 from onspec.engine.stopping import StopChecker
-from onspec.engine.verify import Verdict, greedy_verify, rejection_sample
+from onspec.engine.verify import Verdict, greedy_verify, gumbel_verify, rejection_sample
 from onspec.models.draft_vocab import DraftVocab
 from onspec.models.fast_draft import FastDraft
 
@@ -72,10 +72,23 @@ class _Sequence:
     started: float
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    _noise: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     @property
     def params(self) -> SamplingParams:
         return self.request.params
+
+    @property
+    def coupled(self) -> bool:
+        """Seeded sampling: target and draft share Gumbel noise per output position (gumbel_verify)."""
+        return self.params.seed is not None and not self.params.greedy
+
+    def gumbel(self, offset: int, vocab: int, device: torch.device) -> torch.Tensor:
+        """The noise [vocab] of output position len(generated) + offset (kept until it is emitted)."""
+        key = (len(self.generated) + offset, vocab)
+        if key not in self._noise:
+            self._noise[key] = gumbel_noise(self.params.seed, key[0], vocab, device)
+        return self._noise[key]
 
     def output(self) -> RequestOutput:
         return RequestOutput(
@@ -197,7 +210,8 @@ class SpeculativeEngine:
 
     def propose(self, draft: ModelRunner, rows: list[_Sequence], ks: list[int]) -> Proposal:
         """The draft proposes max(ks) tokens per row, one forward pass each; a sampling row draws
-        from its RNG only for the ks[r] proposals it will use (its stream never depends on the batch)."""
+        from its RNG only for the ks[r] proposals it will use (its stream never depends on the batch);
+        a seeded row takes the Gumbel-max sample with its position's noise (see verify.py)."""
         fast = self.fast
         logits = draft.feed()[:, -1]  # [batch, draft vocab] at the last committed token
         tokens, all_logits = [], []
@@ -209,7 +223,11 @@ class SpeculativeEngine:
             for r, s in enumerate(rows):
                 if not s.params.greedy and i < ks[r]:
                     q = process_logits(logits[r], s.params)  # [draft vocab]
-                    choice[r] = sample(q[None], s.generator)[0]
+                    if s.coupled:
+                        g = s.gumbel(i, fast.vocab_size, logits.device)
+                        choice[r] = (q.log() + (g if fast.vocab_ids is None else g[fast.vocab_ids])).argmax()
+                    else:
+                        choice[r] = sample(q[None], s.generator)[0]
                     probs[r].append(fast.to_full_probs(q))  # [vocab], 0 outside the draft's head
             tokens.append(fast.to_full_ids(choice))
             all_logits.append(logits)
@@ -234,6 +252,9 @@ class SpeculativeEngine:
         if seq.params.greedy:
             return greedy_verify(draft_tokens, target_logits[row, : k + 1])
         p = process_logits(target_logits[row, : k + 1], seq.params)
+        if seq.coupled:
+            gumbels = torch.stack([seq.gumbel(i, p.shape[-1], p.device) for i in range(k + 1)])
+            return gumbel_verify(draft_tokens, p, gumbels)
         q = proposal.probs[row] if k else p[:0]
         return rejection_sample(draft_tokens, q, p, seq.generator)
 
@@ -291,6 +312,8 @@ class SpeculativeEngine:
     def _append(self, seq: _Sequence, tokens: list[int]) -> bool:
         result = seq.stop.check(seq.generated, tokens)
         seq.generated.extend(tokens[: result.keep])
+        for key in [key for key in seq._noise if key[0] < len(seq.generated)]:
+            del seq._noise[key]
         seq.stats.generated = len(seq.generated)
         seq.stats.wall_time_s = time.perf_counter() - seq.started
         if result.reason is not None:

@@ -23,7 +23,8 @@ class SamplingParams:
     top_k: int = option(0, "keep only the k most likely tokens; 0 disables")
     max_new_tokens: int = option(64, "generate at most this many tokens")
     stop: tuple[str, ...] = option((), "stop when the text contains this string (repeatable); it is cut from the text")
-    seed: int | None = option(None, "seed of this request's random stream (same seed, same output)")
+    seed: int | None = option(None, "seed of this request's random stream: the same seed gives the same output, "
+                              "whatever the draft, its version or k (engine/verify.py, gumbel_verify)")
     ignore_eos: bool = option(False, "keep generating past the end-of-sequence token")
 
     def __post_init__(self) -> None:
@@ -37,6 +38,8 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
+        if self.seed is not None and not -2**63 <= self.seed < 2**64:
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
 
@@ -73,3 +76,14 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
 def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     """Draw one token per row. probs: [n, vocab] -> tokens: [n]."""
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+_MIX = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: spreads (seed, position) pairs over 64 bits
+
+
+def gumbel_noise(seed: int, position: int, vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard Gumbel noise [vocab] for output position `position` of a request seeded `seed`:
+    a function of the two alone, so target and draft (and any rerun) draw the same noise there."""
+    key = ((seed % 2**64) * _MIX + position * 0xBF58476D1CE4E5B9) % 2**63
+    u = torch.rand(vocab, generator=torch.Generator(device=device).manual_seed(key), device=device)
+    return -torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))

@@ -8,6 +8,16 @@ Either way a step emits num_accepted + 1 tokens.
 Shapes: draft_tokens [k]; draft_probs q [k, vocab]; target_probs p [k+1, vocab].
 Functions work on one row; the engine loops rows so each request keeps its own RNG stream
 (same seed -> same output, whoever shares the batch).
+
+Two lossless samplers:
+- `rejection_sample` accepts x with probability min(1, p/q): the most acceptance any verifier
+  can get (1 - TV(p, q)), but which tokens come out depends on what the draft proposed.
+- `gumbel_verify` for seeded requests: position t of the output is argmax(log p_t + G_t) with
+  Gumbel noise G_t fixed by (seed, t), and the draft proposes argmax(log q_t + G_t) with the same
+  noise. The output is then a function of the seed and the target alone: the same seed gives the
+  same text whatever the draft, its version after an online update, or the k chosen per step
+  (Daliri et al. 2024, "drafter-invariant" speculative decoding). The price is acceptance:
+  P(the two argmaxes agree) >= (1 - TV) / (1 + TV) instead of 1 - TV.
 """
 
 from __future__ import annotations
@@ -83,3 +93,15 @@ def rejection_sample(
         dist = target_probs[k]
     last = int(torch.multinomial(dist, 1, generator=generator))
     return Verdict(num_accepted, draft_tokens[:num_accepted].tolist() + [last], k)
+
+
+def gumbel_verify(draft_tokens: torch.Tensor, target_probs: torch.Tensor, gumbels: torch.Tensor) -> Verdict:
+    """Seeded speculative sampling: accept while the draft token equals the target's Gumbel-max
+    sample argmax(log p + G) at that position, then emit the target's sample there.
+    Each emitted token is distributed as target_probs (Gumbel-max trick) and does not depend on
+    the proposals.
+
+    draft_tokens: [k]; target_probs: [k+1, vocab] (processed, rows summing to 1);
+    gumbels: [k+1, vocab] standard Gumbel noise of these output positions.
+    """
+    return greedy_verify(draft_tokens, target_probs.log() + gumbels)
