@@ -51,6 +51,7 @@ def decode(engine, prompt, n):
         top = rec.target_logits.float().topk(2, dim=-1)
         for j in range(rec.target_logits.shape[0]):
             seen.setdefault(rec.position + j - len(prompt), (top.values[j].tolist(), top.indices[j].tolist(), width))
+    engine.record_logits = True  # full target logits in the records
     t0 = time.perf_counter()
     out = engine.generate([Request(prompt, SamplingParams(max_new_tokens=n))], on_record=on_record)[0]
     return out.token_ids, seen, time.perf_counter() - t0

@@ -18,12 +18,14 @@ from rich.console import Console
 from rich.table import Table
 
 from onspec.data.streams import iter_queries
-from onspec.engine.engine import Request, SpeculativeEngine
+from onspec.engine.engine import EngineConfig, Request
+from onspec.engine.policy import PolicyConfig
 from onspec.engine.sampling import SamplingParams
 from onspec.models.pair import ModelConfig, load_pair
-from onspec.online.trainer import OnlineDistiller, TrainerConfig
-from onspec.pool.pool import GENERAL, DraftPool, Member, PoolConfig
+from onspec.online.distiller import TrainerConfig
+from onspec.pool.pool import PoolConfig
 from onspec.pool.routers import make_router
+from onspec.wiring import build_pool
 
 
 def main() -> int:
@@ -37,19 +39,13 @@ def main() -> int:
     console.print("loading the default pair ...")
     target, draft = load_pair(ModelConfig())
     trainer_cfg = TrainerConfig(background=False, update_interval=1, steps=1, batch_size=1, probe_every=0)
-
-    def make_member(name, model):
-        engine = SpeculativeEngine(target.model, target.tokenizer, model, k=4)
-        return Member(name, engine, OnlineDistiller(engine, trainer_cfg))
-
-    pool = DraftPool(PoolConfig(drafts=args.drafts, router="field", open_after=1), make_member(GENERAL, draft.model),
-                     make_member)
+    pool, _ = build_pool(target.model, target.tokenizer, draft.model, EngineConfig(k=4), PolicyConfig(fixed_k=True),
+                         PoolConfig(drafts=args.drafts, router="field", open_after=1), trainer_cfg=trainer_cfg)
     for i in range(args.drafts - 1):
         pool.pick(f"route{i}")
     prompt = target.tokenizer.encode("def add(a, b):")
     for m in pool.all_members:  # one update each, so every optimizer holds its state
-        m.engine.generate([Request(prompt, SamplingParams(max_new_tokens=8))], on_record=m.distiller.on_record,
-                          on_finish=m.distiller.on_finish)
+        m.engine.generate([Request(prompt, SamplingParams(max_new_tokens=8))], on_finish=m.trainer.on_output)
     general_only = pool.memory_bytes([pool.general])
     per_extra = pool.memory_per_extra_draft()
     embed = target.model.get_input_embeddings().weight

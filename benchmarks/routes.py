@@ -23,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 
 from onspec.models.loading import load_model
-from onspec.online.replay import ReplayConfig, load_stream
+from onspec.apps.replay import ReplayConfig, load_stream
 from onspec.pool.routers import ClusterRouter, LanguageRouter
 
 WORD = re.compile(r"[a-z][a-z+#]{2,}")

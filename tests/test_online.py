@@ -12,8 +12,9 @@ from conftest import tiny_model
 from onspec.engine.engine import Request, SpeculativeEngine
 from onspec.engine.records import RequestOutput, RequestStats
 from onspec.engine.sampling import SamplingParams
-from onspec.online.buffer import Example, ExampleBuilder, ReplayBuffer
-from onspec.online.trainer import OnlineDistiller, TrainerConfig
+from onspec.online.buffer import Example, ReplayBuffer
+from onspec.online.distiller import TrainerConfig
+from onspec.wiring import attach_trainer
 
 TEXTS = ["the cat sat on", "hello world", "once upon a time", "def f(x):", "import numpy", "1, 2, 3,"]
 PARAMS = SamplingParams(max_new_tokens=24, ignore_eos=True)
@@ -28,10 +29,10 @@ def make(tokenizer, **cfg):
     return engine, config
 
 
-def serve(engine, distiller, prompts):
+def serve(engine, trainer, prompts):
     outs = []
     for p in prompts:
-        outs += engine.generate([Request(p, PARAMS)], on_record=distiller.on_record, on_finish=distiller.on_finish)
+        outs += engine.generate([Request(p, PARAMS)], on_finish=trainer.on_output)
     return outs
 
 
@@ -45,12 +46,13 @@ def alpha_of(outs) -> float:
 def test_alpha_rises_on_a_repeated_stream(tokenizer):
     """A random draft distilled from the target's served outputs: alpha climbs on the same prompts."""
     engine, cfg = make(tokenizer)
-    distiller = OnlineDistiller(engine, cfg)
+    trainer = attach_trainer(engine, cfg)
+    distiller = trainer.distiller
     prompts = [tokenizer.encode(t) for t in TEXTS]
-    first = alpha_of(serve(engine, distiller, prompts))
+    first = alpha_of(serve(engine, trainer, prompts))
     for _ in range(5):
-        serve(engine, distiller, prompts)
-    last = alpha_of(serve(engine, distiller, prompts))
+        serve(engine, trainer, prompts)
+    last = alpha_of(serve(engine, trainer, prompts))
     engine.apply_pending_swap()  # the last offer goes live at the next verify step
     assert distiller.updates >= 10 and engine.draft_version == distiller.version
     assert first < 0.2
@@ -62,9 +64,10 @@ def test_output_stays_lossless_while_learning(tokenizer):
     from conftest import plain_greedy
 
     engine, cfg = make(tokenizer, update_interval=1)
-    distiller = OnlineDistiller(engine, cfg)
+    trainer = attach_trainer(engine, cfg)
+    distiller = trainer.distiller
     prompts = [tokenizer.encode(t) for t in TEXTS[:3]] * 2
-    outs = serve(engine, distiller, prompts)
+    outs = serve(engine, trainer, prompts)
     assert distiller.updates >= 3
     for p, o in zip(prompts, outs):
         assert o.token_ids == plain_greedy(engine.target, p, PARAMS.max_new_tokens)
@@ -74,15 +77,16 @@ def test_a_worse_update_is_rolled_back(tokenizer, monkeypatch):
     """An update made worse on purpose (gradient ascent) lowers probe alpha and is rolled back:
     weights, version and optimizer state unchanged, the rollback counted."""
     engine, cfg = make(tokenizer, probe_every=2, probe_size=4, lr=1e-2)
-    distiller = OnlineDistiller(engine, cfg)
+    trainer = attach_trainer(engine, cfg)
+    distiller = trainer.distiller
     prompts = [tokenizer.encode(t) for t in TEXTS]
     for _ in range(3):  # learn a little first, so there is something to lose
-        serve(engine, distiller, prompts)
+        serve(engine, trainer, prompts)
     before = {n: p.detach().clone() for n, p in distiller.trainable.items()}
     version, rollbacks = distiller.version, distiller.rollbacks
     honest = distiller.loss_on
     monkeypatch.setattr(distiller, "loss_on", lambda ex: -honest(ex))
-    entry = distiller.update()
+    entry = trainer.update()
     assert entry.outcome == "rolled_back", entry
     assert entry.probe_after < entry.probe_before - cfg.guard_tolerance
     assert distiller.rollbacks == rollbacks + 1 and distiller.version == version
@@ -95,15 +99,16 @@ def test_guard_reuses_probe_counts_only_under_the_same_weights(tokenizer, monkey
     accepted update's "after", or a rolled-back update's restored "before") and evaluates only the
     probe examples added since; it must equal a full probe pass every time."""
     engine, cfg = make(tokenizer, probe_every=2, probe_size=4, update_interval=2)
-    distiller = OnlineDistiller(engine, cfg)
+    trainer = attach_trainer(engine, cfg)
+    distiller = trainer.distiller
     real_update, honest = distiller.update, distiller.loss_on
     fresh_sizes, checked = [], []
 
-    def checked_update():
-        probe = distiller.buffer.probe_examples()
+    def checked_update(buffer):
+        probe = trainer.buffer.probe_examples()
         expected = distiller.probe_alpha(probe) if probe else None
         fresh = [e for e in probe if id(e) not in distiller._probe_cache]
-        entry = real_update()
+        entry = real_update(buffer)
         if entry is not None and probe:
             assert entry.probe_before == pytest.approx(expected, abs=1e-6)  # float32 mean vs exact ratio
             fresh_sizes.append(len(fresh))
@@ -115,18 +120,19 @@ def test_guard_reuses_probe_counts_only_under_the_same_weights(tokenizer, monkey
     for round_ in range(4):
         # round 2: updates made worse on purpose, rolled back, so the restored "before" counts are reused
         monkeypatch.setattr(distiller, "loss_on", (lambda ex: -honest(ex)) if round_ == 2 else honest)
-        serve(engine, distiller, prompts)
+        serve(engine, trainer, prompts)
     assert "accepted" in checked and "rolled_back" in checked, checked
     assert len(checked) >= 8 and max(fresh_sizes[1:]) < cfg.probe_size, fresh_sizes
 
 
 def test_nan_loss_is_discarded(tokenizer, monkeypatch):
     engine, cfg = make(tokenizer)
-    distiller = OnlineDistiller(engine, cfg)
-    serve(engine, distiller, [tokenizer.encode(t) for t in TEXTS[:1]])  # one request: no update yet
+    trainer = attach_trainer(engine, cfg)
+    distiller = trainer.distiller
+    serve(engine, trainer, [tokenizer.encode(t) for t in TEXTS[:1]])  # one request: no update yet
     before = {n: p.detach().clone() for n, p in distiller.trainable.items()}
     monkeypatch.setattr(distiller, "loss_on", lambda ex: torch.tensor(float("nan"), requires_grad=True))
-    entry = distiller.update()
+    entry = trainer.update()
     assert entry.outcome == "discarded_nan" and distiller.discarded == 1 and distiller.version == 0
     for n, p in distiller.trainable.items():
         assert torch.equal(p, before[n])
@@ -170,11 +176,12 @@ def test_swap_is_atomic_under_concurrent_decoding(tokenizer):
 
 def test_background_trainer_never_blocks_and_publishes(tokenizer):
     engine, cfg = make(tokenizer, background=True)
-    distiller = OnlineDistiller(engine, cfg)
+    trainer = attach_trainer(engine, cfg)
+    distiller = trainer.distiller
     prompts = [tokenizer.encode(t) for t in TEXTS]
-    serve(engine, distiller, prompts * 2)
-    distiller.wait_idle(timeout=60)
-    distiller.close()
+    serve(engine, trainer, prompts * 2)
+    trainer.wait_idle(timeout=60)
+    trainer.close()
     assert distiller.updates >= 1
     engine.apply_pending_swap()
     assert engine.draft_version == distiller.version
@@ -182,14 +189,15 @@ def test_background_trainer_never_blocks_and_publishes(tokenizer):
 
 def test_checkpoint_restart_resumes_the_draft_version(tokenizer, tmp_path):
     engine, cfg = make(tokenizer, checkpoint_every=1)
-    distiller = OnlineDistiller(engine, cfg, checkpoint_dir=str(tmp_path))
-    serve(engine, distiller, [tokenizer.encode(t) for t in TEXTS])
-    distiller.close()
+    trainer = attach_trainer(engine, cfg, str(tmp_path))
+    distiller = trainer.distiller
+    serve(engine, trainer, [tokenizer.encode(t) for t in TEXTS])
+    trainer.close()
     assert distiller.updates >= 2 and (tmp_path / "LATEST").is_file()
     trained = {n: p.detach().clone() for n, p in distiller.student.named_parameters()}
 
     engine2, cfg2 = make(tokenizer)  # a fresh process would start from the untrained draft
-    resumed = OnlineDistiller(engine2, cfg2, checkpoint_dir=str(tmp_path))
+    resumed = attach_trainer(engine2, cfg2, str(tmp_path)).distiller
     assert resumed.version == distiller.version == engine2.draft_version
     assert resumed.updates == distiller.updates
     for n, p in resumed.student.named_parameters():
@@ -253,14 +261,17 @@ def test_take_batch_prefers_fresh_requests_and_mixes_in_replay():
     assert len(batch) == 4 and sum(b.startswith("new") for b in batch) == 2 and len(set(batch)) == 4
 
 
-def test_example_builder_keeps_one_target_distribution_per_generated_token(tokenizer):
+def test_engine_keeps_one_target_distribution_per_generated_token(tokenizer):
+    """The Example the engine builds at the source: the target's top-K at every generated position,
+    equal to a plain forward over the whole output."""
     target = tiny_model("llama", 0)
     engine = SpeculativeEngine(target, tokenizer, tiny_model("llama", 7, layers=1), k=3)
-    builder = ExampleBuilder(top_k=5)
+    engine.teacher_top_k = 5
     prompt = tokenizer.encode("hello world")
+    finals = []
     out: RequestOutput = engine.generate([Request(prompt, SamplingParams(max_new_tokens=10, ignore_eos=True))],
-                                         on_record=builder.on_record)[0]
-    ex = builder.finish(out)
+                                         on_finish=finals.append)[0]
+    ex = finals[0].example
     assert ex.num_positions == len(out.token_ids) == 10 and ex.start == len(prompt)
     with torch.no_grad():
         full = target(torch.tensor([prompt + out.token_ids])).logits[0].softmax(-1)  # [T, vocab]
@@ -268,6 +279,65 @@ def test_example_builder_keeps_one_target_distribution_per_generated_token(token
     assert torch.equal(ex.top_ids.long(), ref.indices)
     assert torch.allclose(ex.top_probs.float(), ref.values, atol=1e-3)
     assert ex.top_ids[:, 0].tolist() == out.token_ids  # greedy: the target's top-1 was emitted
+
+
+def _examples_from_full_logits(records, out, top_k: int) -> Example:
+    """The examples as onspec built them before: per step record, the full-vocabulary target logits,
+    softmax and top-K on the listener's side, joined in order and cut to the kept output."""
+    ids, probs = [], []
+    for rec in records:
+        top = rec.target_logits.float().softmax(-1).topk(top_k, dim=-1)
+        ids.append(top.indices.to(torch.int32))
+        probs.append(top.values.to(torch.float16))
+    g = len(out.token_ids)
+    return Example(out.request_id, torch.tensor(out.prompt_ids + out.token_ids, dtype=torch.int32), len(out.prompt_ids),
+                   torch.cat(ids)[:g], torch.cat(probs)[:g])
+
+
+@pytest.mark.parametrize("sampling", [False, True])
+def test_examples_at_the_source_equal_the_ones_from_full_logits(sampling, tokenizer):
+    """A batch with rows of different lengths, budgets, a stop string and (parametrised) sampling:
+    each finished request's Example equals, bit for bit, the one built from full logits."""
+    target = tiny_model("llama", 0)
+    engine = SpeculativeEngine(target, tokenizer, tiny_model("llama", 7, layers=1), k=3)
+    engine.teacher_top_k, engine.record_logits = 8, True
+    extra = dict(temperature=0.9, seed=3) if sampling else {}
+    requests = [Request(tokenizer.encode(t), SamplingParams(max_new_tokens=n, ignore_eos=True, **extra))
+                for t, n in zip(TEXTS, (12, 30, 7, 21))]
+    requests.append(Request(tokenizer.encode("hello"), SamplingParams(max_new_tokens=30, stop=("e",), **extra)))
+    records, finals = {}, {}
+    outs = engine.generate(requests, on_record=lambda r: records.setdefault(r.request_id, []).append(r),
+                           on_finish=lambda o: finals.__setitem__(o.request_id, o.example))
+    for out in outs:
+        got, ref = finals[out.request_id], _examples_from_full_logits(records[out.request_id], out, 8)
+        assert got.start == ref.start and torch.equal(got.tokens, ref.tokens)
+        assert torch.equal(got.top_ids, ref.top_ids) and torch.equal(got.top_probs, ref.top_probs), out.request_id
+
+
+def test_worker_publishes_exactly_the_versions_the_distiller_accepted(tokenizer, monkeypatch):
+    """Accepted updates are published (in order, with their weights); rolled-back and discarded
+    ones are not; the engine serves the last published version."""
+    engine, cfg = make(tokenizer, probe_every=2, probe_size=4)
+    published = []
+    trainer = attach_trainer(engine, cfg)
+    offer = trainer.publish
+    trainer.publish = lambda v, w, a: (published.append((v, {n: t.clone() for n, t in w.items()})), offer(v, w, a))
+    honest = trainer.distiller.loss_on
+    prompts = [tokenizer.encode(t) for t in TEXTS]
+    for round_ in range(4):
+        # round 2: made worse on purpose (rolled back); round 3: NaN (discarded)
+        bad = {2: lambda ex: -honest(ex), 3: lambda ex: torch.tensor(float("nan"), requires_grad=True)}
+        monkeypatch.setattr(trainer.distiller, "loss_on", bad.get(round_, honest))
+        serve(engine, trainer, prompts)
+    outcomes = [h.outcome for h in trainer.distiller.history]
+    assert {"accepted", "rolled_back", "discarded_nan"} <= set(outcomes), outcomes
+    accepted = [h.version for h in trainer.distiller.history if h.outcome == "accepted"]
+    assert [v for v, _ in published] == accepted == trainer.published == list(range(1, len(accepted) + 1))
+    engine.apply_pending_swap()
+    assert engine.draft_version == accepted[-1]
+    for n, p in engine.draft.named_parameters():
+        if n in published[-1][1]:
+            assert torch.equal(p, published[-1][1][n]), n
 
 
 def test_replay_static_baseline_tf_equals_a_static_run(tmp_path):
@@ -282,7 +352,7 @@ def test_replay_static_baseline_tf_equals_a_static_run(tmp_path):
     from onspec.engine.engine import EngineConfig
     from onspec.engine.policy import PolicyConfig
     from onspec.models.pair import ModelConfig
-    from onspec.online.replay import ReplayConfig, run_replay
+    from onspec.apps.replay import ReplayConfig, run_replay
 
     tok = byte_tokenizer()
     target = tiny_model("llama", 0)

@@ -16,8 +16,10 @@ from onspec.data.streams import Query
 from onspec.engine.engine import Request, SpeculativeEngine
 from onspec.engine.records import RequestStats
 from onspec.engine.sampling import SamplingParams
-from onspec.online.trainer import OnlineDistiller, TrainerConfig
-from onspec.pool.pool import GENERAL, DraftPool, Member, PoolConfig
+from onspec.engine.engine import EngineConfig
+from onspec.online.distiller import TrainerConfig
+from onspec.pool.pool import GENERAL, PoolConfig
+from onspec.wiring import build_pool
 from onspec.pool.routers import ClusterRouter, FieldRouter, LanguageRouter
 
 # -- routers ------------------------------------------------------------------------------------------------
@@ -108,15 +110,10 @@ def _pool(tokenizer, drafts: int, tmp=None):
     target = tiny_model("llama", 0)
     trainer_cfg = TrainerConfig(background=False, update_interval=2, steps=6, lr=1e-2, positions="all",
                                 probe_every=0, batch_size=4, train_embeddings=True)
-
-    def make_member(name, model):
-        engine = SpeculativeEngine(target, tokenizer, model, k=3)
-        where = str(tmp / name) if tmp is not None else None
-        return Member(name, engine, OnlineDistiller(engine, trainer_cfg, checkpoint_dir=where))
-
-    general = make_member(GENERAL, _small_draft())
     cfg = PoolConfig(drafts=drafts, router="field", general_share=0.0, open_after=1)
-    return DraftPool(cfg, general, make_member), FieldRouter()
+    pool, _ = build_pool(target, tokenizer, _small_draft(), EngineConfig(k=3), pool_cfg=cfg, trainer_cfg=trainer_cfg,
+                         checkpoints=tmp, engine_factory=lambda model: SpeculativeEngine(target, tokenizer, model, k=3))
+    return pool, FieldRouter()
 
 
 def _serve(pool, router, tokenizer, rounds: int) -> dict[str, list[float]]:
@@ -128,8 +125,7 @@ def _serve(pool, router, tokenizer, rounds: int) -> dict[str, list[float]]:
                 ids = tokenizer.encode(t)
                 key = router.route(q, ids) if pool.cfg.drafts > 1 else None
                 m = pool.pick(key)
-                out = m.engine.generate([Request(ids, PARAMS)], on_record=m.distiller.on_record,
-                                        on_finish=m.distiller.on_finish)[0]
+                out = m.engine.generate([Request(ids, PARAMS)], on_finish=m.trainer.on_output)[0]
                 pool.observe(key, m, out.stats.alpha)
                 alphas[domain].append(out.stats.alpha)
     return alphas
@@ -144,7 +140,7 @@ def test_each_specialist_learns_its_domain_and_one_shared_draft_does_worse(token
     last = lambda xs: sum(xs[-8:]) / 8  # noqa: E731
     for d in DOMAINS:  # every specialist's alpha rises on its own domain
         assert last(multi[d]) > sum(multi[d][:4]) / 4 + 0.2, (d, multi[d])
-        assert pool.members[d].distiller.updates >= 5
+        assert pool.members[d].trainer.distiller.updates >= 5
     assert any(last(single[d]) < last(multi[d]) - 0.02 for d in DOMAINS), (
         {d: last(single[d]) for d in DOMAINS}, {d: last(multi[d]) for d in DOMAINS})
 
@@ -152,15 +148,15 @@ def test_each_specialist_learns_its_domain_and_one_shared_draft_does_worse(token
 def test_pool_checkpoints_restore_every_drafts_version(tokenizer, tmp_path):
     pool, router = _pool(tokenizer, drafts=3, tmp=tmp_path)
     _serve(pool, router, tokenizer, rounds=2)
-    versions = {m.name: m.distiller.version for m in pool.all_members}
+    versions = {m.name: m.trainer.version for m in pool.all_members}
     for m in pool.all_members:
-        m.distiller.checkpoint()
+        m.trainer.checkpoint()
     pool.save_manifest(tmp_path, router.state_dict())
     assert len(versions) == 3 and all(versions[d] >= 1 for d in DOMAINS)
 
     restored, _ = _pool(tokenizer, drafts=3, tmp=tmp_path)
     restored.restore(tmp_path)
-    assert {m.name: m.distiller.version for m in restored.all_members} == versions
+    assert {m.name: m.trainer.version for m in restored.all_members} == versions
     assert {m.name: m.engine.draft_version for m in restored.all_members} == versions
     for name, m in restored.members.items():  # the weights came back, not just the numbers
         pool.members[name].engine.apply_pending_swap()  # the last update goes live at the next step
@@ -183,19 +179,15 @@ def test_a_specialist_worse_than_the_general_draft_is_degraded(tokenizer):
 def test_clones_share_the_frozen_embedding_table(tokenizer):
     target = tiny_model("llama", 0)
     cfg = TrainerConfig(background=False)  # embeddings frozen by default
-
-    def make_member(name, model):
-        engine = SpeculativeEngine(target, tokenizer, model, k=2)
-        return Member(name, engine, OnlineDistiller(engine, cfg))
-
     draft = noisy_copy(tiny_model("llama", 0), 0.1, seed=2)
-    pool = DraftPool(PoolConfig(drafts=3, router="field", open_after=1), make_member(GENERAL, draft), make_member)
+    pool, _ = build_pool(target, tokenizer, draft, EngineConfig(k=2), pool_cfg=PoolConfig(drafts=3, router="field", open_after=1),
+                         trainer_cfg=cfg, engine_factory=lambda model: SpeculativeEngine(target, tokenizer, model, k=2))
     one = pool.memory_bytes()
     pool.pick("a"), pool.pick("b")
     emb = draft.get_input_embeddings().weight
     for m in pool.members.values():
         assert m.engine.draft.get_input_embeddings().weight.data_ptr() == emb.data_ptr()
-        assert m.distiller.student.get_input_embeddings().weight.data_ptr() == emb.data_ptr()
+        assert m.trainer.distiller.student.get_input_embeddings().weight.data_ptr() == emb.data_ptr()
     per_extra = pool.memory_per_extra_draft()
     assert per_extra < one  # an extra draft costs less than the first (the table is shared)
 
@@ -207,7 +199,7 @@ def test_replay_with_field_and_cluster_routers(tmp_path):
     from onspec.engine.engine import EngineConfig
     from onspec.engine.policy import PolicyConfig
     from onspec.models.pair import ModelConfig
-    from onspec.online.replay import ReplayConfig, run_replay
+    from onspec.apps.replay import ReplayConfig, run_replay
 
     tok = byte_tokenizer()
     target = tiny_model("llama", 0)
@@ -239,7 +231,7 @@ def test_replay_with_field_and_cluster_routers(tmp_path):
 
 
 def test_interleaved_and_concatenated_stream_segments(tmp_path):
-    from onspec.online.replay import ReplayConfig, load_stream
+    from onspec.apps.replay import ReplayConfig, load_stream
 
     for name, n in (("a", 2), ("b", 4)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"prompt": f"{name}{i}"}) + "\n" for i in range(n)))
@@ -254,7 +246,7 @@ def test_replay_reports_alpha_per_segment_of_a_shift_stream(tmp_path):
     from onspec.engine.engine import EngineConfig
     from onspec.engine.policy import PolicyConfig
     from onspec.models.pair import ModelConfig
-    from onspec.online.replay import ReplayConfig, run_replay
+    from onspec.apps.replay import ReplayConfig, run_replay
 
     tok = byte_tokenizer()
     target = tiny_model("llama", 0)

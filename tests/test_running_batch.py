@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from conftest import ARCHS, cached_draft, cached_model, reference_greedy
 
-from onspec.engine.engine import Request, RunningBatch, SpeculativeEngine
+from onspec.engine.engine import Request, SpeculativeEngine
 from onspec.engine.sampling import SamplingParams
 
 TEXTS = ("hello world", "a", "the quick brown fox jumps over", "def f(x):\n    return")
@@ -14,18 +14,19 @@ TEXTS = ("hello world", "a", "the quick brown fox jumps over", "def f(x):\n    r
 
 def _run_staggered(engine, requests, join_at, cancel=None):
     """requests[i] joins before step join_at[i]; `cancel` = (request index, step) drops one."""
-    batch, outputs, step = RunningBatch(engine), {}, 0
+    outputs, step = {}, 0
     pending = sorted(range(len(requests)), key=lambda i: join_at[i])
-    while pending or batch:
+    while pending or engine.num_running:
         joining = [i for i in pending if join_at[i] <= step]
         pending = [i for i in pending if join_at[i] > step]
-        batch.add([requests[i] for i in joining])
+        engine.add([requests[i] for i in joining])
         if cancel is not None and step == cancel[1]:
-            dropped = batch.cancel(requests[cancel[0]].request_id)
-            assert dropped is not None and dropped.finish_reason == "abort"
-            outputs[dropped.request.request_id] = dropped.output()
-        for s in batch.step():
-            outputs[s.request.request_id] = s.output()
+            dropped = engine.cancel(requests[cancel[0]].request_id)
+            assert dropped is not None and dropped.finish_reason == "abort" and dropped.finished
+            outputs[dropped.request_id] = dropped.output
+        for o in engine.step():
+            if o.finished:
+                outputs[o.request_id] = o.output
         step += 1
     return [outputs[r.request_id] for r in requests]
 
@@ -66,12 +67,31 @@ def test_cancelled_row_leaves_and_others_are_unaffected(tokenizer):
 
 def test_an_invalid_request_is_refused_without_touching_the_batch(tokenizer):
     engine = SpeculativeEngine(cached_model("llama"), tokenizer, cached_draft("llama", "noisy"), k=2)
-    batch = RunningBatch(engine)
     ok = Request(tokenizer.encode("hello"), SamplingParams(max_new_tokens=8, ignore_eos=True))
-    batch.add([ok])
+    engine.add([ok])
     with pytest.raises(ValueError, match="empty"):
-        batch.add([Request([], SamplingParams())])
-    assert len(batch) == 1
-    while batch:
-        done = batch.step()
-    assert done[0].generated == reference_greedy("llama", ok.prompt_ids, 8)
+        engine.add([Request([], SamplingParams())])
+    assert engine.num_running == 1
+    while engine.num_running:
+        done = engine.step()
+    assert done[0].output.token_ids == reference_greedy("llama", ok.prompt_ids, 8)
+
+
+def test_step_outputs_stream_the_whole_output(tokenizer):
+    """The StepOutputs of a request add up to its output: token ids, and the incremental text
+    (with a stop string held back, then cut) equals the text decoded at the end."""
+    engine = SpeculativeEngine(cached_model("llama"), tokenizer, cached_draft("llama", "noisy"), k=3)
+    whole = engine.generate([Request(tokenizer.encode("hello"), SamplingParams(max_new_tokens=40, ignore_eos=True))])[0]
+    for stop in ((), (whole.text[10:13],)):
+        params = SamplingParams(max_new_tokens=40, ignore_eos=True, stop=stop)
+        engine.add([Request(tokenizer.encode("hello"), params), Request(tokenizer.encode("a"), params)])
+        ids, text, last = {}, {}, {}
+        while engine.num_running:
+            for o in engine.step():
+                ids.setdefault(o.request_id, []).extend(o.token_ids)
+                text[o.request_id] = text.get(o.request_id, "") + o.text
+                if o.finished:
+                    last[o.request_id] = o.output
+        assert len(last) == 2
+        for rid, out in last.items():
+            assert ids[rid] == out.token_ids and text[rid] == out.text

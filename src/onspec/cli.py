@@ -45,10 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the models that run offline (short names for --target / --draft)")
     models.set_defaults(run=cmd_models)
 
-    from onspec.bench.bench import BenchConfig, run_bench
-    from onspec.online.distill import DistillConfig, run_distill
-    from onspec.online.replay import ReplayConfig, run_replay
-    from onspec.online.trainer import TrainerConfig
+    from onspec.apps.bench import BenchConfig, run_bench
+    from onspec.apps.distill import DistillConfig, run_distill
+    from onspec.apps.replay import ReplayConfig, run_replay
+    from onspec.online.distiller import TrainerConfig
     from onspec.pool.pool import PoolConfig
 
     models = (ModelConfig, ("no_draft",))
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     from onspec.serve.config import ServerConfig
 
     def run_serve(*configs):
-        from onspec.serve.server import run_serve as serve
+        from onspec.apps.serve import run_serve as serve
 
         serve(*configs)
 

@@ -1,7 +1,8 @@
 """Draft-then-verify decoding: the engine, its KV cache, the verifiers and the records it yields."""
 
-from onspec.engine.engine import EngineConfig, Request, RunningBatch, SpeculativeEngine
-from onspec.engine.records import RequestOutput, RequestStats, StepRecord
+from onspec.engine.engine import EngineConfig, Request, SpeculativeEngine
+from onspec.engine.records import Example, RequestOutput, RequestStats, StepOutput, StepRecord
 from onspec.engine.sampling import SamplingParams
 
-__all__ = ["EngineConfig", "Request", "RequestOutput", "RunningBatch", "RequestStats", "SamplingParams", "SpeculativeEngine", "StepRecord"]
+__all__ = ["EngineConfig", "Example", "Request", "RequestOutput", "RequestStats", "SamplingParams",
+           "SpeculativeEngine", "StepOutput", "StepRecord"]

@@ -5,6 +5,12 @@ forward pass; `verify` (a pure function) decides; both caches roll back what was
 Without a draft (or with k = 0) the same loop is plain target-only decoding: the baseline.
 Rows of a batch have their own prompt lengths, sampling parameters, RNG streams and numbers of
 accepted tokens; a finished row leaves the batch at once.
+
+The interface a server drives (vLLM's LLMEngine shape): `add(request)` prefills it and it joins
+the running batch between steps; `step()` runs one verify step for every running request and
+returns a `StepOutput` per request (its new tokens and new text, and on the last one the whole
+output and, when a trainer listens, the request's lesson as one `Example`); `cancel(id)` drops a
+request at once. `generate` is add-then-step-until-done, for offline use.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from typing import Callable
 import torch
 
 from onspec.config import option
-from onspec.engine.records import RequestOutput, RequestStats, StepRecord
+from onspec.engine.detok import IncrementalDetokenizer
+from onspec.engine.records import Example, RequestOutput, RequestStats, StepOutput, StepRecord
 from onspec.engine.runner import ModelRunner
 from onspec.engine.policy import AdaptiveK
 from onspec.engine.sampling import SamplingParams, gumbel_noise, process_logits, sample
@@ -70,8 +77,13 @@ class _Sequence:
     generator: torch.Generator
     stats: RequestStats
     started: float
+    detok: IncrementalDetokenizer
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    sent: int = 0
+    """Characters of detok.text already handed out in StepOutputs."""
+    teacher: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    """Per verify step, the target's top-K ids and probabilities at the emitted positions."""
     _noise: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -102,7 +114,7 @@ class _Sequence:
 
 
 RecordCallback = Callable[[StepRecord], None]
-FinishCallback = Callable[[RequestOutput], None]
+FinishCallback = Callable[[StepOutput], None]
 
 
 class SpeculativeEngine:
@@ -122,13 +134,65 @@ class SpeculativeEngine:
         self.policy = policy if draft is not None else None
         """Optional adaptive choice of k per step (engine/policy.py); None = always k."""
         self.draft_version = 0
+        """The version of the draft weights live in this engine (0 = as loaded)."""
+        self.teacher_top_k = 0
+        """> 0: keep the target's top-K distribution at every emitted position and hand each finished
+        request's `Example` out with its last StepOutput (set by whoever trains on the traffic)."""
+        self.record_logits = False
+        """Put full-vocabulary target and draft logits into StepRecords (analysis and tests only)."""
+        self._rows: list[_Sequence] = []
+        self._target_runner: ModelRunner | None = None
+        self._draft_runner: ModelRunner | None = None
         self._swap_lock = threading.Lock()
         self._pending_swap: tuple[dict, int, float | None] | None = None
         self.device = next(target.parameters()).device
         self.eos_ids = _eos_ids(target, tokenizer)
         self.max_context = getattr(target.config, "max_position_embeddings", None)
 
-    # -- the ladder ---------------------------------------------------------------------------
+    # -- the interface -------------------------------------------------------------------------
+
+    def add(self, requests: Request | list[Request]) -> None:
+        """Admit and prefill requests; they join the running batch before the next step.
+        Raises ValueError (and admits none of them) if one is invalid."""
+        seqs = [self._admit(r) for r in ([requests] if isinstance(requests, Request) else requests)]
+        if not seqs:
+            return
+        self.apply_pending_swap()
+        target, draft = self._prefill(seqs)
+        if self._target_runner is None:
+            self._target_runner, self._draft_runner = target, draft
+        else:
+            self._target_runner.extend(target)
+            if draft is not None:
+                self._draft_runner.extend(draft)
+        self._rows += seqs
+
+    def step(self, on_record: RecordCallback | None = None) -> list[StepOutput]:
+        """One verify step for every running request; one StepOutput per request, in batch order.
+        Finished requests (their `finished` is True) have left the batch. `on_record` gets each
+        request's StepRecord."""
+        if not self._rows:
+            return []
+        rows = self._rows
+        steps = self._verify_step(rows, on_record)
+        outputs = [self._step_output(s, kept, k, v) for s, (kept, k, v) in zip(rows, steps)]
+        if any(s.finish_reason is not None for s in rows):
+            self._keep([r for r, s in enumerate(rows) if s.finish_reason is None])
+        return outputs
+
+    def cancel(self, request_id: str) -> StepOutput | None:
+        """Drop a running request at once (e.g. its client went away); its slot is freed.
+        Returns its last StepOutput (finish reason 'abort'), or None if it is not running."""
+        for r, s in enumerate(self._rows):
+            if s.request.request_id == request_id:
+                s.finish_reason = "abort"
+                self._keep([i for i in range(len(self._rows)) if i != r])
+                return self._step_output(s, [], 0, None)
+        return None
+
+    @property
+    def num_running(self) -> int:
+        return len(self._rows)
 
     def generate(
         self,
@@ -136,15 +200,21 @@ class SpeculativeEngine:
         on_record: RecordCallback | None = None,
         on_finish: FinishCallback | None = None,
     ) -> list[RequestOutput]:
-        """Decode a batch of requests to completion; outputs in request order.
-        `on_record` gets every verify step's record, `on_finish` every output as its row ends."""
-        batch = RunningBatch(self)
-        seqs = batch.add(requests)
-        while batch:
-            for s in batch.step(on_record):
-                if on_finish is not None:
-                    on_finish(s.output())
-        return [s.output() for s in seqs]
+        """Decode requests to completion (with any already running); outputs in request order.
+        `on_record` gets every verify step's record, `on_finish` each request's last StepOutput."""
+        self.add(requests)
+        done: dict[str, RequestOutput] = {}
+        wanted = {r.request_id for r in requests}
+        while not wanted <= done.keys():
+            for o in self.step(on_record):
+                if o.finished:
+                    if o.request_id in wanted:
+                        done[o.request_id] = o.output
+                    if on_finish is not None:
+                        on_finish(o)
+        return [done[r.request_id] for r in requests]
+
+    # -- one verify step ---------------------------------------------------------------------
 
     def _prefill(self, seqs: list[_Sequence]) -> tuple[ModelRunner, ModelRunner | None]:
         prompts = [s.request.prompt_ids for s in seqs]
@@ -160,14 +230,11 @@ class SpeculativeEngine:
             s.stats.prefill_time_s = time.perf_counter() - t0
         return target, draft
 
-    def step(
-        self,
-        rows: list[_Sequence],
-        target: ModelRunner,
-        draft: ModelRunner | None,
-        on_record: RecordCallback | None = None,
-    ) -> bool:
-        """One speculative step for every row. Returns True if any row finished."""
+    def _verify_step(self, rows: list[_Sequence], on_record: RecordCallback | None
+                     ) -> list[tuple[list[int], int, Verdict]]:
+        """Propose, score, verify and commit one step for every row; per row (the tokens kept after
+        stopping, k, the verdict)."""
+        target, draft = self._target_runner, self._draft_runner
         self.apply_pending_swap()
         if self.vocab is not None and (ids := self.vocab.maybe_refresh()) is not None:
             self.fast.set_vocab(ids)  # the served tokens moved the most frequent set
@@ -196,7 +263,9 @@ class SpeculativeEngine:
         if self.vocab is not None:
             for tokens in emitted:
                 self.vocab.observe(tokens)
-        any_finished = False
+        if self.teacher_top_k:
+            self._keep_teacher(rows, target_logits, accepted)
+        steps = []
         for r, (s, v) in enumerate(zip(rows, verdicts)):
             s.stats.observe(ks[r], v.num_accepted)
             s.stats.draft_time_s += t1 - t_start
@@ -205,8 +274,8 @@ class SpeculativeEngine:
             s.stats.target_forwards += 1
             if on_record is not None:
                 on_record(self._record(s, r, ks[r], proposal, target_logits, v))
-            any_finished |= self._append(s, v.tokens)
-        return any_finished
+            steps.append((self._append(s, v.tokens), ks[r], v))
+        return steps
 
     def propose(self, draft: ModelRunner, rows: list[_Sequence], ks: list[int]) -> Proposal:
         """The draft proposes max(ks) tokens per row, one forward pass each; a sampling row draws
@@ -303,104 +372,100 @@ class SpeculativeEngine:
             generator=generator,
             stats=RequestStats(k=self.k),
             started=time.perf_counter(),
+            detok=IncrementalDetokenizer(self.tokenizer),
         )
 
     def _choose_k(self, rows: list[_Sequence], k_max: int) -> list[int]:
         """Per row: no more than (remaining budget - 1) proposals, as the step adds one more token."""
         return [max(0, min(k_max, s.params.max_new_tokens - len(s.generated) - 1)) for s in rows]
 
-    def _append(self, seq: _Sequence, tokens: list[int]) -> bool:
+    def _append(self, seq: _Sequence, tokens: list[int]) -> list[int]:
+        """Commit a step's tokens up to any stop; returns the ones kept."""
         result = seq.stop.check(seq.generated, tokens)
-        seq.generated.extend(tokens[: result.keep])
+        kept = tokens[: result.keep]
+        seq.generated.extend(kept)
         for key in [key for key in seq._noise if key[0] < len(seq.generated)]:
             del seq._noise[key]
         seq.stats.generated = len(seq.generated)
         seq.stats.wall_time_s = time.perf_counter() - seq.started
         if result.reason is not None:
             seq.finish_reason = result.reason
-            return True
-        return False
+        return kept
+
+    def _step_output(self, seq: _Sequence, kept: list[int], k: int, verdict: Verdict | None) -> StepOutput:
+        """The request's new tokens and text of this step; on its last step the whole output.
+        While it runs, text that could still be the start of a stop string is held back."""
+        seq.detok.push(kept)
+        finished = seq.finish_reason is not None
+        if finished:
+            output = seq.output()
+            text, end = output.text, len(output.text)
+        else:
+            output, text = None, seq.detok.text
+            end = len(text) - max((len(x) - 1 for x in seq.params.stop), default=0)
+        delta = text[seq.sent:end] if end > seq.sent else ""
+        seq.sent = max(seq.sent, end)
+        return StepOutput(
+            request_id=seq.request.request_id, token_ids=kept, text=delta, finished=finished,
+            finish_reason=seq.finish_reason, proposed=k, accepted=verdict.num_accepted if verdict else 0,
+            draft_version=self.draft_version, output=output,
+            example=self._example(seq) if finished and self.teacher_top_k and seq.finish_reason != "abort" else None,
+        )
+
+    def _keep_teacher(self, rows: list[_Sequence], target_logits: torch.Tensor, accepted: list[int]) -> None:
+        """The target's top-K at each row's emitted positions: one batched softmax + top-k on the
+        model's device, one copy to the host per step."""
+        n = max(accepted) + 1
+        top = target_logits[:, :n].float().softmax(-1).topk(min(self.teacher_top_k, target_logits.shape[-1]), dim=-1)
+        ids, probs = top.indices.to(torch.int32).cpu(), top.values.to(torch.float16).cpu()
+        for r, s in enumerate(rows):
+            s.teacher.append((ids[r, : accepted[r] + 1], probs[r, : accepted[r] + 1]))
+
+    def _example(self, seq: _Sequence) -> Example | None:
+        """A finished request as training data: one teacher distribution per generated token."""
+        if not seq.generated or not seq.teacher:
+            return None
+        g = len(seq.generated)  # positions past the kept output (stop-trimmed) are dropped
+        return Example(
+            request_id=seq.request.request_id,
+            tokens=torch.tensor(seq.request.prompt_ids + seq.generated, dtype=torch.int32),
+            start=len(seq.request.prompt_ids),
+            top_ids=torch.cat([ids for ids, _ in seq.teacher])[:g],
+            top_probs=torch.cat([probs for _, probs in seq.teacher])[:g],
+            draft_version=self.draft_version,
+        )
 
     def _record(
         self, seq: _Sequence, row: int, k: int, proposal: Proposal | None, target_logits: torch.Tensor, v: Verdict
     ) -> StepRecord:
         n = v.num_accepted
-        context = seq.request.prompt_ids + seq.generated
+        full = self.record_logits
         return StepRecord(
             request_id=seq.request.request_id,
             step=seq.stats.steps - 1,
-            position=len(context),
-            context=torch.tensor(context),
+            position=len(seq.request.prompt_ids) + len(seq.generated),
             proposed=proposal.tokens[row, :k].cpu() if k else torch.empty(0, dtype=torch.long),
             num_accepted=n,
             emitted=list(v.tokens),
-            target_logits=target_logits[row, : n + 1].clone(),
-            draft_logits=self.fast.to_full_logits(proposal.logits[row, : min(n + 1, k)]).clone() if k else None,
+            target_logits=target_logits[row, : n + 1].clone() if full else None,
+            draft_logits=(self.fast.to_full_logits(proposal.logits[row, : min(n + 1, k)]).clone()
+                          if full and k else None),
             draft_version=self.draft_version,
         )
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only these rows of the running batch."""
+        self._rows = [self._rows[r] for r in keep]
+        if not keep:
+            self._target_runner = self._draft_runner = None
+            return
+        self._target_runner.select(keep)
+        if self._draft_runner is not None:
+            self._draft_runner.select(keep)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-class RunningBatch:
-    """The requests decoding together. Requests join (prefilled on their own, then appended to
-    the caches) and leave (finished or cancelled) between steps, so a server can keep one batch
-    running while traffic comes and goes; each row's output is the same as if it ran alone."""
-
-    def __init__(self, engine: SpeculativeEngine) -> None:
-        self.engine = engine
-        self.rows: list[_Sequence] = []
-        self._target: ModelRunner | None = None
-        self._draft: ModelRunner | None = None
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def add(self, requests: list[Request]) -> list[_Sequence]:
-        """Admit and prefill requests; raises ValueError (nothing admitted) if one is invalid."""
-        seqs = [self.engine._admit(r) for r in requests]
-        if not seqs:
-            return []
-        self.engine.apply_pending_swap()
-        target, draft = self.engine._prefill(seqs)
-        if self._target is None:
-            self._target, self._draft = target, draft
-        else:
-            self._target.extend(target)
-            if draft is not None:
-                self._draft.extend(draft)
-        self.rows += seqs
-        return seqs
-
-    def step(self, on_record: RecordCallback | None = None) -> list[_Sequence]:
-        """One verify step for every row; returns the rows that finished (they have left)."""
-        if not self.rows:
-            return []
-        if not self.engine.step(self.rows, self._target, self._draft, on_record):
-            return []
-        done = [s for s in self.rows if s.finish_reason is not None]
-        self._keep([r for r, s in enumerate(self.rows) if s.finish_reason is None])
-        return done
-
-    def cancel(self, request_id: str) -> _Sequence | None:
-        """Drop a request at once (e.g. its client went away); its slot is freed."""
-        for r, s in enumerate(self.rows):
-            if s.request.request_id == request_id:
-                s.finish_reason = "abort"
-                self._keep([i for i in range(len(self.rows)) if i != r])
-                return s
-        return None
-
-    def _keep(self, keep: list[int]) -> None:
-        self.rows = [self.rows[r] for r in keep]
-        if not keep:
-            self._target = self._draft = None
-            return
-        self._target.select(keep)
-        if self._draft is not None:
-            self._draft.select(keep)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

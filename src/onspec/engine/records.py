@@ -1,8 +1,10 @@
-"""Data carriers between the engine and whoever listens: per-step records and per-request stats.
+"""Data carriers between the engine and whoever listens.
 
-A `StepRecord` is what one verify step already computed for one request. The online distiller
-consumes these (it never re-runs the target for teacher logits); the engine hands them to the
-`on_record` callback as they happen.
+- `StepOutput`: what `SpeculativeEngine.step` returns per request (new tokens and text; at the end
+  the whole `RequestOutput` and, when a trainer listens, the request's `Example`).
+- `StepRecord`: one verify step of one request in detail, for metrics and analysis (`on_record`).
+- `Example`: a served request as training data, built by the engine from what its verify steps
+  already computed (the trainer never re-runs the target for teacher logits).
 """
 
 from __future__ import annotations
@@ -19,20 +21,20 @@ class StepRecord:
     """Index of this verify step within the request (0-based)."""
     position: int
     """Position (in prompt + generated tokens) of the first verified token, i.e. the token the
-    target predicted at target_logits[0]."""
-    context: torch.Tensor
-    """All token ids before `position` (prompt and generated so far). [position]"""
+    target predicted at target_logits[0]; the tokens before it are the prompt and the output so far."""
     proposed: torch.Tensor
     """The draft's proposed tokens x_1..x_k. [k] (k = 0 on a target-only step)"""
     num_accepted: int
     emitted: list[int]
     """Tokens appended by this step: accepted prefix + recovered/bonus token (before stop-trimming)."""
-    target_logits: torch.Tensor
-    """Raw target logits at the verified positions: [num_accepted + 1, vocab]. Row i predicts the
-    token at position + i given context + emitted[:i]. Positions after the first rejection are not
+    target_logits: torch.Tensor | None
+    """Only with `engine.record_logits` (analysis, tests), else None. Raw target logits at the
+    verified positions: [num_accepted + 1, vocab]. Row i predicts the token at position + i given
+    the tokens before `position` + emitted[:i]. Positions after the first rejection are not
     included: they were conditioned on rejected draft tokens, which are not in the sequence."""
     draft_logits: torch.Tensor | None
-    """Raw draft logits at the same positions, where the draft proposed: [min(num_accepted + 1, k), vocab]."""
+    """Only with `engine.record_logits`: raw draft logits at the same positions, where the draft
+    proposed: [min(num_accepted + 1, k), vocab]; None on a target-only step."""
     draft_version: int = 0
 
     @property
@@ -142,3 +144,54 @@ class RequestOutput:
             "finish_reason": self.finish_reason,
             **self.stats.to_dict(),
         }
+
+
+@dataclass(eq=False)  # compared by identity: it holds tensors
+class Example:
+    """One served request as training data: per generated position, the target's top-K token ids
+    (int32) and probabilities (float16, temperature 1); the leftover mass is 1 - their sum.
+    K * 6 + 4 bytes per token (196 B at K = 32) against 2 bytes per vocabulary entry for a full
+    float16 distribution (304 KB per token for Qwen2.5's 151,936 tokens)."""
+
+    request_id: str
+    tokens: torch.Tensor
+    """int32 [T]: prompt + generated tokens."""
+    start: int
+    """Index of the first generated token (the prompt length)."""
+    top_ids: torch.Tensor
+    """int32 [G, K]: the target's top-K token ids at generated positions start .. start+G-1."""
+    top_probs: torch.Tensor
+    """float16 [G, K]: their probabilities (temperature 1); 1 - row sum is the leftover mass."""
+    draft_version: int = 0
+    source: str = ""
+
+    @property
+    def num_positions(self) -> int:
+        return int(self.top_ids.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.tokens, self.top_ids, self.top_probs))
+
+
+@dataclass
+class StepOutput:
+    """One request's part of one engine step."""
+
+    request_id: str
+    token_ids: list[int]
+    """Tokens this step added to the output (after stop handling)."""
+    text: str
+    """Text they complete (incremental detokenisation; a possible stop-string start is held back)."""
+    finished: bool = False
+    finish_reason: str | None = None
+    """With `finished`: 'stop', 'length' or 'abort'."""
+    proposed: int = 0
+    """Draft tokens proposed for this request in this step (k), and how many were accepted."""
+    accepted: int = 0
+    draft_version: int = 0
+    """The draft version that proposed them."""
+    output: RequestOutput | None = None
+    """On the last step: the whole output with its stats."""
+    example: Example | None = None
+    """On the last step, when the engine keeps teacher data: the request as training data."""

@@ -37,10 +37,14 @@ class StopChecker:
     def _stop_string(self, generated: list[int], new: list[int]) -> StopResult | None:
         if not self.params.stop:
             return None
-        if not any(s in self.text(generated + new) for s in self.params.stop):
+        # A stop string completed now ends in the new tokens' text and spans at most its length
+        # before it: decode only a tail of the output (a token is at least one character, or a
+        # piece of one of at most 4 bytes), not the whole output every step.
+        tail = generated[-(4 * max(len(s) for s in self.params.stop) + 4):]
+        if not any(s in self.text(tail + new) for s in self.params.stop):
             return None
         for i in range(1, len(new) + 1):  # the first new token that completes a stop string
-            if any(s in self.text(generated + new[:i]) for s in self.params.stop):
+            if any(s in self.text(tail + new[:i]) for s in self.params.stop):
                 return StopResult(i, "stop")
         return None  # a stop string already present before this step cannot happen
 

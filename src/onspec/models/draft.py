@@ -12,6 +12,8 @@ import copy
 import hashlib
 from pathlib import Path
 
+import torch
+
 from transformers import AutoModelForCausalLM
 
 from onspec.models.loading import LoadedModel, ModelSpecError, _atomic_save_dir, cache_dir, load_model
@@ -78,3 +80,17 @@ def check_compatible(target: LoadedModel, draft: LoadedModel) -> None:
             f"draft {draft.source} has an LM head over {d_rows} ids, the target over {t_rows}: "
             "the draft's and target's distributions must cover the same ids"
         )
+
+
+def frozen_tables(model, train_embeddings: bool) -> dict:
+    """A deepcopy memo that shares the (tied) float32 embedding table instead of copying it, when
+    training leaves it frozen: drafts cloned with it, and their students, cost only their layers."""
+    if train_embeddings:
+        return {}
+    return {id(p): p for p in model.parameters() if is_embedding(model, p) and p.dtype == torch.float32}
+
+
+def is_embedding(model, p: torch.nn.Parameter) -> bool:
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    return p is emb or (out is not None and p is out.weight and out.weight is emb)

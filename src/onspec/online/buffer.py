@@ -1,15 +1,10 @@
-"""Served requests turned into training data, without running the target again.
+"""The replay buffer: served requests as training data, bounded, with a held-back probe.
 
-Every generated token was predicted by the target exactly once, in the verify step that emitted
-it; the engine's `StepRecord`s carry those logits. `ExampleBuilder` keeps, per generated
-position, the target's top-K probabilities (float16) and their token ids (int32); the leftover
-mass is 1 - sum(top-K). Memory per buffered token: K * (2 + 4) bytes + 4 bytes for the token id
-(196 B at the default K = 32), against 98 KB for a full fp16 distribution over SmolLM2's
-49,152-token vocabulary.
-
-`ReplayBuffer` holds examples up to a capacity in tokens (generated positions); when full it
-evicts the oldest examples first (FIFO). Every `probe_every`-th request is held back as a probe
-(never trained on) so the trainer's guard can measure a new draft on data it has not seen.
+The engine turns each finished request into an `Example` (engine/records.py): per generated
+position, the target's top-K probabilities as the verify step computed them. `ReplayBuffer` holds
+examples up to a capacity in tokens (generated positions); when full it evicts the oldest examples
+first (FIFO). Every `probe_every`-th request is held back as a probe (never trained on) so the
+distiller's guard can measure a new draft on data it has not seen.
 """
 
 from __future__ import annotations
@@ -18,84 +13,12 @@ import os
 import random
 import threading
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 
-from onspec.engine.records import RequestOutput, StepRecord
+from onspec.engine.records import Example
 
-
-@dataclass(eq=False)  # compared by identity: it holds tensors
-class Example:
-    """One served request as training data."""
-
-    request_id: str
-    tokens: torch.Tensor
-    """int32 [T]: prompt + generated tokens."""
-    start: int
-    """Index of the first generated token (the prompt length)."""
-    top_ids: torch.Tensor
-    """int32 [G, K]: the target's top-K token ids at generated positions start .. start+G-1."""
-    top_probs: torch.Tensor
-    """float16 [G, K]: their probabilities (temperature 1); 1 - row sum is the leftover mass."""
-    draft_version: int = 0
-    source: str = ""
-
-    @property
-    def num_positions(self) -> int:
-        return int(self.top_ids.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.tokens, self.top_ids, self.top_probs))
-
-
-class ExampleBuilder:
-    """Collects the compact teacher distributions of in-flight requests from step records."""
-
-    def __init__(self, top_k: int = 32) -> None:
-        if top_k < 1:
-            raise ValueError(f"teacher top-k must be >= 1, got {top_k}")
-        self.top_k = top_k
-        self._rows: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
-        self._lock = threading.Lock()
-
-    def on_record(self, rec: StepRecord) -> None:
-        probs = rec.target_logits.float().softmax(-1)  # [n+1, vocab]
-        top = probs.topk(min(self.top_k, probs.shape[-1]), dim=-1)
-        with self._lock:
-            self._rows.setdefault(rec.request_id, []).append(
-                (rec.position, top.indices.to(torch.int32).cpu(), top.values.to(torch.float16).cpu())
-            )
-
-    def finish(self, out: RequestOutput, draft_version: int = 0, source: str = "") -> Example | None:
-        """Assemble the example of a finished request (None if it generated nothing)."""
-        with self._lock:
-            rows = self._rows.pop(out.request_id, [])
-        if not out.token_ids or not rows:
-            return None
-        start = len(out.prompt_ids)
-        end = start + len(out.token_ids)  # rows past the kept output (stop-trimmed) are dropped
-        ids, probs = [], []
-        for position, top_ids, top_probs in sorted(rows, key=lambda r: r[0]):
-            keep = max(0, min(top_ids.shape[0], end - position))
-            ids.append(top_ids[:keep])
-            probs.append(top_probs[:keep])
-        top_ids, top_probs = torch.cat(ids), torch.cat(probs)
-        assert top_ids.shape[0] == len(out.token_ids), "one target distribution per generated token"
-        return Example(
-            request_id=out.request_id,
-            tokens=torch.tensor(out.prompt_ids + out.token_ids, dtype=torch.int32),
-            start=start,
-            top_ids=top_ids,
-            top_probs=top_probs,
-            draft_version=draft_version,
-            source=source,
-        )
-
-    def discard(self, request_id: str) -> None:
-        with self._lock:
-            self._rows.pop(request_id, None)
+__all__ = ["Example", "ReplayBuffer"]
 
 
 class ReplayBuffer:

@@ -18,13 +18,17 @@ import random
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from onspec.config import option
 from onspec.pool.routers import ROUTERS
-from onspec.online.trainer import frozen_tables
+from onspec.models.draft import frozen_tables
+
+if TYPE_CHECKING:  # types only: the pool never drives a trainer itself
+    from onspec.engine.engine import SpeculativeEngine
+    from onspec.online.worker import TrainerWorker
 
 GENERAL = "general"
 
@@ -58,8 +62,8 @@ class PoolConfig:
 @dataclass
 class Member:
     name: str
-    engine: object
-    distiller: object | None = None
+    engine: SpeculativeEngine
+    trainer: TrainerWorker | None = None
     queries: int = 0
     degraded: bool = False
 
@@ -84,7 +88,7 @@ class DraftPool:
         self.members: dict[str, Member] = {}  # route key -> specialist
         self.make_member = make_member
         # the embedding table is shared between drafts only when no trainer ever changes it
-        self.train_embeddings = general.distiller is not None and general.distiller.cfg.train_embeddings
+        self.train_embeddings = general.trainer is not None and general.trainer.cfg.train_embeddings
         self.seen: dict[str, int] = defaultdict(int)
         self.health: dict[str, _RouteHealth] = defaultdict(_RouteHealth)
         self.checks = 0
@@ -141,8 +145,8 @@ class DraftPool:
         for m in self.all_members:
             h = self.health.get(m.name)
             out[m.name] = {"version": m.version, "queries": m.queries, "degraded": m.degraded,
-                           "updates": m.distiller.updates if m.distiller else 0,
-                           "rollbacks": m.distiller.rollbacks if m.distiller else 0,
+                           "updates": m.trainer.distiller.updates if m.trainer else 0,
+                           "rollbacks": m.trainer.distiller.rollbacks if m.trainer else 0,
                            "recent_alpha": _mean(h.specialist) if h else None,
                            "general_alpha_on_route": _mean(h.general) if h else None}
         return {"drafts": len(self.all_members), "general_checks": self.checks, "members": out,
@@ -199,9 +203,9 @@ class DraftPool:
 
 def _tensors(m: Member):
     yield from m.engine.draft.parameters()
-    if m.distiller is not None:
-        yield from m.distiller.student.parameters()
-        for state in m.distiller.optimizer.state.values():
+    if m.trainer is not None:
+        yield from m.trainer.distiller.student.parameters()
+        for state in m.trainer.distiller.optimizer.state.values():
             yield from (v for v in state.values() if torch.is_tensor(v) and v.numel() > 1)
 
 

@@ -61,14 +61,15 @@ class ServerState:
         return self.engine.tokenizer
 
     @property
-    def distiller(self):
-        return self.pool.general.distiller if self.pool is not None else None
+    def trainer(self):
+        """The general draft's trainer (None when not learning online)."""
+        return self.pool.general.trainer if self.pool is not None else None
 
     def drafts(self) -> dict:
         """name -> (serving version, trainer stats or None) for every pool member."""
         if self.pool is None:
             return {"general": (self.engine.draft_version, None)}
-        return {m.name: (m.version, m.distiller.stats() if m.distiller else None) for m in self.pool.all_members}
+        return {m.name: (m.version, m.trainer.stats() if m.trainer else None) for m in self.pool.all_members}
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -79,7 +80,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        latest = state.distiller.version if state.distiller is not None else state.engine.draft_version
+        latest = state.trainer.version if state.trainer is not None else state.engine.draft_version
         # draft_version: serving now; latest: the trainer's newest (goes live at the next verify step)
         return {"status": "ok", "draft_version": state.engine.draft_version, "latest_draft_version": latest,
                 "drafts": {name: version for name, (version, _) in state.drafts().items()}}
@@ -123,11 +124,11 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/dashboard/data")
     async def dashboard_data():
         _refresh_metrics(state)
-        trainer = state.distiller.stats() if state.distiller is not None else None
-        history = sorted(((m.name, h) for m in (state.pool.all_members if state.pool else []) if m.distiller
-                          for h in list(m.distiller.history)[-20:]), key=lambda nh: nh[1].at)[-20:]
+        trainer = state.trainer.stats() if state.trainer is not None else None
+        history = sorted(((m.name, h) for m in (state.pool.all_members if state.pool else []) if m.trainer
+                          for h in list(m.trainer.distiller.history)[-20:]), key=lambda nh: nh[1].at)[-20:]
         return {
-            "model": state.model_name, "draft_version": state.engine.draft_version, "online": state.distiller is not None,
+            "model": state.model_name, "draft_version": state.engine.draft_version, "online": state.trainer is not None,
             "alpha_recent": state.metrics.recent_alpha(), "started": state.metrics.started,
             "running": state.scheduler.running, "waiting": state.scheduler.waiting, "trainer": trainer,
             "timeline": state.metrics.timeline_since(500),

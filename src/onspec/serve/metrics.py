@@ -10,7 +10,7 @@ from collections import deque
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from onspec.engine.records import RequestOutput, StepRecord
+from onspec.engine.records import RequestOutput, StepOutput
 
 PREFIX = "onspec:"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -69,15 +69,15 @@ class ServerMetrics:
             self.accepted_per_pos.labels(draft=name, position=str(pos))
         self._recent_by_draft.setdefault(name, deque(maxlen=self.window))
 
-    def observe_step(self, rec: StepRecord, draft: str = "general") -> None:
-        k = len(rec.proposed)
+    def observe_step(self, out: StepOutput, draft: str = "general") -> None:
+        k = out.proposed
         if not k:
             return
         self.num_drafts.labels(draft=draft).inc()
         self.num_draft_tokens.labels(draft=draft).inc(k)
-        if rec.num_accepted:
-            self.num_accepted_tokens.labels(draft=draft).inc(rec.num_accepted)
-            for pos in range(rec.num_accepted):
+        if out.accepted:
+            self.num_accepted_tokens.labels(draft=draft).inc(out.accepted)
+            for pos in range(out.accepted):
                 self.accepted_per_pos.labels(draft=draft, position=str(pos)).inc()
 
     def observe_finish(self, out: RequestOutput, latency_s: float, ttft_s: float | None, draft_version: int,

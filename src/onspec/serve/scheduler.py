@@ -1,8 +1,9 @@
-"""One thread owns the engines and their running batches (one per draft of the pool; a single
-draft is a pool of one). Between verify steps it routes and admits queued requests (they join
-their draft's batch), drops cancelled ones (their slot is freed at once), steps every non-empty
-batch, and hands every request's new text to its sink; the HTTP side only submits, cancels and
-listens. Routers and the pool are touched by this thread only."""
+"""One thread owns the engines (one per draft of the pool; a single draft is a pool of one).
+Between verify steps it routes and admits queued requests (`engine.add`: they join their draft's
+running batch), drops cancelled ones (`engine.cancel`: the slot is freed at once), steps every
+engine with running requests (`engine.step`), and hands each request's new text (the engine's
+`StepOutput`) to its sink; a finished request's output goes to its draft's trainer. The HTTP
+side only submits, cancels and listens. Routers and the pool are touched by this thread only."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from onspec.data.streams import Query
-from onspec.engine.engine import Request, RunningBatch
-from onspec.engine.records import RequestOutput, StepRecord
+from onspec.engine.engine import Request
+from onspec.engine.records import RequestOutput
 from onspec.pool.pool import DraftPool, Member
 from onspec.pool.routers import Router
 from onspec.serve.metrics import ServerMetrics
@@ -54,7 +55,6 @@ class _Ticket:
     member: Member | None = None
     route: str | None = None
     first_token_at: float | None = None
-    sent: int = 0  # characters of text already handed out
     versions: set[int] = field(default_factory=set)
 
 
@@ -65,7 +65,6 @@ class Scheduler:
         self.router = router
         self.metrics = metrics
         self.max_batch = max_batch
-        self.batches: dict[str, RunningBatch] = {pool.general.name: RunningBatch(pool.general.engine)}
         self._queue: list[_Ticket] = []
         self._cancelled: set[str] = set()
         self._tickets: dict[str, _Ticket] = {}
@@ -97,7 +96,7 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return sum(len(b) for b in self.batches.values())
+        return sum(m.engine.num_running for m in self.pool.all_members)
 
     def close(self) -> None:
         with self._cond:
@@ -133,9 +132,7 @@ class Scheduler:
             t = self._tickets.pop(rid, None)
             if t is None:
                 continue
-            self.batches[t.member.name].cancel(rid)
-            if t.member.distiller is not None:
-                t.member.distiller.builder.discard(rid)
+            t.member.engine.cancel(rid)
             log.info("request %s cancelled by its client; slot freed", rid)
 
     def _admit(self, tickets: list[_Ticket]) -> None:
@@ -143,16 +140,16 @@ class Scheduler:
         for t in tickets:
             self._route(t)
             groups.setdefault(t.member.name, []).append(t)
-        for name, group in groups.items():
-            batch = self.batches[name]
+        for group in groups.values():
+            engine = group[0].member.engine
             try:
-                batch.add([t.request for t in group])
+                engine.add([t.request for t in group])
                 ok = group
             except ValueError:  # one bad request must not keep the others out: admit one by one
                 ok = []
                 for t in group:
                     try:
-                        batch.add([t.request])
+                        engine.add(t.request)
                         ok.append(t)
                     except ValueError as e:
                         t.sink(Event(error=str(e), status=400))
@@ -164,73 +161,48 @@ class Scheduler:
             t.member = self.pool.general
             return
         t.route = self.router.route(t.query, t.request.prompt_ids)
+        known = set(self.pool.members)
         t.member = self.pool.pick(t.route, self.router.opens_at_once)
-        if t.member.name not in self.batches:  # a specialist just opened
-            self.batches[t.member.name] = RunningBatch(t.member.engine)
+        if t.route not in known and t.route in self.pool.members:  # a specialist just opened
             self.metrics.add_draft(t.member.name)
             log.info("opened draft %r for route %r", t.member.name, t.route)
 
     def _step(self) -> None:
-        for name, batch in list(self.batches.items()):
-            if batch:
-                self._step_batch(batch, self.pool.members.get(name) or self.pool.general)
+        for member in self.pool.all_members:
+            if member.engine.num_running:
+                self._step_member(member)
 
-    def _step_batch(self, batch: RunningBatch, member: Member) -> None:
-        finished = batch.step(lambda rec: self._on_record(rec, member))
-        now = time.perf_counter()
-        for seq in list(batch.rows) + finished:
-            t = self._tickets.get(seq.request.request_id)
+    def _step_member(self, member: Member) -> None:
+        now = None
+        for o in member.engine.step():
+            now = now or time.perf_counter()
+            t = self._tickets.get(o.request_id)
             if t is None:
                 continue
-            if t.first_token_at is None and seq.generated:
+            self.metrics.observe_step(o, member.name)
+            t.versions.add(o.draft_version)
+            if t.first_token_at is None and o.token_ids:
                 t.first_token_at = now
-            done = seq.finish_reason is not None
-            delta = self._new_text(t, seq, done)
-            if done:
-                del self._tickets[seq.request.request_id]
-                out = seq.output()
-                if member.distiller is not None:
-                    member.distiller.on_finish(out)
-                self.pool.observe(t.route, member, out.stats.alpha)
-                ttft = t.first_token_at - t.arrived if t.first_token_at is not None else None
-                self.metrics.observe_finish(out, now - t.arrived, ttft, member.version, member.name, t.route)
-                t.sink(Event(delta=delta, output=out, draft_versions=sorted(t.versions), draft=member.name, route=t.route))
-            elif delta:
-                t.sink(Event(delta=delta))
-
-    def _on_record(self, rec: StepRecord, member: Member) -> None:
-        t = self._tickets.get(rec.request_id)
-        if t is not None:
-            t.versions.add(rec.draft_version)
-        self.metrics.observe_step(rec, member.name)
-        if member.distiller is not None:
-            member.distiller.on_record(rec)
-
-    @staticmethod
-    def _new_text(t: _Ticket, seq, done: bool) -> str:
-        """Text not yet handed out. While running, hold back what could still turn out to be the
-        start of a stop string, and an incomplete UTF-8 character at the end."""
-        if done:
-            text, end = seq.stop.final_text(seq.generated), None
-        else:
-            text = seq.stop.text(seq.generated)
-            end = len(text) - max((len(s) - 1 for s in seq.params.stop), default=0)
-            while end > t.sent and text[end - 1] == "\ufffd":
-                end -= 1
-        end = len(text) if end is None else end
-        if end <= t.sent:
-            return ""
-        delta, t.sent = text[t.sent:end], end
-        return delta
+            if not o.finished:
+                if o.text:
+                    t.sink(Event(delta=o.text))
+                continue
+            del self._tickets[o.request_id]
+            out = o.output
+            if member.trainer is not None:
+                member.trainer.on_output(o)
+            self.pool.observe(t.route, member, out.stats.alpha)
+            ttft = t.first_token_at - t.arrived if t.first_token_at is not None else None
+            self.metrics.observe_finish(out, now - t.arrived, ttft, member.version, member.name, t.route)
+            t.sink(Event(delta=o.text, output=out, draft_versions=sorted(t.versions), draft=member.name, route=t.route))
 
     def _fail_all(self, message: str) -> None:
         tickets = list(self._tickets.values())
         with self._cond:
             tickets += self._queue
             self._queue = []
+        for t in self._tickets.values():
+            t.member.engine.cancel(t.request.request_id)
         self._tickets.clear()
-        for batch in self.batches.values():
-            for s in list(batch.rows):
-                batch.cancel(s.request.request_id)
         for t in tickets:
             t.sink(Event(error=message, status=503))

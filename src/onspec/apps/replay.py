@@ -32,14 +32,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from onspec.config import option
 from onspec.data.streams import DatasetError, Query, iter_queries
 from onspec.engine.engine import EngineConfig, Request
-from onspec.engine.build import make_engine
 from onspec.engine.policy import PolicyConfig
 from onspec.engine.sampling import SamplingParams
 from onspec.models.pair import ModelConfig, load_pair
+from onspec.online.distiller import TrainerConfig
 from onspec.online.forward import greedy_agreement
-from onspec.online.trainer import OnlineDistiller, TrainerConfig
-from onspec.pool.pool import GENERAL, DraftPool, Member, PoolConfig
-from onspec.pool.routers import make_router
+from onspec.pool.pool import GENERAL, PoolConfig
+from onspec.wiring import build_pool
 
 STREAM_ALIASES = {
     # code, then chat, then the same code again: adaptation at each boundary, and forgetting
@@ -148,26 +147,10 @@ def run_replay(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Pol
 def _serve(mode, target, draft_model, queries, model_cfg, engine_cfg, policy_cfg, trainer_cfg, pool_cfg, cfg, out_dir,
            console):
     ckpt_root = out_dir / "checkpoints"
-
-    def make_member(name: str, model) -> Member:
-        engine = make_engine(target.model, target.tokenizer, model, engine_cfg, policy_cfg)
-        distiller = None
-        if mode == "online":
-            where = ckpt_root if pool_cfg.drafts == 1 else ckpt_root / name
-            distiller = OnlineDistiller(engine, trainer_cfg, checkpoint_dir=str(where))
-        return Member(name, engine, distiller)
-
-    general = make_member(GENERAL, draft_model)
-    pool = DraftPool(pool_cfg, general, make_member, seed=trainer_cfg.seed)
-    router = None
-    if pool_cfg.drafts > 1:
-        router = make_router(pool_cfg.router, target.model, threshold=pool_cfg.cluster_threshold,
-                             min_size=pool_cfg.cluster_min_size, max_open=pool_cfg.drafts - 1,
-                             language_confidence=pool_cfg.language_confidence)
-        if mode == "online":
-            state = pool.restore(ckpt_root)
-            if state:
-                router.load_state_dict(state)
+    online = mode == "online"
+    pool, router = build_pool(target.model, target.tokenizer, draft_model, engine_cfg, policy_cfg, pool_cfg,
+                              trainer_cfg=trainer_cfg if online else None, checkpoints=ckpt_root if online else None)
+    general = pool.general
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=0)
     # the starting draft, frozen: its agreement with the (lossless, hence identical) served tokens
     # is the static run's alpha_tf, without decoding the stream a second time
@@ -183,11 +166,9 @@ def _serve(mode, target, draft_model, queries, model_cfg, engine_cfg, policy_cfg
             key = router.route(q, ids) if router is not None else None
             member = pool.pick(key, router.opens_at_once) if router is not None else general
             route_s += time.perf_counter() - t_route
-            engine, distiller = member.engine, member.distiller
+            engine, trainer = member.engine, member.trainer
             t0 = time.perf_counter()
-            out = engine.generate([Request(ids, params)],
-                                  on_record=distiller.on_record if distiller else None,
-                                  on_finish=distiller.on_finish if distiller else None)[0]
+            out = engine.generate([Request(ids, params)], on_finish=trainer.on_output if trainer else None)[0]
             decode_s += time.perf_counter() - t0
             tokens += len(out.token_ids)
             s = out.stats
@@ -201,8 +182,8 @@ def _serve(mode, target, draft_model, queries, model_cfg, engine_cfg, policy_cfg
                 "alpha": s.alpha, "alpha_tf": tf, "static_alpha_tf": static_tf, "accepted": s.accepted, "evaluated": s.evaluated,
                 "proposed": s.proposed, "steps": s.steps, "mean_k": s.proposed / s.steps if s.steps else 0,
                 "tokens_per_s": s.tokens_per_s, "draft_version": engine.draft_version,
-                "updates": sum(m.distiller.updates for m in members if m.distiller),
-                "rollbacks": sum(m.distiller.rollbacks for m in members if m.distiller),
+                "updates": sum(m.trainer.distiller.updates for m in members if m.trainer),
+                "rollbacks": sum(m.trainer.distiller.rollbacks for m in members if m.trainer),
             })
             recent = [r["alpha_tf"] if r["alpha_tf"] is not None else r["alpha"] for r in rows[-cfg.plot_window:]]
             recent = [a for a in recent if a is not None]
@@ -214,12 +195,12 @@ def _serve(mode, target, draft_model, queries, model_cfg, engine_cfg, policy_cfg
                               f"v{engine.draft_version} {tokens / decode_s if decode_s else 0:.1f} tok/s")
     trainer, per_member = {}, {}
     for m in pool.all_members:
-        if m.distiller is None:
+        if m.trainer is None:
             continue
-        m.distiller.wait_idle(timeout=600)
-        m.distiller.close()
-        st = m.distiller.stats()
-        st["seconds_per_update"] = st["trainer_time_s"] / max(1, len(m.distiller.history))
+        m.trainer.wait_idle(timeout=600)
+        m.trainer.close()
+        st = m.trainer.stats()
+        st["seconds_per_update"] = st["trainer_time_s"] / max(1, len(m.trainer.distiller.history))
         st["bytes_per_buffered_token"] = st["buffer_bytes"] / max(1, st["buffer_tokens"])
         per_member[m.name] = st
     if per_member:

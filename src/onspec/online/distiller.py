@@ -1,15 +1,12 @@
-"""The online distiller: learns the draft from the target on served traffic, in the background.
+"""The distiller: the draft's trainable copy and how it learns from buffered examples.
 
-Wiring: pass `distiller.on_record` and `distiller.on_finish` to `SpeculativeEngine.generate`.
-Every `update_interval` finished requests it takes `steps` AdamW steps on the buffer, on a
-private training copy of the draft, in a background thread (decoding never waits). Then:
-- a NaN or infinite loss discards the update (weights and optimizer state restored);
-- the guard measures alpha (greedy agreement of draft and target) on the held-back probe before
-  and after; a drop beyond `guard_tolerance` rolls the update back;
-- otherwise the version number goes up and the new weights are offered to the engine, which
-  swaps them in between two verify steps (`SpeculativeEngine.offer_draft`).
-Checkpoints (safetensors + optimizer state) are written every `checkpoint_every` updates; a new
-distiller with the same checkpoint directory resumes the last good version.
+It knows nothing of engines, threads or files: `update(buffer)` takes `steps` AdamW steps on a
+private training copy of the draft and guards them:
+- a NaN or infinite loss (or weights) discards the update (weights and optimizer state restored);
+- the guard measures alpha (greedy agreement of draft and target) on the buffer's held-back probe
+  before and after; a drop beyond `guard_tolerance` rolls the update back;
+- otherwise the version number goes up and `weights()` is the new draft to publish.
+The worker (online/worker.py) decides when to call it and publishes what it accepts.
 """
 
 from __future__ import annotations
@@ -17,20 +14,24 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
+from torch import nn
 
 from onspec.config import option
-from onspec.engine.records import RequestOutput, StepRecord
-from onspec.online.buffer import Example, ExampleBuilder, ReplayBuffer
-from onspec.online.checkpoint import CheckpointStore
+from onspec.engine.records import Example
+from onspec.models.draft import frozen_tables, is_embedding
+from onspec.online.buffer import ReplayBuffer
 from onspec.online.forward import logits_at_generated
 from onspec.online.losses import LOSSES, bucket, distill_loss
 
 log = logging.getLogger("onspec.trainer")
+
+Teacher = Callable[[torch.Tensor], torch.Tensor]
+"""Token ids [1, T] -> the target's logits [1, T, vocab] (student-sampled data only)."""
 
 
 @dataclass
@@ -97,27 +98,21 @@ class UpdateLog:
     at: float = field(default_factory=time.time)
 
 
-class OnlineDistiller:
-    def __init__(self, engine, config: TrainerConfig, checkpoint_dir: str | None = None) -> None:
-        if engine.draft is None:
-            raise ValueError("online distillation needs a draft model")
-        self.engine = engine
+class Distiller:
+    def __init__(self, draft: nn.Module, config: TrainerConfig, teacher: Teacher | None = None) -> None:
         self.cfg = config
+        self.teacher = teacher
         # frozen float32 embedding tables are shared with the serving draft, not copied
-        self.student = copy.deepcopy(engine.draft, memo=frozen_tables(engine.draft, config.train_embeddings)).float().train()
+        self.student = copy.deepcopy(draft, memo=frozen_tables(draft, config.train_embeddings)).float().train()
         self.trainable = {
             name: p for name, p in self.student.named_parameters()
-            if config.train_embeddings or not _is_embedding(self.student, p)
+            if config.train_embeddings or not is_embedding(self.student, p)
         }
         for name, p in self.student.named_parameters():
             p.requires_grad_(name in self.trainable)
         self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=config.lr, weight_decay=config.weight_decay)
-        self.builder = ExampleBuilder(config.teacher_top_k)
-        self.buffer = ReplayBuffer(config.buffer_tokens, config.probe_every, config.probe_size, seed=config.seed,
-                                   capacity_requests=config.max_buffer_records)
-        self.store = CheckpointStore(checkpoint_dir) if checkpoint_dir else None
-        self.version = engine.draft_version
-        self.requests = 0
+        self.version = 0
+        """The version of the student's weights: +1 per accepted update (the one source of truth)."""
         self.updates = 0
         self.rollbacks = 0
         self.discarded = 0
@@ -125,49 +120,21 @@ class OnlineDistiller:
         self.history: list[UpdateLog] = []
         self._probe_cache: dict[int, tuple[Example, int, int]] = {}  # probe counts under the current weights
         self._generator = torch.Generator().manual_seed(config.seed)
-        self._due = 0
-        self._cond = threading.Condition()
-        self._closing = False
-        self._running = False
-        self._thread: threading.Thread | None = None
-        self._resume()
-        if config.background:
-            self._thread = threading.Thread(target=self._worker, name="onspec-trainer", daemon=True)
-            self._thread.start()
 
-    # -- the engine's callbacks -----------------------------------------------------------------
-
-    def on_record(self, rec: StepRecord) -> None:
-        self.builder.on_record(rec)
-
-    def on_finish(self, out: RequestOutput) -> None:
-        example = self.builder.finish(out, draft_version=self.engine.draft_version)
-        if example is not None:
-            self.buffer.add(example)
-        self.requests += 1
-        if self.requests % self.cfg.update_interval == 0:
-            if self._thread is None:
-                self.update()
-            else:
-                with self._cond:
-                    self._due += 1
-                    self._cond.notify()
-
-    # -- one update -------------------------------------------------------------------------------
-
-    def update(self) -> UpdateLog | None:
-        """Take `steps` optimizer steps, guard, publish or roll back."""
-        if len(self.buffer) == 0:
+    def update(self, buffer: ReplayBuffer) -> UpdateLog | None:
+        """Take `steps` optimizer steps on batches from `buffer`, then guard: accept (version + 1),
+        roll back or discard. None when there was nothing to learn."""
+        if len(buffer) == 0:
             return None
         t0 = time.perf_counter()
-        probe = self.buffer.probe_examples()
+        probe = buffer.probe_examples()
         before_counts = self._probe_counts(probe, reuse=True)
         before = _ratio(before_counts, probe)
         snapshot = self._snapshot(before_counts)
         self._probe_cache = {}  # the steps below change the weights; _restore brings the counts back with them
         losses = []
         for _ in range(self.cfg.steps):
-            loss = self.train_step(self._batch())
+            loss = self.train_step(self._batch(buffer))
             if loss is None:
                 continue
             if not math.isfinite(loss):
@@ -191,11 +158,11 @@ class OnlineDistiller:
             return self._log(UpdateLog(self.version, "rolled_back", mean_loss, before, after, time.perf_counter() - t0))
         self.version += 1
         self.updates += 1
-        self.engine.offer_draft(self._published_state(), self.version, alpha_hint=after)
-        entry = self._log(UpdateLog(self.version, "accepted", mean_loss, before, after, time.perf_counter() - t0))
-        if self.store is not None and self.cfg.checkpoint_every and self.updates % self.cfg.checkpoint_every == 0:
-            self.checkpoint()
-        return entry
+        return self._log(UpdateLog(self.version, "accepted", mean_loss, before, after, time.perf_counter() - t0))
+
+    def weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """A private copy of the trained weights in `dtype` (what is published to the servers)."""
+        return {n: p.detach().to(dtype).clone() for n, p in self.trainable.items()}
 
     def train_step(self, examples: list[Example]) -> float | None:
         """One optimizer step on `examples`; returns the loss (None: nothing to learn; a
@@ -265,8 +232,8 @@ class OnlineDistiller:
         t_probs = torch.cat([e.top_probs[s:].float() for e, s in zip(examples, skipped)]).to(device)
         return logits, t_ids, t_probs, [len(e.top_ids) - s for e, s in zip(examples, skipped)]
 
-    def _batch(self) -> list[Example]:
-        batch = self.buffer.take_batch(self.cfg.batch_size, self.cfg.replay_share)
+    def _batch(self, buffer: ReplayBuffer) -> list[Example]:
+        batch = buffer.take_batch(self.cfg.batch_size, self.cfg.replay_share)
         if self.cfg.data_source == "teacher":
             return batch
         out = []
@@ -292,7 +259,9 @@ class OnlineDistiller:
         if len(generated) == 0:
             return e
         seq = torch.cat([prompt[0], generated])
-        logits = self.engine.target(seq[None, :-1]).logits[0, e.start - 1 :]  # [n, vocab]
+        if self.teacher is None:
+            raise RuntimeError("student-sampled data needs the target: pass `teacher` to the Distiller")
+        logits = self.teacher(seq[None, :-1])[0, e.start - 1 :]  # [n, vocab]
         top = logits.float().softmax(-1).topk(self.cfg.teacher_top_k, dim=-1)
         return Example(e.request_id + "+student", seq.to(torch.int32), e.start,
                        top.indices.to(torch.int32), top.values.to(torch.float16), self.version, "student")
@@ -310,11 +279,6 @@ class OnlineDistiller:
         self.optimizer.load_state_dict(opt_state)
         self.optimizer.zero_grad(set_to_none=True)
 
-    def _published_state(self) -> dict:
-        """A private copy of the trained weights, in the serving draft's dtype."""
-        dtype = next(self.engine.draft.parameters()).dtype
-        return {n: p.detach().to(dtype).clone() for n, p in self.trainable.items()}
-
     def _log(self, entry: UpdateLog) -> UpdateLog:
         self.history.append(entry)
         self.trainer_time_s += entry.seconds
@@ -322,90 +286,6 @@ class OnlineDistiller:
         log.log(level, "update -> v%d %s loss=%.4f probe %s -> %s (%.2fs)", entry.version, entry.outcome, entry.loss,
                 _fmt(entry.probe_before), _fmt(entry.probe_after), entry.seconds)
         return entry
-
-    def _worker(self) -> None:
-        if self.cfg.trainer_threads:
-            torch.set_num_threads(self.cfg.trainer_threads)  # thread-local: decoding keeps its own count
-        while True:
-            with self._cond:
-                while not self._due and not self._closing:
-                    self._cond.wait()
-                if self._closing and not self._due:
-                    return
-                self._due = 0
-            t0 = time.perf_counter()
-            self._running = True
-            try:
-                self.update()
-            except Exception:  # the trainer must never take serving down
-                log.exception("trainer update failed; serving continues with draft v%d", self.version)
-            finally:
-                self._running = False
-            busy = time.perf_counter() - t0
-            if self.cfg.train_budget < 1.0:
-                with self._cond:
-                    self._cond.wait_for(lambda: self._closing, timeout=busy * (1 / self.cfg.train_budget - 1))
-
-    def wait_idle(self, timeout: float | None = None) -> None:
-        """Block until no update is due or running (for tests and end-of-stream reporting)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._thread is not None and (self._due or self._running):
-            if deadline is not None and time.monotonic() > deadline:
-                return
-            time.sleep(0.01)
-
-    def checkpoint(self) -> None:
-        if self.store is None:
-            return
-        self.store.save(self.student, self.engine.tokenizer, self.optimizer, self.version,
-                        {"updates": self.updates, "rollbacks": self.rollbacks, "discarded": self.discarded,
-                         "requests": self.requests})
-
-    def close(self) -> None:
-        """Finish pending work, stop the thread, write a final checkpoint."""
-        if self._thread is not None:
-            with self._cond:
-                self._closing = True
-                self._cond.notify()
-            self._thread.join()
-            self._thread = None
-        if self.store is not None and self.updates:
-            self.checkpoint()
-
-    def _resume(self) -> None:
-        if self.store is None:
-            return
-        meta = self.store.load_into(self.student, self.optimizer)
-        if meta is None:
-            return
-        self.version = int(meta["version"])
-        self.updates = int(meta.get("updates", 0))
-        self.rollbacks = int(meta.get("rollbacks", 0))
-        self.engine.offer_draft(self._published_state(), self.version)
-        self.engine.apply_pending_swap()
-        log.info("resumed draft v%d from %s", self.version, self.store.latest())
-
-    def stats(self) -> dict:
-        return {
-            "draft_version": self.version, "updates": self.updates, "rollbacks": self.rollbacks,
-            "discarded_nan": self.discarded, "requests": self.requests, "buffer_requests": len(self.buffer),
-            "buffer_tokens": self.buffer.tokens, "buffer_bytes": self.buffer.nbytes, "evicted": self.buffer.evicted,
-            "trainer_time_s": self.trainer_time_s,
-        }
-
-
-def frozen_tables(model, train_embeddings: bool) -> dict:
-    """A deepcopy memo that shares the (tied) float32 embedding table instead of copying it, when
-    training leaves it frozen: drafts cloned with it, and their students, cost only their layers."""
-    if train_embeddings:
-        return {}
-    return {id(p): p for p in model.parameters() if _is_embedding(model, p) and p.dtype == torch.float32}
-
-
-def _is_embedding(model, p: torch.nn.Parameter) -> bool:
-    emb = model.get_input_embeddings().weight
-    out = model.get_output_embeddings()
-    return p is emb or (out is not None and p is out.weight and out.weight is emb)
 
 
 def _ratio(counts: dict[int, tuple[Example, int, int]], examples: list[Example]) -> float | None:

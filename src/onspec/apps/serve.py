@@ -13,13 +13,11 @@ from pathlib import Path
 import uvicorn
 
 from onspec.engine.engine import EngineConfig
-from onspec.engine.build import make_engine
 from onspec.engine.policy import PolicyConfig
 from onspec.models.pair import ModelConfig, load_pair
-from onspec.online.checkpoint import CheckpointStore
-from onspec.online.trainer import OnlineDistiller, TrainerConfig
-from onspec.pool.pool import GENERAL, DraftPool, Member, PoolConfig
-from onspec.pool.routers import make_router
+from onspec.online.distiller import TrainerConfig
+from onspec.pool.pool import GENERAL, Member, PoolConfig
+from onspec.wiring import build_pool
 from onspec.serve.app import ServerState, create_app
 from onspec.serve.config import ServerConfig
 from onspec.serve.metrics import ServerMetrics
@@ -32,56 +30,34 @@ def build_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Po
                 trainer_cfg: TrainerConfig, cfg: ServerConfig, pool_cfg: PoolConfig | None = None) -> ServerState:
     pool_cfg = pool_cfg or PoolConfig()
     target, draft = load_pair(model_cfg)
-    if draft is None and pool_cfg.drafts > 1:
-        raise ValueError("--drafts > 1 needs a draft (drop --no-draft)")
-    k = engine_cfg.k if draft is not None else 0
     state_dir = Path(cfg.state_dir)
-    checkpoints = state_dir / "checkpoints"
-    online = draft is not None and not cfg.no_online
 
-    def make_member(name: str, model) -> Member:
-        engine = make_engine(target.model, target.tokenizer, model, engine_cfg, policy_cfg)
-        where = checkpoints if name == GENERAL else checkpoints / name
-        distiller = None
-        if online:
-            distiller = OnlineDistiller(engine, trainer_cfg, checkpoint_dir=str(where))  # resumes LATEST
-            traffic = _traffic_file(state_dir, name)
-            if cfg.persist_traffic and traffic.is_file():
-                log.info("reloaded %d buffered requests from %s", distiller.buffer.load(traffic), traffic)
-        elif model is not None:
-            meta = CheckpointStore(where).load_into(engine.draft)
-            if meta is not None:
-                engine.draft_version = int(meta["version"])
-        return Member(name, engine, distiller)
+    def reload_traffic(member: Member) -> None:
+        traffic = _traffic_file(state_dir, member.name)
+        if member.trainer is not None and cfg.persist_traffic and traffic.is_file():
+            log.info("reloaded %d buffered requests from %s", member.trainer.buffer.load(traffic), traffic)
 
-    general = make_member(GENERAL, draft.model if draft else None)
-    pool = DraftPool(pool_cfg, general, make_member, seed=trainer_cfg.seed)
-    router = None
-    if pool_cfg.drafts > 1:
-        router = make_router(pool_cfg.router, target.model, threshold=pool_cfg.cluster_threshold,
-                             min_size=pool_cfg.cluster_min_size, max_open=pool_cfg.drafts - 1,
-                             language_confidence=pool_cfg.language_confidence)
-        router_state = pool.restore(checkpoints)
-        if router_state:
-            router.load_state_dict(router_state)
-    metrics = ServerMetrics(k)
+    pool, router = build_pool(target.model, target.tokenizer, draft.model if draft else None, engine_cfg, policy_cfg,
+                              pool_cfg, trainer_cfg=None if cfg.no_online else trainer_cfg,
+                              checkpoints=state_dir / "checkpoints", on_member=reload_traffic)
+    metrics = ServerMetrics(pool.general.engine.k)
     for m in pool.all_members:
         metrics.add_draft(m.name)
     scheduler = Scheduler(pool, metrics, router, max_batch=cfg.max_batch)
     name = cfg.served_model_name or model_cfg.target_name
-    return ServerState(engine=general.engine, scheduler=scheduler, metrics=metrics, cfg=cfg, model_name=name,
+    return ServerState(engine=pool.general.engine, scheduler=scheduler, metrics=metrics, cfg=cfg, model_name=name,
                        pool=pool, router=router)
 
 
 def shutdown(state: ServerState) -> None:
     state.scheduler.close()
     for m in state.pool.all_members:
-        if m.distiller is None:
+        if m.trainer is None:
             continue
-        m.distiller.close()  # waits for a running update, writes the final checkpoint
+        m.trainer.close()  # waits for a running update, writes the final checkpoint
         if state.cfg.persist_traffic:
             path = _traffic_file(Path(state.cfg.state_dir), m.name)
-            log.info("wrote %d buffered requests to %s", m.distiller.buffer.save(path), path)
+            log.info("wrote %d buffered requests to %s", m.trainer.buffer.save(path), path)
     if state.router is not None:
         state.pool.save_manifest(Path(state.cfg.state_dir) / "checkpoints", state.router.state_dict())
 
@@ -100,7 +76,7 @@ def run_serve(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Poli
     state.scheduler.start()
     host, port = sock.getsockname()[:2]
     print(f"onspec serve: {state.model_name} (draft v{state.engine.draft_version}, "
-          f"online {'off' if state.distiller is None else 'on'}, drafts {len(state.pool.all_members)}"
+          f"online {'off' if state.trainer is None else 'on'}, drafts {len(state.pool.all_members)}"
           f"{'' if state.router is None else ' max ' + str(state.pool.cfg.drafts) + ', router ' + state.router.name}) on http://{host}:{port}  "
           f"(dashboard: /dashboard, metrics: /metrics)", file=sys.stderr, flush=True)
     server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", timeout_graceful_shutdown=5))

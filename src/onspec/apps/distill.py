@@ -7,7 +7,6 @@ that `--draft DIR` loads.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import json
 import random
@@ -25,7 +24,7 @@ from onspec.engine.sampling import SamplingParams
 from onspec.models.draft import save_draft
 from onspec.models.loading import LoadedModel
 from onspec.models.pair import ModelConfig, load_pair
-from onspec.online.trainer import OnlineDistiller, TrainerConfig
+from onspec.online.distiller import Distiller, TrainerConfig
 
 
 @dataclass
@@ -55,18 +54,19 @@ def run_distill(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, cfg: Distill
     console = Console(stderr=True)
     target, draft = load_pair(model_cfg)
     queries = list(itertools.islice(iter_queries(cfg.dataset), cfg.skip, cfg.skip + cfg.limit))
-    engine = SpeculativeEngine(target.model, target.tokenizer, draft.model, k=0)  # target-only answers
-    trainer_cfg = dataclasses.replace(trainer_cfg, background=False, update_interval=10**9, probe_every=0)
-    distiller = OnlineDistiller(engine, trainer_cfg)
+    engine = SpeculativeEngine(target.model, target.tokenizer, None, k=0)  # target-only answers
+    engine.teacher_top_k = trainer_cfg.teacher_top_k  # each answer comes back as an Example
+    distiller = Distiller(draft.model, trainer_cfg)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens)
+    examples = []
     with Progress(console=console) as progress:
         task = progress.add_task("target answers", total=len(queries))
         for q in queries:
             ids = q.encode(target.tokenizer)
             if len(ids) <= cfg.max_prompt_tokens:
-                engine.generate([Request(ids, params)], on_record=distiller.on_record, on_finish=distiller.on_finish)
+                engine.generate([Request(ids, params)], on_finish=lambda o: examples.append(o.example))
             progress.advance(task)
-        examples = list(distiller.buffer.examples)
+        examples = [e for e in examples if e is not None]
         random.Random(trainer_cfg.seed).shuffle(examples)
         holdout, train = examples[: cfg.holdout], examples[cfg.holdout :]
         before = distiller.probe_alpha(holdout) if holdout else None

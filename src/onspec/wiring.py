@@ -1,0 +1,93 @@
+"""The one place that connects the parts: an engine per draft, its trainer, the pool and router.
+
+serve, replay, the benchmarks and the tests build through here, so an engine always gets its
+trainer the same way (the engine keeps teacher data, the worker publishes into the engine) and
+a pool's members always find their checkpoints in the same places (the general draft in the
+root, a specialist in root/<route key>).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from onspec.engine.build import make_engine
+from onspec.engine.engine import EngineConfig, SpeculativeEngine
+from onspec.engine.policy import PolicyConfig
+from onspec.online.checkpoint import CheckpointStore
+from onspec.online.distiller import Distiller, TrainerConfig
+from onspec.online.worker import TrainerWorker
+from onspec.pool.pool import GENERAL, DraftPool, Member, PoolConfig
+from onspec.pool.routers import Router, make_router
+
+
+def attach_trainer(engine: SpeculativeEngine, cfg: TrainerConfig, checkpoint_dir: str | Path | None = None
+                   ) -> TrainerWorker:
+    """A trainer that learns `engine`'s draft from the requests it serves: the engine keeps the
+    target's top-K per emitted token, the worker publishes accepted versions into the engine. A
+    version resumed from `checkpoint_dir` is live before this returns."""
+    if engine.draft is None:
+        raise ValueError("online distillation needs a draft model")
+    target = engine.target
+    distiller = Distiller(engine.draft, cfg, teacher=lambda ids: target(ids).logits)
+    engine.teacher_top_k = cfg.teacher_top_k
+
+    def publish(version: int, weights: dict, alpha_hint: float | None) -> None:
+        engine.offer_draft(weights, version, alpha_hint)
+
+    worker = TrainerWorker(distiller, cfg, publish, weights_dtype=next(engine.draft.parameters()).dtype,
+                           store=CheckpointStore(checkpoint_dir) if checkpoint_dir else None,
+                           tokenizer=engine.tokenizer)
+    engine.apply_pending_swap()
+    return worker
+
+
+def member_dir(root: Path, name: str) -> Path:
+    return root if name == GENERAL else root / name
+
+
+def build_pool(target: nn.Module, tokenizer, draft: nn.Module | None, engine_cfg: EngineConfig,
+               policy_cfg: PolicyConfig | None = None, pool_cfg: PoolConfig | None = None, *,
+               trainer_cfg: TrainerConfig | None = None, checkpoints: Path | None = None,
+               on_member: Callable[[Member], None] | None = None,
+               engine_factory: Callable[[nn.Module | None], SpeculativeEngine] | None = None,
+               ) -> tuple[DraftPool, Router | None]:
+    """The draft pool (a single draft is a pool of one) and its router (None for one draft).
+    With `trainer_cfg` every member learns online and resumes from its checkpoint directory; without
+    it a member still loads its last checkpoint (served as is). A previous run's specialists are
+    re-opened from `checkpoints`. `on_member` sees every member as it is made (e.g. to reload its
+    buffered traffic); `engine_factory` replaces `make_engine` (tests)."""
+    pool_cfg = pool_cfg or PoolConfig()
+    if draft is None and pool_cfg.drafts > 1:
+        raise ValueError("--drafts > 1 needs a draft (drop --no-draft)")
+
+    def make_member(name: str, model: nn.Module | None) -> Member:
+        engine = (engine_factory(model) if engine_factory is not None
+                  else make_engine(target, tokenizer, model, engine_cfg, policy_cfg))
+        where = member_dir(checkpoints, name) if checkpoints is not None else None
+        trainer = None
+        if trainer_cfg is not None and model is not None:
+            trainer = attach_trainer(engine, trainer_cfg, where)
+        elif model is not None and where is not None:
+            meta = CheckpointStore(where).load_into(engine.draft)
+            if meta is not None:
+                engine.draft_version = int(meta["version"])
+                engine.fast.refresh()
+        member = Member(name, engine, trainer)
+        if on_member is not None:
+            on_member(member)
+        return member
+
+    seed = trainer_cfg.seed if trainer_cfg is not None else 0
+    pool = DraftPool(pool_cfg, make_member(GENERAL, draft), make_member, seed=seed)
+    router = None
+    if pool_cfg.drafts > 1:
+        router = make_router(pool_cfg.router, target, threshold=pool_cfg.cluster_threshold,
+                             min_size=pool_cfg.cluster_min_size, max_open=pool_cfg.drafts - 1,
+                             language_confidence=pool_cfg.language_confidence)
+        state = pool.restore(checkpoints) if checkpoints is not None else None
+        if state:
+            router.load_state_dict(state)
+    return pool, router
