@@ -1,5 +1,6 @@
 """Per-step Python overhead of the engine: wall time of a verify step minus the time spent inside
-the models' forward passes, in ms per step, target-only and speculative (fixed k), batch 1 and 8.
+the models' forward passes, in ms per step, target-only and speculative (fixed k), batch 1 and 8,
+and speculative with a trainer listening (the engine keeps the target's top-32 per emitted token).
 The ways are interleaved round by round; the median over rounds is reported.
 Prints a table and, last, one JSON line.
 
@@ -48,12 +49,18 @@ class ForwardClock:
         return sum(b - a for a, b in self.calls if a >= t)
 
 
-def measure(engine, clock: ForwardClock, batch: int, new_tokens: int, tokenizer) -> dict:
+def teacher_on(engine) -> dict:
+    """What a listening trainer costs the decoding thread: the lesson kept per emitted token."""
+    engine.teacher_top_k = 32
+    return {}
+
+
+def measure(engine, clock: ForwardClock, batch: int, new_tokens: int, tokenizer, listen: bool) -> dict:
     requests = [Request(tokenizer.encode(PROMPTS[i % len(PROMPTS)]),
                         SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)) for i in range(batch)]
     clock.calls.clear()
     t0 = time.perf_counter()
-    outs = engine.generate(requests)
+    outs = engine.generate(requests, **(teacher_on(engine) if listen else {}))
     wall = time.perf_counter() - t0
     prefill = max(o.stats.prefill_time_s for o in outs)
     steps = max(o.stats.steps for o in outs)
@@ -76,19 +83,25 @@ def main() -> int:
     console = Console(stderr=True)
     target, draft = load_pair(ModelConfig(target=args.target, dtype=args.dtype))
     tok = target.tokenizer
-    engines = {
-        "target-only": make_engine(target.model, tok, None, EngineConfig(k=0)),
-        f"speculative k={args.k}": make_engine(target.model, tok, draft.model, EngineConfig(k=args.k),
-                                               PolicyConfig(fixed_k=True)),
-    }
-    clock = ForwardClock(target.model, *{id(e.fast.model): e.fast.model for e in engines.values() if e.fast}.values())
+    spec = f"speculative k={args.k}"
+
+    def speculative():
+        return make_engine(target.model, tok, draft.model, EngineConfig(k=args.k), PolicyConfig(fixed_k=True))
+
+    engines = {"target-only": make_engine(target.model, tok, None, EngineConfig(k=0)), spec: speculative(),
+               spec + " + trainer": speculative()}
+    clock = ForwardClock(target.model, *[e.fast.model for e in engines.values() if e.fast])
     ways = [(name, batch) for name in engines for batch in (1, 8)]
+
+    def run(name, batch, n):
+        return measure(engines[name], clock, batch, n, tok, listen=name.endswith("trainer"))
+
     for name, batch in ways:  # warm-up
-        measure(engines[name], clock, batch, 4, tok)
+        run(name, batch, 4)
     rows: dict[tuple[str, int], list[dict]] = {w: [] for w in ways}
     for r in range(args.rounds):
         for name, batch in ways:
-            rows[(name, batch)].append(measure(engines[name], clock, batch, args.new_tokens, tok))
+            rows[(name, batch)].append(run(name, batch, args.new_tokens))
         console.print(f"round {r + 1}/{args.rounds}")
     table = Table(title=f"engine step overhead ({args.target}, {args.new_tokens} new tokens, median of {args.rounds})")
     for col in ("way", "batch", "ms/step", "ms in forwards", "overhead ms/step"):

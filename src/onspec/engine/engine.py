@@ -28,7 +28,7 @@ from onspec.engine.detok import IncrementalDetokenizer
 from onspec.engine.records import Example, RequestOutput, RequestStats, StepOutput, StepRecord
 from onspec.engine.runner import ModelRunner
 from onspec.engine.policy import AdaptiveK
-from onspec.engine.sampling import SamplingParams, gumbel_noise, process_logits, sample
+from onspec.engine.sampling import InvalidRequest, SamplingParams, gumbel_noise, process_logits, sample
 from onspec.engine.stopping import StopChecker
 from onspec.engine.verify import Verdict, greedy_verify, gumbel_verify, rejection_sample
 from onspec.models.draft_vocab import DraftVocab
@@ -353,16 +353,20 @@ class SpeculativeEngine:
 
     # -- bookkeeping --------------------------------------------------------------------------
 
-    def _admit(self, request: Request) -> _Sequence:
+    def check(self, request: Request) -> None:
+        """Raise InvalidRequest if this engine cannot run the request (the one place it is checked)."""
         n = len(request.prompt_ids)
         if n == 0:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequest("the prompt is empty", "prompt")
         need = n + request.params.max_new_tokens + self.k
         if self.max_context is not None and need > self.max_context:
-            raise ValueError(
+            raise InvalidRequest(
                 f"prompt ({n} tokens) + max_new_tokens ({request.params.max_new_tokens}) + k ({self.k}) "
-                f"= {need} exceeds the model's context of {self.max_context} tokens"
-            )
+                f"= {need} exceeds the model's context of {self.max_context} tokens",
+                "prompt", "context_length_exceeded")
+
+    def _admit(self, request: Request) -> _Sequence:
+        self.check(request)
         generator = torch.Generator(device=self.device)
         seed = request.params.seed
         generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, (1,))))

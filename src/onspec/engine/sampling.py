@@ -14,6 +14,16 @@ import torch
 from onspec.config import option
 
 
+class InvalidRequest(ValueError):
+    """A request the engine cannot run, with the field at fault (`param`) and an OpenAI-style
+    `code` where one exists: the HTTP layer maps it to a 400 as is, it does not check again."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request decoding parameters (the OpenAI/vLLM meanings)."""
@@ -29,19 +39,19 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if not (self.temperature >= 0.0):
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}", "temperature")
         if not (0.0 < self.top_p <= 1.0):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+            raise InvalidRequest(f"top_k must be >= 0, got {self.top_k}", "top_k")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise InvalidRequest(f"max_new_tokens must be >= 1, got {self.max_new_tokens}", "max_tokens")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         if self.seed is not None and not -2**63 <= self.seed < 2**64:
-            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+            raise InvalidRequest(f"seed must fit in 64 bits, got {self.seed}", "seed")
         if any(not s for s in self.stop):
-            raise ValueError("stop strings must be non-empty")
+            raise InvalidRequest("stop strings must be non-empty", "stop")
 
     @property
     def greedy(self) -> bool:

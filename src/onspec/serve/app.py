@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-import uuid
 from dataclasses import dataclass
 from importlib.resources import files
 from typing import Any
@@ -21,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from onspec.data.streams import Query
 from onspec.engine.engine import Request, SpeculativeEngine
 from onspec.engine.records import RequestOutput
-from onspec.engine.sampling import SamplingParams
+from onspec.engine.sampling import InvalidRequest, SamplingParams
 from onspec.serve.config import ServerConfig
 from onspec.serve.metrics import ServerMetrics
 from onspec.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -170,7 +169,8 @@ def _completion_prompt(body: CompletionRequest, state: ServerState) -> list[int]
     return list(prompt)
 
 
-def _sampling(body, state: ServerState, kind: str, prompt_len: int) -> SamplingParams:
+def _request(body, state: ServerState, kind: str, prompt_ids: list[int]) -> Request:
+    """The engine request of an HTTP body: the server's own limits here, the engine's checks mapped."""
     if body.model is not None and body.model != state.model_name:
         raise OpenAIError(404, f"the model {body.model!r} does not exist; this server serves {state.model_name!r}",
                           param="model", code="model_not_found")
@@ -180,29 +180,22 @@ def _sampling(body, state: ServerState, kind: str, prompt_len: int) -> SamplingP
     limit = state.cfg.max_tokens_limit
     if not 1 <= max_tokens <= limit:
         raise OpenAIError(400, f"max_tokens must be in [1, {limit}], got {max_tokens}", param="max_tokens")
-    if prompt_len == 0:
-        raise OpenAIError(400, "the prompt is empty", param="prompt")
-    context = state.engine.max_context
-    need = prompt_len + max_tokens + state.engine.k
-    if context is not None and need > context:
-        raise OpenAIError(400, f"the prompt ({prompt_len} tokens) plus max_tokens ({max_tokens}) and {state.engine.k} "
-                               f"draft tokens exceeds the model's context of {context} tokens",
-                          param="messages" if kind == "chat" else "prompt", code="context_length_exceeded")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    if any(not s for s in stop):
-        raise OpenAIError(400, "stop strings must be non-empty", param="stop")
     if len(stop) > 8:
         raise OpenAIError(400, f"at most 8 stop strings, got {len(stop)}", param="stop")
-    try:
-        return SamplingParams(temperature=body.temperature, top_p=body.top_p, max_new_tokens=max_tokens, stop=stop,
-                              seed=body.seed, ignore_eos=body.ignore_eos)
-    except ValueError as e:
-        raise OpenAIError(400, str(e)) from None
+    try:  # the engine's own checks, mapped to a 400 (they are not repeated here)
+        params = SamplingParams(temperature=body.temperature, top_p=body.top_p, max_new_tokens=max_tokens, stop=stop,
+                                seed=body.seed, ignore_eos=body.ignore_eos)
+        request = Request(prompt_ids, params)
+        state.engine.check(request)
+    except InvalidRequest as e:
+        param = "messages" if kind == "chat" and e.param == "prompt" else e.param
+        raise OpenAIError(400, str(e), param=param, code=e.code) from None
+    return request
 
 
 async def _serve(http: HTTPRequest, state: ServerState, body, prompt_ids: list[int], kind: str, query: Query):
-    params = _sampling(body, state, kind, len(prompt_ids))
-    request = Request(prompt_ids, params)
+    request = _request(body, state, kind, prompt_ids)
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
     state.scheduler.submit(request, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev), query)
