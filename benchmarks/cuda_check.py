@@ -70,6 +70,22 @@ def main() -> int:
             a = SpeculativeEngine(target, Tok(), noisy, k=3).generate([Request(prompts[0], sp)])[0].token_ids
             b = SpeculativeEngine(target, Tok(), noisy, k=3).generate([Request(prompts[0], sp)])[0].token_ids
             report[f"{arch}/{str(dtype).removeprefix('torch.')}/sampling_same_seed_same_output"] = a == b
+            # a seed gives the same tokens whatever the draft or k (Gumbel-coupled verification)
+            c = SpeculativeEngine(target, Tok(), None).generate([Request(prompts[0], sp)])[0].token_ids
+            d = SpeculativeEngine(target, Tok(), noisy, k=4, policy=AdaptiveK(4, PolicyConfig())).generate(
+                [Request(prompts[0], sp)])[0].token_ids
+            report[f"{arch}/{str(dtype).removeprefix('torch.')}/same_seed_any_draft"] = a == c == d
+            # teacher data kept at the source (on the GPU) equals the top-K of the full logits
+            eng = SpeculativeEngine(target, Tok(), noisy, k=4)
+            eng.teacher_top_k, eng.record_logits = 8, True
+            recs, finals = [], []
+            eng.generate([Request(prompts[2], params)], on_record=recs.append, on_finish=finals.append)
+            top = [r.target_logits.float().softmax(-1).topk(8, dim=-1) for r in recs]
+            ids = torch.cat([t.indices.to(torch.int32).cpu() for t in top])[:48]
+            ex = finals[0].example
+            report[f"{arch}/{str(dtype).removeprefix('torch.')}/teacher_at_source_equal"] = bool(
+                torch.equal(ex.top_ids, ids) and torch.equal(
+                    ex.top_probs, torch.cat([t.values.to(torch.float16).cpu() for t in top])[:48]))
     print(json.dumps(report, indent=1))
     bad = [k for k, v in report.items() if isinstance(v, dict) and "float32" in k and not v["equal"]]
     print("float32 greedy equality on CUDA:", "FAILED " + str(bad) if bad else "all equal")
