@@ -111,5 +111,8 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise ValueError(f"cannot bind {host}:{port}: {e.strerror}") from None
+    # listen now: a client that connects once the address is printed waits in the backlog until
+    # uvicorn accepts, instead of being refused while the models load and uvicorn starts
+    sock.listen(2048)
     sock.set_inheritable(True)
     return sock
