@@ -97,6 +97,16 @@ def run_trials(p: torch.Tensor, q: torch.Tensor, n: int, seed: int):
     return verdicts
 
 
+def lossless_case(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """p [k+1, V] with a token the target never emits (p[0][2] = 0) and q [k, V] close-ish to it
+    (so later positions get enough samples) with a token the draft never proposes (q[1][4] = 0)."""
+    gen = torch.Generator().manual_seed(1234)
+    p = random_dists(k + 1, gen, zero_at={0: 2})
+    q = 0.5 * p[:k] + 0.5 * random_dists(k, gen)
+    q[1, 4] = 0.0
+    return p, q / q.sum(-1, keepdim=True)
+
+
 def test_rejection_sample_emits_the_target_distribution():
     """Speculative sampling is lossless: with k=3 and fixed p (k+1 rows), q (k rows), the token
     emitted at position i, among the trials that accepted x_1..x_i, is distributed as p[i]
@@ -105,12 +115,7 @@ def test_rejection_sample_emits_the_target_distribution():
     always be rejected) and one the draft never proposes (q[1][4] = 0: only the recovered token
     can produce it)."""
     k, n = 3, 30_000
-    gen = torch.Generator().manual_seed(1234)
-    p = random_dists(k + 1, gen, zero_at={0: 2})
-    # a draft that is close-ish to the target, so that later positions get enough samples
-    q = 0.5 * p[:k] + 0.5 * random_dists(k, gen)
-    q[1, 4] = 0.0
-    q = q / q.sum(-1, keepdim=True)
+    p, q = lossless_case(k)
     verdicts = run_trials(p, q, n, seed=99)
 
     for v in verdicts:
@@ -170,11 +175,7 @@ def test_gumbel_verify_emits_the_target_distribution():
     (k = 3, a token the target never emits, one the draft never proposes), the token emitted at
     position i among the trials that reached it is distributed as p[i]."""
     k, n = 3, 30_000
-    gen = torch.Generator().manual_seed(1234)
-    p = random_dists(k + 1, gen, zero_at={0: 2})
-    q = 0.5 * p[:k] + 0.5 * random_dists(k, gen)
-    q[1, 4] = 0.0
-    q = q / q.sum(-1, keepdim=True)
+    p, q = lossless_case(k)
     verdicts = run_gumbel_trials(p, q, n)
     for i in range(k + 1):
         reached = [v.tokens[i] for v in verdicts if v.num_accepted >= i]
