@@ -70,11 +70,10 @@ def build_pool(target: nn.Module, tokenizer, draft: nn.Module | None, engine_cfg
         trainer = None
         if trainer_cfg is not None and model is not None:
             trainer = attach_trainer(engine, trainer_cfg, where)
-        elif model is not None and where is not None:
-            meta = CheckpointStore(where).load_into(engine.draft)
-            if meta is not None:
-                engine.draft_version = int(meta["version"])
-                engine.fast.refresh()
+        elif model is not None and where is not None and (latest := CheckpointStore(where).load_latest()):
+            state, meta = latest  # served as is: through the engine's one swap path
+            engine.offer_draft(state, int(meta["version"]))
+            engine.apply_pending_swap()
         member = Member(name, engine, trainer)
         if on_member is not None:
             on_member(member)

@@ -1,6 +1,6 @@
 """`onspec distill`: offline distillation of a draft on target responses (the paper's warm start
-and its offline baseline). The target answers the dataset's queries (target-only decoding; its
-verify records carry the teacher distributions, as online), then the draft trains on them for
+and its offline baseline). The target answers the dataset's queries (target-only decoding; the
+engine keeps each answer's teacher distributions, as online), then the draft trains on them for
 some epochs with the same loss code as the online trainer, and is written as a model directory
 that `--draft DIR` loads.
 """

@@ -399,12 +399,12 @@ class SpeculativeEngine:
     def _step_output(self, seq: _Sequence, kept: list[int], k: int, verdict: Verdict | None) -> StepOutput:
         """The request's new tokens and text of this step; on its last step the whole output.
         While it runs, text that could still be the start of a stop string is held back."""
-        seq.detok.push(kept)
         finished = seq.finish_reason is not None
-        if finished:
+        if finished:  # the final text is decoded whole once (cut at a stop string)
             output = seq.output()
             text, end = output.text, len(output.text)
         else:
+            seq.detok.push(kept)
             output, text = None, seq.detok.text
             end = len(text) - max((len(x) - 1 for x in seq.params.stop), default=0)
         delta = text[seq.sent:end] if end > seq.sent else ""

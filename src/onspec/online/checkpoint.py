@@ -57,16 +57,25 @@ class CheckpointStore:
         path = self.root / marker.read_text().strip()
         return path if (path / "onspec.json").is_file() else None
 
+    def load_latest(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """The latest checkpoint's weights and meta (None: no checkpoint yet)."""
+        path = self.latest()
+        return None if path is None else self._read(path)
+
     def load_into(self, model, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
         """Load the latest checkpoint's weights (and optimizer state) in place; returns its meta."""
         path = self.latest()
         if path is None:
             return None
-        state = load_file(str(path / "model.safetensors"))
+        state, meta = self._read(path)
         model.load_state_dict(state, strict=False)
         if optimizer is not None and (path / "optimizer.pt").is_file():
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-        return json.loads((path / "onspec.json").read_text())
+        return meta
+
+    @staticmethod
+    def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+        return load_file(str(path / "model.safetensors")), json.loads((path / "onspec.json").read_text())
 
     def _prune(self) -> None:
         versions = sorted(p for p in self.root.glob("v*") if p.is_dir())

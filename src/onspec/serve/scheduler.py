@@ -161,9 +161,9 @@ class Scheduler:
             t.member = self.pool.general
             return
         t.route = self.router.route(t.query, t.request.prompt_ids)
-        known = set(self.pool.members)
+        before = len(self.pool.members)
         t.member = self.pool.pick(t.route, self.router.opens_at_once)
-        if t.route not in known and t.route in self.pool.members:  # a specialist just opened
+        if len(self.pool.members) > before:  # a specialist just opened
             self.metrics.add_draft(t.member.name)
             log.info("opened draft %r for route %r", t.member.name, t.route)
 
@@ -173,9 +173,9 @@ class Scheduler:
                 self._step_member(member)
 
     def _step_member(self, member: Member) -> None:
-        now = None
-        for o in member.engine.step():
-            now = now or time.perf_counter()
+        outputs = member.engine.step()
+        now = time.perf_counter()
+        for o in outputs:
             t = self._tickets.get(o.request_id)
             if t is None:
                 continue
