@@ -165,6 +165,37 @@ def test_pool_checkpoints_restore_every_drafts_version(tokenizer, tmp_path):
             assert torch.equal(p, a[n]), (name, n)
 
 
+def test_specialists_are_built_off_the_calling_thread(tokenizer):
+    """With open_in_background (what the server's scheduler sets): the clone is taken on the calling
+    thread, the member is built on another; `pick` answers None meanwhile, `ready` hands the member
+    over once built, `on_opened` fires; a failed build falls back to the general draft."""
+    import threading
+
+    pool, _ = _pool(tokenizer, drafts=3)
+    build_threads, woken = [], threading.Event()
+    make, gate = pool.make_member, threading.Event()
+
+    def slow_make(name, model):
+        build_threads.append(threading.current_thread())
+        gate.wait(30)
+        if name == "bad":
+            raise RuntimeError("no memory for another draft")
+        return make(name, model)
+
+    pool.make_member, pool.open_in_background, pool.on_opened = slow_make, True, woken.set
+    assert pool.pick("letters", opens_at_once=True) is None
+    assert pool.ready("letters") is None and pool.pick("letters") is None  # still being built
+    gate.set()
+    assert woken.wait(30)
+    member = pool.ready("letters")
+    assert member is pool.members["letters"] and member.name == "letters"
+    assert build_threads[0] is not threading.current_thread()
+    assert pool.pick("letters") is member
+    woken.clear()
+    assert pool.pick("bad", opens_at_once=True) is None and woken.wait(30)
+    assert pool.ready("bad") is pool.general and "bad" not in pool.members
+
+
 def test_a_specialist_worse_than_the_general_draft_is_degraded(tokenizer):
     pool, _ = _pool(tokenizer, drafts=2)
     pool.cfg.check_window = 8

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import random
+import threading
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ if TYPE_CHECKING:  # types only: the pool never drives a trainer itself
     from onspec.online.worker import TrainerWorker
 
 GENERAL = "general"
+log = logging.getLogger("onspec.pool")
 
 
 @dataclass
@@ -82,6 +85,12 @@ class _RouteHealth:
 
 
 class DraftPool:
+    """Touched by one thread (the decoding thread), except that with `open_in_background` a new
+    specialist is built on a thread of its own: its clone of the general draft is taken on the
+    calling thread (so it never sees a half-applied swap), the rest (its engine, the int8 copy, its
+    trainer, its checkpoint) off it; `pick` returns None for a route whose draft is still being
+    built, `ready` hands it over once built, and `on_opened` is called when one is."""
+
     def __init__(self, cfg: PoolConfig, general: Member, make_member: MemberFactory, seed: int = 0) -> None:
         self.cfg = cfg
         self.general = general
@@ -92,36 +101,81 @@ class DraftPool:
         self.seen: dict[str, int] = defaultdict(int)
         self.health: dict[str, _RouteHealth] = defaultdict(_RouteHealth)
         self.checks = 0
+        self.open_in_background = False
+        self.on_opened: Callable[[], None] | None = None
+        self._opening: set[str] = set()
+        self._built: dict[str, Member | Exception] = {}  # written by the builder threads, under _lock
+        self._lock = threading.Lock()
         self._rng = random.Random(seed)
 
     @property
     def all_members(self) -> list[Member]:
         return [self.general, *self.members.values()]
 
-    def pick(self, key: str | None, opens_at_once: bool = False) -> Member:
-        """The member that serves a query with this route key (None: the general draft)."""
+    def pick(self, key: str | None, opens_at_once: bool = False) -> Member | None:
+        """The member that serves a query with this route key (None key: the general draft).
+        None (only with `open_in_background`): the route's draft is being built; ask `ready`."""
         if key is None:
             return self.general
         self.seen[key] += 1
         member = self.members.get(key)
         if member is None:
-            room = len(self.members) < self.cfg.drafts - 1
+            if key in self._opening:
+                return None
+            room = len(self.members) + len(self._opening) < self.cfg.drafts - 1
             if not room or not (opens_at_once or self.seen[key] >= self.cfg.open_after):
                 return self.general
+            if self.open_in_background:
+                self._build(key, self._clone())
+                return None
             member = self.open(key)
-        if member.degraded:
+        return self._serve(member)
+
+    def ready(self, key: str) -> Member | None:
+        """For a query that `pick` answered None: its member once built (the general draft if the
+        build failed), None while it is still being built."""
+        with self._lock:
+            built = self._built.pop(key, None)
+        if built is None:
+            return None if key in self._opening else self._serve(self.members.get(key, self.general))
+        self._opening.discard(key)
+        if isinstance(built, Exception):
+            log.error("opening the draft for route %r failed (%s); the general draft serves it", key, built)
+            return self.general
+        self.members[key] = built
+        return self._serve(built)
+
+    def open(self, key: str) -> Member:
+        """A specialist for `key`, cloned from the general draft as it is now (on this thread)."""
+        member = self.make_member(key, self._clone())  # a fresh engine (version 0) or one resumed from its checkpoint
+        self.members[key] = member
+        return member
+
+    def _clone(self) -> torch.nn.Module:
+        draft = self.general.engine.draft
+        return copy.deepcopy(draft, memo=frozen_tables(draft, self.train_embeddings))
+
+    def _build(self, key: str, clone: torch.nn.Module) -> None:
+        def build() -> None:
+            try:
+                built: Member | Exception = self.make_member(key, clone)
+            except Exception as e:  # reported by `ready`; the query falls back to the general draft
+                built = e
+            with self._lock:
+                self._built[key] = built
+            if self.on_opened is not None:
+                self.on_opened()
+
+        self._opening.add(key)
+        threading.Thread(target=build, name=f"onspec-open-{key}", daemon=True).start()
+
+    def _serve(self, member: Member) -> Member:
+        """A specialist, unless it is degraded or this query is one of the general draft's checks."""
+        if member is self.general or member.degraded:
             return self.general
         if self.cfg.general_share and self._rng.random() < self.cfg.general_share:
             self.checks += 1
             return self.general
-        return member
-
-    def open(self, key: str) -> Member:
-        """A specialist for `key`, cloned from the general draft as it is now."""
-        draft = self.general.engine.draft
-        clone = copy.deepcopy(draft, memo=frozen_tables(draft, self.train_embeddings))
-        member = self.make_member(key, clone)  # a fresh engine (version 0) or one resumed from its checkpoint
-        self.members[key] = member
         return member
 
     def observe(self, key: str | None, member: Member, alpha: float | None) -> None:

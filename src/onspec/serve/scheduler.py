@@ -66,10 +66,15 @@ class Scheduler:
         self.metrics = metrics
         self.max_batch = max_batch
         self._queue: list[_Ticket] = []
+        self._parked: list[_Ticket] = []
+        """Routed to a specialist that is still being built (off this thread); they join once it is."""
         self._cancelled: set[str] = set()
         self._tickets: dict[str, _Ticket] = {}
+        self._drafts = {m.name for m in pool.all_members}
         self._cond = threading.Condition()
         self._closing = False
+        self._opened = False
+        pool.open_in_background, pool.on_opened = True, self._wake  # never build a draft on the decoding thread
         self._thread = threading.Thread(target=self._run, name="onspec-scheduler", daemon=True)
 
     # -- the HTTP side -------------------------------------------------------------------------------
@@ -92,7 +97,7 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._parked)
 
     @property
     def running(self) -> int:
@@ -105,17 +110,27 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join(timeout=30)
 
+    def _wake(self) -> None:
+        """A specialist finished building (called on its builder thread)."""
+        with self._cond:
+            self._opened = True
+            self._cond.notify()
+
     # -- the decoding thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closing and not self._queue and not self.running and not self._cancelled:
+                while (not self._closing and not self._queue and not self.running and not self._cancelled
+                       and not self._opened):
                     self._cond.wait()
                 if self._closing:
                     break
+                self._opened = False
                 cancelled, self._cancelled = self._cancelled, set()
                 self._queue = [t for t in self._queue if t.request.request_id not in cancelled]
+                self._parked = [t for t in self._parked if t.request.request_id not in cancelled]
+                self._queue = self._unpark() + self._queue
                 room = self.max_batch - self.running
                 joining, self._queue = self._queue[:room], self._queue[room:]
             try:
@@ -135,10 +150,24 @@ class Scheduler:
             t.member.engine.cancel(rid)
             log.info("request %s cancelled by its client; slot freed", rid)
 
+    def _unpark(self) -> list[_Ticket]:
+        """Parked tickets whose draft is built now (or failed: the general draft), in order."""
+        ready, parked = [], []
+        for t in self._parked:
+            t.member = self.pool.ready(t.route)
+            (parked if t.member is None else ready).append(t)
+        self._parked = parked
+        return ready
+
     def _admit(self, tickets: list[_Ticket]) -> None:
         groups: dict[str, list[_Ticket]] = {}
         for t in tickets:
-            self._route(t)
+            if t.member is None:
+                self._route(t)
+            if t.member is None:
+                self._parked.append(t)
+                continue
+            self._note_draft(t.member, t.route)
             groups.setdefault(t.member.name, []).append(t)
         for group in groups.values():
             engine = group[0].member.engine
@@ -161,11 +190,13 @@ class Scheduler:
             t.member = self.pool.general
             return
         t.route = self.router.route(t.query, t.request.prompt_ids)
-        before = len(self.pool.members)
-        t.member = self.pool.pick(t.route, self.router.opens_at_once)
-        if len(self.pool.members) > before:  # a specialist just opened
-            self.metrics.add_draft(t.member.name)
-            log.info("opened draft %r for route %r", t.member.name, t.route)
+        t.member = self.pool.pick(t.route, self.router.opens_at_once)  # None: being built, parked
+
+    def _note_draft(self, member: Member, route: str | None) -> None:
+        if member.name not in self._drafts:  # a specialist just opened
+            self._drafts.add(member.name)
+            self.metrics.add_draft(member.name)
+            log.info("opened draft %r for route %r", member.name, route)
 
     def _step(self) -> None:
         for member in self.pool.all_members:
@@ -199,8 +230,8 @@ class Scheduler:
     def _fail_all(self, message: str) -> None:
         tickets = list(self._tickets.values())
         with self._cond:
-            tickets += self._queue
-            self._queue = []
+            tickets += self._queue + self._parked
+            self._queue, self._parked = [], []
         for t in self._tickets.values():
             t.member.engine.cancel(t.request.request_id)
         self._tickets.clear()
