@@ -10,7 +10,6 @@ import json
 import time
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import Any
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +20,8 @@ from onspec.data.streams import Query
 from onspec.engine.engine import Request, SpeculativeEngine
 from onspec.engine.records import RequestOutput
 from onspec.engine.sampling import InvalidRequest, SamplingParams
+from onspec.pool.pool import DraftPool
+from onspec.pool.routers import Router
 from onspec.serve.config import ServerConfig
 from onspec.serve.metrics import ServerMetrics
 from onspec.serve.protocol import ChatCompletionRequest, CompletionRequest
@@ -51,9 +52,9 @@ class ServerState:
     metrics: ServerMetrics
     cfg: ServerConfig
     model_name: str
-    pool: Any = None
-    """The DraftPool (a pool of one when there is a single draft)."""
-    router: Any = None
+    pool: DraftPool
+    """The drafts (a pool of one when there is a single draft); `engine` is the general draft's."""
+    router: Router | None = None
 
     @property
     def tokenizer(self):
@@ -62,12 +63,10 @@ class ServerState:
     @property
     def trainer(self):
         """The general draft's trainer (None when not learning online)."""
-        return self.pool.general.trainer if self.pool is not None else None
+        return self.pool.general.trainer
 
     def drafts(self) -> dict:
         """name -> (serving version, trainer stats or None) for every pool member."""
-        if self.pool is None:
-            return {"general": (self.engine.draft_version, None)}
         return {m.name: (m.version, m.trainer.stats() if m.trainer else None) for m in self.pool.all_members}
 
 
@@ -124,7 +123,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def dashboard_data():
         _refresh_metrics(state)
         trainer = state.trainer.stats() if state.trainer is not None else None
-        history = sorted(((m.name, h) for m in (state.pool.all_members if state.pool else []) if m.trainer
+        history = sorted(((m.name, h) for m in state.pool.all_members if m.trainer
                           for h in list(m.trainer.distiller.history)[-20:]), key=lambda nh: nh[1].at)[-20:]
         return {
             "model": state.model_name, "draft_version": state.engine.draft_version, "online": state.trainer is not None,
