@@ -7,7 +7,7 @@ is due; a background thread runs it (decoding never waits), and an accepted vers
 through `publish(version, weights, alpha_hint)`: to an engine (`SpeculativeEngine.offer_draft`,
 swapped in between two verify steps) here, to serving replicas elsewhere. Checkpoints
 (safetensors + optimizer state) every `checkpoint_every` accepted updates; a worker with the same
-checkpoint directory resumes the last good version and publishes it first.
+checkpoint directory resumes the newest version that verifies and publishes it first.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class TrainerWorker:
         self._closing = False
         self._running = False
         self._thread: threading.Thread | None = None
+        self._saved_version: int | None = None  # the draft version the store holds (saved or resumed)
         self._resume()
         if config.background:
             self._thread = threading.Thread(target=self._loop, name="onspec-trainer", daemon=True)
@@ -87,7 +88,7 @@ class TrainerWorker:
             return entry
         self._publish(entry.probe_after)
         if self.store is not None and self.cfg.checkpoint_every and self.distiller.updates % self.cfg.checkpoint_every == 0:
-            self.checkpoint()
+            self._checkpoint_or_log("scheduled")
         return entry
 
     def _publish(self, alpha_hint: float | None) -> None:
@@ -134,17 +135,31 @@ class TrainerWorker:
         self.store.save(d.student, self.tokenizer, d.optimizer, d.version,
                         {"updates": d.updates, "rollbacks": d.rollbacks, "discarded": d.discarded,
                          "requests": self.requests})
+        self._saved_version = d.version
+
+    def _checkpoint_or_log(self, which: str) -> None:
+        """A checkpoint that never raises: a full or read-only state directory costs the unsaved
+        versions (logged with the directory), never serving nor the rest of shutdown."""
+        try:
+            self.checkpoint()
+        except OSError as e:
+            log.error("%s checkpoint of draft v%d into %s failed: %s; serving is unaffected, the version is not saved",
+                      which, self.version, self.store.root, e)
+        except Exception:
+            log.exception("%s checkpoint of draft v%d into %s failed; the version is not saved", which, self.version,
+                          self.store.root)
 
     def close(self) -> None:
-        """Finish pending work, stop the thread, write a final checkpoint."""
+        """Finish pending work, stop the thread, write a final checkpoint (unless the store already
+        holds this version). Never raises for a checkpoint that cannot be written: it logs it."""
         if self._thread is not None:
             with self._cond:
                 self._closing = True
                 self._cond.notify()
             self._thread.join()
             self._thread = None
-        if self.store is not None and self.distiller.updates:
-            self.checkpoint()
+        if self.store is not None and self.distiller.updates and self.distiller.version != self._saved_version:
+            self._checkpoint_or_log("final")
 
     def _resume(self) -> None:
         if self.store is None:
@@ -156,8 +171,9 @@ class TrainerWorker:
         d.version = int(meta["version"])
         d.updates = int(meta.get("updates", 0))
         d.rollbacks = int(meta.get("rollbacks", 0))
+        self._saved_version = d.version
         self._publish(None)
-        log.info("resumed draft v%d from %s", d.version, self.store.latest())
+        log.info("resumed draft v%d from %s", d.version, self.store.loaded_from)
 
     def stats(self) -> dict:
         d = self.distiller
