@@ -45,7 +45,21 @@ def attach_trainer(engine: SpeculativeEngine, cfg: TrainerConfig, checkpoint_dir
 
 
 def member_dir(root: Path, name: str) -> Path:
-    return root if name == GENERAL else root / name
+    """A pool member's checkpoint directory. The general draft, named by the pool's `GENERAL`
+    constant itself, keeps `root`. A specialist's name is a route key a client can set (`domain`),
+    so it never becomes a path as is: `root/<slug>-<sha256 of the key, 16 hex>`, the slug being the
+    key's [A-Za-z0-9_-] characters (others -> `_`, at most 40). Nothing escapes root, distinct keys
+    never share a directory, no name looks like a checkpoint version (`v000012`) or a temporary
+    file, and a route key that merely equals "general" gets a directory of its own (the identity
+    test below: route keys are strings parsed from requests, never the constant)."""
+    import hashlib
+    import re
+
+    if name is GENERAL:
+        return root
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_-")[:40] or "route"
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return root / f"{slug}-{digest}"
 
 
 def build_pool(target: nn.Module, tokenizer, draft: nn.Module | None, engine_cfg: EngineConfig,
