@@ -45,7 +45,7 @@ def main() -> int:
         pool.pick(f"route{i}")
     prompt = target.tokenizer.encode("def add(a, b):")
     for m in pool.all_members:  # one update each, so every optimizer holds its state
-        m.engine.generate([Request(prompt, SamplingParams(max_new_tokens=8))], on_finish=m.trainer.on_output)
+        m.generate([Request(prompt, SamplingParams(max_new_tokens=8))], on_finish=m.trainer.on_output)
     general_only = pool.memory_bytes([pool.general])
     per_extra = pool.memory_per_extra_draft()
     embed = target.model.get_input_embeddings().weight

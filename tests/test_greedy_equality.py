@@ -163,3 +163,74 @@ def test_default_engine_greedy_equals_plain_greedy(arch, draft_kind, batch, toke
     assert engine.policy is not None and engine.fast.int8  # the defaults really are in play
     outs = engine.generate([Request(p, greedy(ignore_eos=True)) for p in ids])
     assert_equals_reference(outs, arch, ids, tokenizer)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rows_of_several_drafts_verify_in_one_target_pass(arch, tokenizer):
+    """Three drafters (one never agrees, one agrees partly, one target-only row k = 0 by budget)
+    share one engine: rows of each join at different steps, with different k; each row's output
+    equals plain greedy, and every engine step is exactly one target forward."""
+    from onspec.engine.drafter import Drafter
+
+    target = cached_model(arch)
+    engine = SpeculativeEngine(target, tokenizer, cached_draft(arch, "noisy"), k=3)
+    engine.add_drafter(Drafter(cached_draft(arch, "random"), k=5, name="random"))
+    engine.add_drafter(Drafter(copy.deepcopy(target), k=2, name="same"))
+    calls = []
+    hook = target.register_forward_hook(lambda *_: calls.append(1))
+    ids = prompts(tokenizer, "batch4")
+    first = [Request(p, greedy(ignore_eos=True)) for p in ids[:2]]
+    engine.add(first[0])
+    engine.add(first[1], drafter="random")
+    late = [Request(ids[2], greedy(ignore_eos=True)), Request(ids[3], greedy(n=N_NEW // 2, ignore_eos=True))]
+    outs, steps, prefills = {}, 0, 2
+    while len(outs) < 4:
+        if steps == 3:  # two more rows join mid-stream, with other drafters
+            engine.add(late[0], drafter="same")
+            engine.add(late[1], drafter="random")
+            prefills += 2
+        before = len(calls)
+        for o in engine.step():
+            if o.finished:
+                outs[o.request_id] = o
+                assert o.drafter == {first[0].request_id: "general", first[1].request_id: "random",
+                                     late[0].request_id: "same", late[1].request_id: "random"}[o.request_id]
+        steps += 1
+        assert len(calls) - before == 1, "one target pass per step for every drafter's rows"
+    hook.remove()
+    for r, p in zip(first + late, ids):
+        n = r.params.max_new_tokens
+        assert outs[r.request_id].output.token_ids == reference_greedy(arch, p, n)
+    same = outs[late[0].request_id].output.stats
+    assert same.alpha == 1.0 and same.k == 2  # the identical draft accepts everything, at its own k
+    assert outs[first[1].request_id].output.stats.k == 5
+
+
+def test_one_failing_row_leaves_the_batch_alone(tokenizer, monkeypatch):
+    """A row whose own verification raises finishes with reason 'error' and a message; the other
+    rows of the batch go on and still equal plain greedy."""
+    arch = ARCHS[0]
+    engine = SpeculativeEngine(cached_model(arch), tokenizer, cached_draft(arch, "noisy"), k=3)
+    ids = prompts(tokenizer, "batch4")
+    reqs = [Request(p, greedy(ignore_eos=True)) for p in ids]
+    bad = reqs[1].request_id
+    verify = engine.verify
+
+    def flaky(seq, draw, logits):
+        if seq.request.request_id == bad and len(seq.generated) > 5:
+            raise RuntimeError("boom")
+        return verify(seq, draw, logits)
+
+    monkeypatch.setattr(engine, "verify", flaky)
+    engine.add(reqs)
+    outs = {}
+    while engine.num_running:
+        for o in engine.step():
+            if o.finished:
+                outs[o.request_id] = o
+    assert outs[bad].finish_reason == "error" and "boom" in outs[bad].error and outs[bad].output is None
+    good = [r for r in reqs if r.request_id != bad]
+    assert_equals_reference([outs[r.request_id].output for r in good], arch, [r.prompt_ids for r in good], tokenizer)
+    with pytest.raises(RuntimeError, match="boom"):  # offline generate names the failure
+        monkeypatch.setattr(engine, "verify", lambda seq, draw, logits: (_ for _ in ()).throw(RuntimeError("boom")))
+        engine.generate([Request(ids[0], greedy())])

@@ -17,6 +17,7 @@ from onspec.engine.engine import Request, SpeculativeEngine
 from onspec.engine.records import RequestStats
 from onspec.engine.sampling import SamplingParams
 from onspec.engine.engine import EngineConfig
+from onspec.engine.policy import PolicyConfig
 from onspec.online.distiller import TrainerConfig
 from onspec.pool.pool import GENERAL, PoolConfig
 from onspec.wiring import build_pool
@@ -111,8 +112,8 @@ def _pool(tokenizer, drafts: int, tmp=None):
     trainer_cfg = TrainerConfig(background=False, update_interval=2, steps=6, lr=1e-2, positions="all",
                                 probe_every=0, batch_size=4, train_embeddings=True)
     cfg = PoolConfig(drafts=drafts, router="field", general_share=0.0, open_after=1)
-    pool, _ = build_pool(target, tokenizer, _small_draft(), EngineConfig(k=3), pool_cfg=cfg, trainer_cfg=trainer_cfg,
-                         checkpoints=tmp, engine_factory=lambda model: SpeculativeEngine(target, tokenizer, model, k=3))
+    pool, _ = build_pool(target, tokenizer, _small_draft(), EngineConfig(k=3, draft_quant="none"),
+                         PolicyConfig(fixed_k=True), pool_cfg=cfg, trainer_cfg=trainer_cfg, checkpoints=tmp)
     return pool, FieldRouter()
 
 
@@ -125,7 +126,7 @@ def _serve(pool, router, tokenizer, rounds: int) -> dict[str, list[float]]:
                 ids = tokenizer.encode(t)
                 key = router.route(q, ids) if pool.cfg.drafts > 1 else None
                 m = pool.pick(key)
-                out = m.engine.generate([Request(ids, PARAMS)], on_finish=m.trainer.on_output)[0]
+                out = m.generate([Request(ids, PARAMS)], on_finish=m.trainer.on_output)[0]
                 pool.observe(key, m, out.stats.alpha)
                 alphas[domain].append(out.stats.alpha)
     return alphas
@@ -157,11 +158,11 @@ def test_pool_checkpoints_restore_every_drafts_version(tokenizer, tmp_path):
     restored, _ = _pool(tokenizer, drafts=3, tmp=tmp_path)
     restored.restore(tmp_path)
     assert {m.name: m.trainer.version for m in restored.all_members} == versions
-    assert {m.name: m.engine.draft_version for m in restored.all_members} == versions
+    assert {m.name: m.version for m in restored.all_members} == versions
     for name, m in restored.members.items():  # the weights came back, not just the numbers
-        pool.members[name].engine.apply_pending_swap()  # the last update goes live at the next step
-        a = dict(pool.members[name].engine.draft.named_parameters())
-        for n, p in m.engine.draft.named_parameters():
+        pool.members[name].drafter.apply_pending_swap()  # the last update goes live at the next step
+        a = dict(pool.members[name].draft.named_parameters())
+        for n, p in m.draft.named_parameters():
             assert torch.equal(p, a[n]), (name, n)
 
 
@@ -211,13 +212,13 @@ def test_clones_share_the_frozen_embedding_table(tokenizer):
     target = tiny_model("llama", 0)
     cfg = TrainerConfig(background=False)  # embeddings frozen by default
     draft = noisy_copy(tiny_model("llama", 0), 0.1, seed=2)
-    pool, _ = build_pool(target, tokenizer, draft, EngineConfig(k=2), pool_cfg=PoolConfig(drafts=3, router="field", open_after=1),
-                         trainer_cfg=cfg, engine_factory=lambda model: SpeculativeEngine(target, tokenizer, model, k=2))
+    pool, _ = build_pool(target, tokenizer, draft, EngineConfig(k=2, draft_quant="none"), PolicyConfig(fixed_k=True),
+                         pool_cfg=PoolConfig(drafts=3, router="field", open_after=1), trainer_cfg=cfg)
     one = pool.memory_bytes()
     pool.pick("a"), pool.pick("b")
     emb = draft.get_input_embeddings().weight
     for m in pool.members.values():
-        assert m.engine.draft.get_input_embeddings().weight.data_ptr() == emb.data_ptr()
+        assert m.draft.get_input_embeddings().weight.data_ptr() == emb.data_ptr()
         assert m.trainer.distiller.student.get_input_embeddings().weight.data_ptr() == emb.data_ptr()
     per_extra = pool.memory_per_extra_draft()
     assert per_extra < one  # an extra draft costs less than the first (the table is shared)

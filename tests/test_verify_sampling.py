@@ -419,3 +419,31 @@ def test_batch_composition_does_not_change_a_sampled_row(draft_kind, tokenizer):
         batched = engine.generate([others[0], Request(prompt, _sampling(seed)), *others[1:]])[1].token_ids
         diff = next((i for i, (a, b) in enumerate(zip(alone, batched)) if a != b), None)
         assert alone == batched, f"seed {seed}: alone and batched differ from token {diff} of {len(alone)}"
+
+
+@pytest.mark.parametrize("temperature", [1e-38, 1e-30, 1e-12, 1e-6])
+def test_a_tiny_temperature_is_argmax_not_nan(temperature):
+    """logits / t overflowed to inf - inf = NaN for t <= ~1e-37 (and took the whole batch down in
+    the sampler): processed logits are shifted first, so a tiny t is the argmax, never NaN."""
+    logits = torch.tensor([[3.0, 1.0, -2.0, 2.999], [0.0, 5.0, 5.0, -1.0]]) * 40
+    probs = process_logits(logits, SamplingParams(temperature=temperature))
+    assert torch.isfinite(probs).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2))
+    assert probs[0].argmax() == 0 and probs[1, 1] > 0 and probs[1, 1] + probs[1, 2] == pytest.approx(1.0)
+
+
+def test_tiny_temperatures_in_a_batch_fail_no_request(tokenizer):
+    """The issue's batch poisoning: several requests with tiny temperatures beside greedy ones;
+    every request finishes normally and the greedy ones still equal plain greedy."""
+    from conftest import ARCHS, cached_draft, cached_model, reference_greedy
+
+    arch = ARCHS[0]
+    engine = SpeculativeEngine(cached_model(arch), tokenizer, cached_draft(arch, "noisy"), k=3)
+    prompt = tokenizer.encode("the quick brown fox")
+    tiny = [Request(prompt, SamplingParams(temperature=t, max_new_tokens=12, seed=s))
+            for t, s in ((1e-38, None), (1e-37, 3), (5e-39, None))]
+    plain = [Request(prompt, SamplingParams(max_new_tokens=12, ignore_eos=True)) for _ in range(2)]
+    outs = engine.generate(tiny + plain)
+    assert all(o.finish_reason in ("stop", "length") for o in outs)
+    for o in outs[len(tiny):]:
+        assert o.token_ids == reference_greedy(arch, prompt, 12)

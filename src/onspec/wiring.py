@@ -1,9 +1,11 @@
-"""The one place that connects the parts: an engine per draft, its trainer, the pool and router.
+"""The one place that connects the parts: the engine, its drafters, their trainers, the pool and
+the router.
 
-serve, replay, the benchmarks and the tests build through here, so an engine always gets its
-trainer the same way (the engine keeps teacher data, the worker publishes into the engine) and
-a pool's members always find their checkpoints in the same places (the general draft in the
-root, a specialist in root/<route key>).
+serve, replay, the benchmarks and the tests build through here, so a drafter always gets its
+trainer the same way (the engine keeps teacher data, the worker publishes into the drafter), every
+draft of a pool verifies in the one engine's target passes, and a pool's members always find their
+checkpoints in the same places (the general draft in the root, a specialist in a directory of its
+own under it, `member_dir`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from typing import Callable
 
 from torch import nn
 
-from onspec.engine.build import make_engine
+from onspec.engine.build import make_drafter, make_engine
+from onspec.engine.drafter import Drafter
 from onspec.engine.engine import EngineConfig, SpeculativeEngine
 from onspec.engine.policy import PolicyConfig
 from onspec.online.checkpoint import CheckpointStore
@@ -23,24 +26,25 @@ from onspec.pool.pool import GENERAL, DraftPool, Member, PoolConfig
 from onspec.pool.routers import Router, make_router
 
 
-def attach_trainer(engine: SpeculativeEngine, cfg: TrainerConfig, checkpoint_dir: str | Path | None = None
-                   ) -> TrainerWorker:
-    """A trainer that learns `engine`'s draft from the requests it serves: the engine keeps the
-    target's top-K per emitted token, the worker publishes accepted versions into the engine. A
-    version resumed from `checkpoint_dir` is live before this returns."""
-    if engine.draft is None:
+def attach_trainer(engine: SpeculativeEngine, cfg: TrainerConfig, checkpoint_dir: str | Path | None = None,
+                   drafter: Drafter | None = None) -> TrainerWorker:
+    """A trainer that learns a drafter's draft (the engine's own by default) from the requests it
+    serves: the engine keeps the target's top-K per emitted token, the worker publishes accepted
+    versions into the drafter. A version resumed from `checkpoint_dir` is live before this returns."""
+    drafter = drafter or engine.drafter
+    if drafter is None:
         raise ValueError("online distillation needs a draft model")
     target = engine.target
-    distiller = Distiller(engine.draft, cfg, teacher=lambda ids: target(ids).logits)
+    distiller = Distiller(drafter.draft, cfg, teacher=lambda ids: target(ids).logits)
     engine.teacher_top_k = cfg.teacher_top_k
 
     def publish(version: int, weights: dict, alpha_hint: float | None) -> None:
-        engine.offer_draft(weights, version, alpha_hint)
+        drafter.offer(weights, version, alpha_hint)
 
-    worker = TrainerWorker(distiller, cfg, publish, weights_dtype=next(engine.draft.parameters()).dtype,
+    worker = TrainerWorker(distiller, cfg, publish, weights_dtype=next(drafter.draft.parameters()).dtype,
                            store=CheckpointStore(checkpoint_dir) if checkpoint_dir else None,
                            tokenizer=engine.tokenizer)
-    engine.apply_pending_swap()
+    drafter.apply_pending_swap()
     return worker
 
 
@@ -66,29 +70,32 @@ def build_pool(target: nn.Module, tokenizer, draft: nn.Module | None, engine_cfg
                policy_cfg: PolicyConfig | None = None, pool_cfg: PoolConfig | None = None, *,
                trainer_cfg: TrainerConfig | None = None, checkpoints: Path | None = None,
                on_member: Callable[[Member], None] | None = None,
-               engine_factory: Callable[[nn.Module | None], SpeculativeEngine] | None = None,
                ) -> tuple[DraftPool, Router | None]:
-    """The draft pool (a single draft is a pool of one) and its router (None for one draft).
-    With `trainer_cfg` every member learns online and resumes from its checkpoint directory; without
-    it a member still loads its last checkpoint (served as is). A previous run's specialists are
-    re-opened from `checkpoints`. `on_member` sees every member as it is made (e.g. to reload its
-    buffered traffic); `engine_factory` replaces `make_engine` (tests)."""
+    """The engine and its draft pool (a single draft is a pool of one) and the router (None for
+    one draft). Every member is a drafter of the one engine, so the rows of all drafts verify in
+    one target pass per step. With `trainer_cfg` every member learns online and resumes from its
+    checkpoint directory; without it a member still loads its last checkpoint (served as is). A
+    previous run's specialists are re-opened from `checkpoints`. `on_member` sees every member as
+    it is made (e.g. to reload its buffered traffic)."""
     pool_cfg = pool_cfg or PoolConfig()
     if draft is None and pool_cfg.drafts > 1:
         raise ValueError("--drafts > 1 needs a draft (drop --no-draft)")
+    engine = make_engine(target, tokenizer, draft, engine_cfg, policy_cfg)
 
     def make_member(name: str, model: nn.Module | None) -> Member:
-        engine = (engine_factory(model) if engine_factory is not None
-                  else make_engine(target, tokenizer, model, engine_cfg, policy_cfg))
+        """The general draft is the engine's own; a specialist's drafter joins the engine when the
+        pool adopts it (on the decoding thread)."""
+        drafter = engine.drafter if name == GENERAL else make_drafter(target, tokenizer, model, name, engine_cfg,
+                                                                      policy_cfg)
         where = member_dir(checkpoints, name) if checkpoints is not None else None
         trainer = None
-        if trainer_cfg is not None and model is not None:
-            trainer = attach_trainer(engine, trainer_cfg, where)
-        elif model is not None and where is not None and (latest := CheckpointStore(where).load_latest()):
-            state, meta = latest  # served as is: through the engine's one swap path
-            engine.offer_draft(state, int(meta["version"]))
-            engine.apply_pending_swap()
-        member = Member(name, engine, trainer)
+        if trainer_cfg is not None and drafter is not None:
+            trainer = attach_trainer(engine, trainer_cfg, where, drafter)
+        elif drafter is not None and where is not None and (latest := CheckpointStore(where).load_latest()):
+            state, meta = latest  # served as is: through the drafter's one swap path
+            drafter.offer(state, int(meta["version"]))
+            drafter.apply_pending_swap()
+        member = Member(name, engine, drafter, trainer)
         if on_member is not None:
             on_member(member)
         return member

@@ -166,13 +166,13 @@ def _serve(mode, target, draft_model, queries, model_cfg, engine_cfg, policy_cfg
             key = router.route(q, ids) if router is not None else None
             member = pool.pick(key, router.opens_at_once) if router is not None else general
             route_s += time.perf_counter() - t_route
-            engine, trainer = member.engine, member.trainer
+            trainer = member.trainer
             t0 = time.perf_counter()
-            out = engine.generate([Request(ids, params)], on_finish=trainer.on_output if trainer else None)[0]
+            out = member.generate([Request(ids, params)], on_finish=trainer.on_output if trainer else None)[0]
             decode_s += time.perf_counter() - t0
             tokens += len(out.token_ids)
             s = out.stats
-            tf = greedy_agreement(engine.draft, ids + out.token_ids, len(ids)) if params.greedy else None
+            tf = greedy_agreement(member.draft, ids + out.token_ids, len(ids)) if params.greedy else None
             static_tf = greedy_agreement(static_draft, ids + out.token_ids, len(ids)) if static_draft else None
             pool.observe(key, member, tf if tf is not None else s.alpha)
             members = pool.all_members
@@ -181,18 +181,18 @@ def _serve(mode, target, draft_model, queries, model_cfg, engine_cfg, policy_cfg
                 "prompt_tokens": len(ids), "tokens": len(out.token_ids),
                 "alpha": s.alpha, "alpha_tf": tf, "static_alpha_tf": static_tf, "accepted": s.accepted, "evaluated": s.evaluated,
                 "proposed": s.proposed, "steps": s.steps, "mean_k": s.proposed / s.steps if s.steps else 0,
-                "tokens_per_s": s.tokens_per_s, "draft_version": engine.draft_version,
+                "tokens_per_s": s.tokens_per_s, "draft_version": member.version,
                 "updates": sum(m.trainer.distiller.updates for m in members if m.trainer),
                 "rollbacks": sum(m.trainer.distiller.rollbacks for m in members if m.trainer),
             })
             recent = [r["alpha_tf"] if r["alpha_tf"] is not None else r["alpha"] for r in rows[-cfg.plot_window:]]
             recent = [a for a in recent if a is not None]
             alpha_text = f"{sum(recent) / len(recent):.3f}" if recent else "n/a"
-            progress.update(task, advance=1, alpha=alpha_text, version=engine.draft_version)
+            progress.update(task, advance=1, alpha=alpha_text, version=member.version)
             if not console.is_terminal and ((i + 1) % max(1, len(queries) // 20) == 0 or i + 1 == len(queries)):
                 # a log file gets no live bar: a plain line every 5% of the stream instead
                 console.print(f"{mode} {i + 1}/{len(queries)} alpha(avg {cfg.plot_window}) {alpha_text} "
-                              f"v{engine.draft_version} {tokens / decode_s if decode_s else 0:.1f} tok/s")
+                              f"v{member.version} {tokens / decode_s if decode_s else 0:.1f} tok/s")
     trainer, per_member = {}, {}
     for m in pool.all_members:
         if m.trainer is None:
@@ -213,7 +213,8 @@ def _serve(mode, target, draft_model, queries, model_cfg, engine_cfg, policy_cfg
         "mean_k": _ratio(sum(r["proposed"] for r in rows), sum(r["steps"] for r in rows)),
         "updates": sum(st["updates"] for st in per_member.values()),
         "rollbacks": sum(st["rollbacks"] for st in per_member.values()),
-        "probing_steps": sum(m.engine.policy.probing_steps for m in pool.all_members if m.engine.policy),
+        "probing_steps": sum(m.drafter.policy.probing_steps for m in pool.all_members
+                             if m.drafter is not None and m.drafter.policy),
         "per_source": _groups(rows, "source"),
         "trainer": trainer,
     }

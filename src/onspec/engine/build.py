@@ -1,9 +1,11 @@
-"""Build an engine from the typed configs: the policy, the reduced draft vocabulary, int8."""
+"""Build an engine (and a pool's further drafters) from the typed configs: the policy, the
+reduced draft vocabulary, int8."""
 
 from __future__ import annotations
 
 from torch import nn
 
+from onspec.engine.drafter import Drafter
 from onspec.engine.engine import EngineConfig, SpeculativeEngine, _eos_ids
 from onspec.engine.policy import PolicyConfig, make_policy
 from onspec.models.draft_vocab import DraftVocab, calibration_counts
@@ -19,6 +21,14 @@ def make_engine(target_model: nn.Module, tokenizer, draft_model: nn.Module | Non
     return SpeculativeEngine(target_model, tokenizer, draft_model, k=k,
                              policy=make_policy(k, policy_cfg or PolicyConfig(), draft_model is not None),
                              draft_vocab=vocab, draft_int8=draft_int8(engine_cfg.draft_quant, draft_model))
+
+
+def make_drafter(target_model: nn.Module, tokenizer, draft_model: nn.Module, name: str, engine_cfg: EngineConfig,
+                 policy_cfg: PolicyConfig | None = None) -> Drafter:
+    """Another draft for an engine made by `make_engine` (`engine.add_drafter`), configured alike."""
+    vocab = draft_vocab(target_model, tokenizer, engine_cfg.draft_vocab) if engine_cfg.draft_vocab else None
+    return Drafter(draft_model, k=engine_cfg.k, policy=make_policy(engine_cfg.k, policy_cfg or PolicyConfig(), True),
+                   vocab=vocab, int8=draft_int8(engine_cfg.draft_quant, draft_model), name=name)
 
 
 def draft_int8(quant: str, draft_model: nn.Module | None) -> bool:

@@ -4,7 +4,11 @@ Draft q proposes k tokens with its own KV cache; target p scores all k+1 positio
 forward pass; `verify` (a pure function) decides; both caches roll back what was rejected.
 Without a draft (or with k = 0) the same loop is plain target-only decoding: the baseline.
 Rows of a batch have their own prompt lengths, sampling parameters, RNG streams and numbers of
-accepted tokens; a finished row leaves the batch at once.
+accepted tokens; a finished row leaves the batch at once. Rows may have different drafts (a pool's
+general draft and its specialists, engine/drafter.py): each drafter proposes for its own rows, and
+the rows of every drafter are verified in one target pass per step. A row whose own work fails
+(its sampling, verification, stopping or detokenising) leaves the batch with finish reason
+'error'; the other rows go on.
 
 The interface a server drives (vLLM's LLMEngine shape): `add(request)` prefills it and it joins
 the running batch between steps; `step()` runs one verify step for every running request and
@@ -15,7 +19,7 @@ request at once. `generate` is add-then-step-until-done, for offline use.
 
 from __future__ import annotations
 
-import threading
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,6 +29,7 @@ import torch
 
 from onspec.config import option
 from onspec.engine.detok import IncrementalDetokenizer
+from onspec.engine.drafter import DEFAULT, Drafter
 from onspec.engine.records import Example, RequestOutput, RequestStats, StepOutput, StepRecord
 from onspec.engine.runner import ModelRunner
 from onspec.engine.policy import AdaptiveK
@@ -32,8 +37,8 @@ from onspec.engine.sampling import InvalidRequest, SamplingParams, gumbel_noise,
 from onspec.engine.stopping import StopChecker
 from onspec.engine.verify import Verdict, greedy_verify, gumbel_verify, rejection_sample
 from onspec.models.draft_vocab import DraftVocab
-from onspec.models.fast_draft import FastDraft
 
+log = logging.getLogger("onspec.engine")
 
 @dataclass
 class EngineConfig:
@@ -63,8 +68,10 @@ class Request:
 
 @dataclass
 class Proposal:
-    tokens: torch.Tensor  # [batch, k] token ids
-    logits: torch.Tensor  # [batch, k, draft vocab] raw draft logits over the draft's head (FastDraft.vocab_ids)
+    """One drafter's proposals for its rows."""
+
+    tokens: torch.Tensor  # [rows, k] token ids
+    logits: torch.Tensor  # [rows, k, draft vocab] raw draft logits over the draft's head (FastDraft.vocab_ids)
     probs: list[torch.Tensor | None]  # per row: processed q [k, vocab], None for greedy rows
 
 
@@ -73,6 +80,8 @@ class _Sequence:
     """One request's state while it is in the batch."""
 
     request: Request
+    drafter: Drafter | None
+    """Who proposes for this row (None: target-only)."""
     stop: StopChecker
     generator: torch.Generator
     stats: RequestStats
@@ -80,6 +89,7 @@ class _Sequence:
     detok: IncrementalDetokenizer
     generated: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    error: str | None = None
     sent: int = 0
     """Characters of detok.text already handed out in StepOutputs."""
     teacher: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -113,6 +123,16 @@ class _Sequence:
         )
 
 
+@dataclass
+class _Draw:
+    """What one row takes into verification: its proposals and their q."""
+
+    tokens: torch.Tensor  # [k] token ids
+    q: torch.Tensor | None  # [k, vocab] processed draft probabilities; None for greedy rows or k = 0
+    logits: torch.Tensor | None = None  # [k, draft vocab] raw draft logits (records only)
+    drafter: Drafter | None = None
+
+
 RecordCallback = Callable[[StepRecord], None]
 FinishCallback = Callable[[StepOutput], None]
 
@@ -123,18 +143,12 @@ class SpeculativeEngine:
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         self.target = target.eval()
-        self.draft = draft.eval() if draft is not None else None
-        """The draft's full-precision weights: what the trainer copies and swaps into."""
-        self.fast = (FastDraft(self.draft, draft_vocab.ids if draft_vocab is not None else None, int8=draft_int8)
-                     if draft is not None else None)
-        """The copy of the draft that runs (reduced head, int8), refreshed after each swap."""
-        self.vocab = draft_vocab if draft is not None else None
         self.tokenizer = tokenizer
-        self.k = k if draft is not None else 0
-        self.policy = policy if draft is not None else None
-        """Optional adaptive choice of k per step (engine/policy.py); None = always k."""
-        self.draft_version = 0
-        """The version of the draft weights live in this engine (0 = as loaded)."""
+        self.drafter = (Drafter(draft, k=k, policy=policy, vocab=draft_vocab, int8=draft_int8)
+                        if draft is not None else None)
+        """The draft this engine was built with (None: target-only): requests use it unless
+        `add` names another of `drafters`."""
+        self.drafters: dict[str, Drafter] = {DEFAULT: self.drafter} if self.drafter is not None else {}
         self.teacher_top_k = 0
         """> 0: keep the target's top-K distribution at every emitted position and hand each finished
         request's `Example` out with its last StepOutput (set by whoever trains on the traffic)."""
@@ -142,29 +156,70 @@ class SpeculativeEngine:
         """Put full-vocabulary target and draft logits into StepRecords (analysis and tests only)."""
         self._rows: list[_Sequence] = []
         self._target_runner: ModelRunner | None = None
-        self._draft_runner: ModelRunner | None = None
-        self._swap_lock = threading.Lock()
-        self._pending_swap: tuple[dict, int, float | None] | None = None
+        self._draft_runners: dict[str, ModelRunner] = {}
+        """Per drafter, the KV cache of its rows, in the order they have in `_rows`."""
         self.device = next(target.parameters()).device
         self.eos_ids = _eos_ids(target, tokenizer)
         self.max_context = getattr(target.config, "max_position_embeddings", None)
 
     # -- the interface -------------------------------------------------------------------------
 
-    def add(self, requests: Request | list[Request]) -> None:
-        """Admit and prefill requests; they join the running batch before the next step.
-        Raises ValueError (and admits none of them) if one is invalid."""
-        seqs = [self._admit(r) for r in ([requests] if isinstance(requests, Request) else requests)]
+    # the engine's own draft (single-draft use: generate, the benchmarks, a pool's general draft)
+    @property
+    def draft(self):
+        """The default drafter's full-precision weights: what a trainer copies and swaps into."""
+        return self.drafter.draft if self.drafter is not None else None
+
+    @property
+    def fast(self):
+        return self.drafter.fast if self.drafter is not None else None
+
+    @property
+    def policy(self) -> AdaptiveK | None:
+        return self.drafter.policy if self.drafter is not None else None
+
+    @property
+    def draft_version(self) -> int:
+        return self.drafter.version if self.drafter is not None else 0
+
+    @property
+    def k(self) -> int:
+        """The most proposals any drafter makes per step (0: target-only)."""
+        return max((d.k for d in self.drafters.values()), default=0)
+
+    def offer_draft(self, state_dict: dict, version: int, alpha_hint: float | None = None) -> None:
+        """`Drafter.offer` on the default drafter."""
+        self.drafter.offer(state_dict, version, alpha_hint)
+
+    def apply_pending_swap(self) -> bool:
+        return self.drafter.apply_pending_swap() if self.drafter is not None else False
+
+    def add_drafter(self, drafter: Drafter) -> None:
+        """Another draft whose requests share this engine's target passes (between steps)."""
+        if drafter.name in self.drafters:
+            raise ValueError(f"a drafter named {drafter.name!r} is already in the engine")
+        self.drafters[drafter.name] = drafter
+
+    def add(self, requests: Request | list[Request], drafter: str | None = None) -> None:
+        """Admit and prefill requests, drafted by `drafter` (a name in `drafters`; None: the
+        default); they join the running batch before the next step. Raises ValueError (and admits
+        none of them) if one is invalid."""
+        d = self.drafters[drafter] if drafter is not None else self.drafter
+        seqs = [self._admit(r, d) for r in ([requests] if isinstance(requests, Request) else requests)]
         if not seqs:
             return
-        self.apply_pending_swap()
-        target, draft = self._prefill(seqs)
+        if d is not None:
+            d.apply_pending_swap()
+        target, draft = self._prefill(seqs, d)
         if self._target_runner is None:
-            self._target_runner, self._draft_runner = target, draft
+            self._target_runner = target
         else:
             self._target_runner.extend(target)
-            if draft is not None:
-                self._draft_runner.extend(draft)
+        if draft is not None:
+            if d.name in self._draft_runners:
+                self._draft_runners[d.name].extend(draft)
+            else:
+                self._draft_runners[d.name] = draft
         self._rows += seqs
 
     def step(self, on_record: RecordCallback | None = None) -> list[StepOutput]:
@@ -175,7 +230,13 @@ class SpeculativeEngine:
             return []
         rows = self._rows
         steps = self._verify_step(rows, on_record)
-        outputs = [self._step_output(s, kept, k, v) for s, (kept, k, v) in zip(rows, steps)]
+        outputs = []
+        for s, (kept, k, v) in zip(rows, steps):
+            try:
+                outputs.append(self._step_output(s, kept, k, v))
+            except Exception as e:  # e.g. detokenising: this request fails alone
+                self._fail(s, "building its output", e)
+                outputs.append(self._step_output(s, [], k, v))
         if any(s.finish_reason is not None for s in rows):
             self._keep([r for r, s in enumerate(rows) if s.finish_reason is None])
         return outputs
@@ -199,15 +260,20 @@ class SpeculativeEngine:
         requests: list[Request],
         on_record: RecordCallback | None = None,
         on_finish: FinishCallback | None = None,
+        drafter: str | None = None,
     ) -> list[RequestOutput]:
-        """Decode requests to completion (with any already running); outputs in request order.
-        `on_record` gets every verify step's record, `on_finish` each request's last StepOutput."""
-        self.add(requests)
+        """Decode requests to completion (with any already running), drafted by `drafter` (see
+        `add`); outputs in request order.
+        `on_record` gets every verify step's record, `on_finish` each request's last StepOutput.
+        Raises RuntimeError if one of `requests` failed (finish reason 'error')."""
+        self.add(requests, drafter)
         done: dict[str, RequestOutput] = {}
         wanted = {r.request_id for r in requests}
         while not wanted <= done.keys():
             for o in self.step(on_record):
                 if o.finished:
+                    if o.error is not None and o.request_id in wanted:
+                        raise RuntimeError(f"request {o.request_id} failed: {o.error}")
                     if o.request_id in wanted:
                         done[o.request_id] = o.output
                     if on_finish is not None:
@@ -216,14 +282,14 @@ class SpeculativeEngine:
 
     # -- one verify step ---------------------------------------------------------------------
 
-    def _prefill(self, seqs: list[_Sequence]) -> tuple[ModelRunner, ModelRunner | None]:
+    def _prefill(self, seqs: list[_Sequence], drafter: Drafter | None) -> tuple[ModelRunner, ModelRunner | None]:
         prompts = [s.request.prompt_ids for s in seqs]
         t0 = time.perf_counter()
         target = ModelRunner(self.target, len(seqs))
         target.prefill(prompts)
         draft = None
-        if self.draft is not None:
-            draft = ModelRunner(self.fast.model, len(seqs))
+        if drafter is not None:
+            draft = ModelRunner(drafter.fast.model, len(seqs))
             draft.prefill(prompts)
         self._sync()
         for s in seqs:
@@ -232,72 +298,88 @@ class SpeculativeEngine:
 
     def _verify_step(self, rows: list[_Sequence], on_record: RecordCallback | None
                      ) -> list[tuple[list[int], int, Verdict]]:
-        """Propose, score, verify and commit one step for every row; per row (the tokens kept after
-        stopping, k, the verdict)."""
-        target, draft = self._target_runner, self._draft_runner
-        self.apply_pending_swap()
-        if self.vocab is not None and (ids := self.vocab.maybe_refresh()) is not None:
-            self.fast.set_vocab(ids)  # the served tokens moved the most frequent set
-        k_max = (self.policy.choose() if self.policy is not None else self.k) if draft is not None else 0
-        ks = self._choose_k(rows, k_max)
-        k = max(ks)  # the draft runs k forwards for the batch; row r uses its first ks[r] proposals
-        t_start = time.perf_counter()
-        if k:
-            draft.catch_up()  # the backlog of steps that did not speculate: not a cost of proposing
-            self._sync()
-        t0 = time.perf_counter()
-        proposal = self.propose(draft, rows, ks) if k else None
-        self._sync()
+        """Propose (each drafter for its own rows), score (one target pass for every row), verify
+        and commit one step; per row (the tokens kept after stopping, k, the verdict)."""
+        ks = [0] * len(rows)
+        draws: list[_Draw | None] = [None] * len(rows)
+        proposals: list[tuple[list[int], Proposal]] = []
+        drafted: list[tuple[Drafter, list[int], int, float]] = []  # (drafter, its rows, k, seconds proposing)
+        for name, idx in self._groups(rows).items():
+            d, runner = self.drafters[name], self._draft_runners[name]
+            d.before_step()
+            group = [rows[r] for r in idx]
+            group_ks = self._choose_k(group, d.choose_k())
+            k = max(group_ks)  # the draft runs k forwards for its rows; row r uses its first ks[r] proposals
+            t_start = time.perf_counter()
+            if k:
+                runner.catch_up()  # the backlog of steps that did not speculate: not a cost of proposing
+                self._sync()
+            t0 = time.perf_counter()
+            if k:
+                proposal = self.propose(d, runner, group, group_ks)
+                self._sync()
+                proposals.append((idx, proposal))
+                for j, r in enumerate(idx):
+                    ks[r] = group_ks[j]
+                    if ks[r]:
+                        draws[r] = _Draw(proposal.tokens[j, : ks[r]], proposal.probs[j],
+                                         proposal.logits[j, : ks[r]], d)
+            t1 = time.perf_counter()
+            for r in idx:
+                rows[r].stats.draft_time_s += t1 - t_start
+                rows[r].stats.draft_forwards += k
+            drafted.append((d, idx, k, t1 - t0))
         t1 = time.perf_counter()
-        target_logits = self.score(target, proposal)  # [batch, k+1, vocab]
+        target_logits = self.score(self._target_runner, self._stack(proposals, len(rows), max(ks)))  # [batch, k+1, vocab]
         self._sync()
         t2 = time.perf_counter()
-        verdicts = [self.verify(r, s, ks[r], proposal, target_logits) for r, s in enumerate(rows)]
+        verdicts = [self._verify_row(s, draws[r], target_logits[r, : ks[r] + 1]) for r, s in enumerate(rows)]
         accepted = [v.num_accepted for v in verdicts]
         emitted = [v.tokens for v in verdicts]
-        if self.policy is not None:
-            self.policy.observe(k, sum(accepted), sum(v.evaluated for v in verdicts), t1 - t0, t2 - t1)
-        target.accept(accepted, emitted)
-        if draft is not None:
-            draft.accept(accepted, emitted)
-        if self.vocab is not None:
-            for tokens in emitted:
-                self.vocab.observe(tokens)
+        self._target_runner.accept(accepted, emitted)
+        for d, idx, k, seconds in drafted:
+            self._draft_runners[d.name].accept([accepted[r] for r in idx], [emitted[r] for r in idx])
+            d.observe_emitted([emitted[r] for r in idx])
+            if d.policy is not None:  # the target pass is shared: each drafter sees its time
+                d.policy.observe(k, sum(accepted[r] for r in idx), sum(verdicts[r].evaluated for r in idx),
+                                 seconds, t2 - t1)
         if self.teacher_top_k:
             self._keep_teacher(rows, target_logits, accepted)
         steps = []
         for r, (s, v) in enumerate(zip(rows, verdicts)):
             s.stats.observe(ks[r], v.num_accepted)
-            s.stats.draft_time_s += t1 - t_start
-            s.stats.draft_forwards += k
             s.stats.target_time_s += t2 - t1
             s.stats.target_forwards += 1
             if on_record is not None:
-                on_record(self._record(s, r, ks[r], proposal, target_logits, v))
-            steps.append((self._append(s, v.tokens), ks[r], v))
+                on_record(self._record(s, draws[r], target_logits[r], v))
+            steps.append((self._commit(s, v.tokens), ks[r], v))
         return steps
 
-    def propose(self, draft: ModelRunner, rows: list[_Sequence], ks: list[int]) -> Proposal:
-        """The draft proposes max(ks) tokens per row, one forward pass each; a sampling row draws
-        from its RNG only for the ks[r] proposals it will use (its stream never depends on the batch);
-        a seeded row takes the Gumbel-max sample with its position's noise (see verify.py)."""
-        fast = self.fast
-        logits = draft.feed()[:, -1]  # [batch, draft vocab] at the last committed token
+    def propose(self, drafter: Drafter, runner: ModelRunner, rows: list[_Sequence], ks: list[int]) -> Proposal:
+        """The drafter proposes max(ks) tokens for each of its rows, one forward pass each; a
+        sampling row draws from its RNG only for the ks[r] proposals it will use (its stream never
+        depends on the batch); a seeded row takes the Gumbel-max sample with its position's noise
+        (see verify.py)."""
+        fast = drafter.fast
+        logits = runner.feed()[:, -1]  # [rows, draft vocab] at the last committed token
         tokens, all_logits = [], []
         probs: list[list[torch.Tensor]] = [[] for _ in rows]
         for i in range(max(ks)):
             if i:
-                logits = draft.feed(tokens[-1][:, None])[:, -1]
-            choice = logits.argmax(-1)  # [batch], an index into the draft's head
+                logits = runner.feed(tokens[-1][:, None])[:, -1]
+            choice = logits.argmax(-1)  # [rows], an index into the draft's head
             for r, s in enumerate(rows):
-                if not s.params.greedy and i < ks[r]:
-                    q = process_logits(logits[r], s.params)  # [draft vocab]
-                    if s.coupled:
-                        g = s.gumbel(i, fast.vocab_size, logits.device)
-                        choice[r] = (q.log() + (g if fast.vocab_ids is None else g[fast.vocab_ids])).argmax()
-                    else:
-                        choice[r] = sample(q[None], s.generator)[0]
-                    probs[r].append(fast.to_full_probs(q))  # [vocab], 0 outside the draft's head
+                if not s.params.greedy and i < ks[r] and s.error is None:
+                    try:
+                        q = process_logits(logits[r], s.params)  # [draft vocab]
+                        if s.coupled:
+                            g = s.gumbel(i, fast.vocab_size, logits.device)
+                            choice[r] = (q.log() + (g if fast.vocab_ids is None else g[fast.vocab_ids])).argmax()
+                        else:
+                            choice[r] = sample(q[None], s.generator)[0]
+                        probs[r].append(fast.to_full_probs(q))  # [vocab], 0 outside the draft's head
+                    except Exception as e:  # this row fails alone; its slot still proposes greedily
+                        self._fail(s, "sampling from the draft", e)
             tokens.append(fast.to_full_ids(choice))
             all_logits.append(logits)
         return Proposal(
@@ -306,50 +388,52 @@ class SpeculativeEngine:
             probs=[torch.stack(p) if p else None for p in probs],
         )
 
-    def score(self, target: ModelRunner, proposal: Proposal | None) -> torch.Tensor:
-        """The target scores the last committed token and the k proposals in one pass."""
-        return target.feed(proposal.tokens if proposal is not None else None)
+    def score(self, target: ModelRunner, proposals: torch.Tensor | None) -> torch.Tensor:
+        """The target scores each row's last committed token and its proposals in one pass.
+        proposals: [batch, k] (None: no row speculates) -> logits [batch, k+1, vocab]."""
+        return target.feed(proposals)
 
-    def verify(
-        self, row: int, seq: _Sequence, k: int, proposal: Proposal | None, target_logits: torch.Tensor
-    ) -> Verdict:
-        """Verify row `row`'s first k proposals against target_logits[row, :k+1]."""
-        if proposal is None:
-            draft_tokens = torch.empty(0, dtype=torch.long, device=self.device)
-        else:
-            draft_tokens = proposal.tokens[row, :k]
+    def verify(self, seq: _Sequence, draw: _Draw | None, target_logits: torch.Tensor) -> Verdict:
+        """Verify a row's proposals against the target's logits at its k+1 positions:
+        target_logits [k+1, vocab]."""
+        draft_tokens = draw.tokens if draw is not None else torch.empty(0, dtype=torch.long, device=self.device)
         if seq.params.greedy:
-            return greedy_verify(draft_tokens, target_logits[row, : k + 1])
-        p = process_logits(target_logits[row, : k + 1], seq.params)
+            return greedy_verify(draft_tokens, target_logits)
+        p = process_logits(target_logits, seq.params)
         if seq.coupled:
-            gumbels = torch.stack([seq.gumbel(i, p.shape[-1], p.device) for i in range(k + 1)])
+            gumbels = torch.stack([seq.gumbel(i, p.shape[-1], p.device) for i in range(p.shape[0])])
             return gumbel_verify(draft_tokens, p, gumbels)
-        q = proposal.probs[row] if k else p[:0]
+        q = draw.q if draw is not None else p[:0]
         return rejection_sample(draft_tokens, q, p, seq.generator)
 
-    # -- draft updates ------------------------------------------------------------------------
+    def _verify_row(self, seq: _Sequence, draw: _Draw | None, target_logits: torch.Tensor) -> Verdict:
+        """`verify`, except that a row that failed (now or while proposing) emits nothing and leaves."""
+        if seq.error is None:
+            try:
+                return self.verify(seq, draw, target_logits)
+            except Exception as e:
+                self._fail(seq, "verifying", e)
+        return Verdict(num_accepted=0, tokens=[], proposed=int(draw.tokens.shape[0]) if draw is not None else 0)
 
-    def offer_draft(self, state_dict: dict, version: int, alpha_hint: float | None = None) -> None:
-        """Offer new draft weights (from any thread; a subset of parameters is fine). They go live
-        at the start of the next verify step, in the decoding thread, so no forward pass ever sees
-        a half-written draft. `alpha_hint` (e.g. the trainer's probe alpha) restarts the policy's
-        alpha estimate for the new version."""
-        with self._swap_lock:
-            self._pending_swap = (state_dict, version, alpha_hint)
+    def _groups(self, rows: list[_Sequence]) -> dict[str, list[int]]:
+        """Drafter name -> its rows' indices, in batch order (target-only rows are in none)."""
+        groups: dict[str, list[int]] = {}
+        for r, s in enumerate(rows):
+            if s.drafter is not None:
+                groups.setdefault(s.drafter.name, []).append(r)
+        return groups
 
-    def apply_pending_swap(self) -> bool:
-        with self._swap_lock:
-            pending, self._pending_swap = self._pending_swap, None
-        if pending is None or self.draft is None:
-            return False
-        state_dict, version, alpha_hint = pending
-        with torch.no_grad():
-            self.draft.load_state_dict(state_dict, strict=False)
-        self.fast.refresh()
-        self.draft_version = version
-        if self.policy is not None and alpha_hint is not None:
-            self.policy.reset_alpha(alpha_hint)
-        return True
+    def _stack(self, proposals: list[tuple[list[int], Proposal]], batch: int, k: int) -> torch.Tensor | None:
+        """Every drafter's proposals as one [batch, k] input to the target (a row with fewer
+        proposals is padded; the target's logits there are never read)."""
+        if not k:
+            return None
+        if len(proposals) == 1 and len(proposals[0][0]) == batch:
+            return proposals[0][1].tokens  # one drafter drafts for every row: as proposed
+        tokens = torch.zeros(batch, k, dtype=torch.long, device=self.device)
+        for idx, proposal in proposals:
+            tokens[torch.tensor(idx, device=self.device), : proposal.tokens.shape[1]] = proposal.tokens
+        return tokens
 
     # -- bookkeeping --------------------------------------------------------------------------
 
@@ -365,27 +449,36 @@ class SpeculativeEngine:
                 f"= {need} exceeds the model's context of {self.max_context} tokens",
                 "prompt", "context_length_exceeded")
 
-    def _admit(self, request: Request) -> _Sequence:
+    def _admit(self, request: Request, drafter: Drafter | None) -> _Sequence:
         self.check(request)
         generator = torch.Generator(device=self.device)
         seed = request.params.seed
         generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, (1,))))
         return _Sequence(
             request=request,
+            drafter=drafter,
             stop=StopChecker(self.tokenizer, self.eos_ids, request.params),
             generator=generator,
-            stats=RequestStats(k=self.k),
+            stats=RequestStats(k=drafter.k if drafter is not None else 0),
             started=time.perf_counter(),
             detok=IncrementalDetokenizer(self.tokenizer),
         )
 
     def _choose_k(self, rows: list[_Sequence], k_max: int) -> list[int]:
-        """Per row: no more than (remaining budget - 1) proposals, as the step adds one more token."""
-        return [max(0, min(k_max, s.params.max_new_tokens - len(s.generated) - 1)) for s in rows]
+        """Per row: no more than (remaining budget - 1) proposals, as the step adds one more token;
+        none for a row that failed."""
+        return [max(0, min(k_max, s.params.max_new_tokens - len(s.generated) - 1)) if s.error is None else 0
+                for s in rows]
 
-    def _append(self, seq: _Sequence, tokens: list[int]) -> list[int]:
+    def _commit(self, seq: _Sequence, tokens: list[int]) -> list[int]:
         """Commit a step's tokens up to any stop; returns the ones kept."""
-        result = seq.stop.check(seq.generated, tokens)
+        if seq.error is not None:
+            return []
+        try:
+            result = seq.stop.check(seq.generated, tokens)
+        except Exception as e:
+            self._fail(seq, "checking stop conditions", e)
+            return []
         kept = tokens[: result.keep]
         seq.generated.extend(kept)
         for key in [key for key in seq._noise if key[0] < len(seq.generated)]:
@@ -396,11 +489,22 @@ class SpeculativeEngine:
             seq.finish_reason = result.reason
         return kept
 
+    def _fail(self, seq: _Sequence, doing: str, error: Exception) -> None:
+        """This row failed on its own: it leaves the batch at the end of the step with finish
+        reason 'error'; the others go on."""
+        if seq.error is None:
+            seq.error = f"{type(error).__name__} while {doing}: {error}"
+            seq.finish_reason = "error"
+            log.warning("request %s failed alone (%s); the rest of the batch goes on",
+                        seq.request.request_id, seq.error)
+
     def _step_output(self, seq: _Sequence, kept: list[int], k: int, verdict: Verdict | None) -> StepOutput:
         """The request's new tokens and text of this step; on its last step the whole output.
         While it runs, text that could still be the start of a stop string is held back."""
         finished = seq.finish_reason is not None
-        if finished:  # the final text is decoded whole once (cut at a stop string)
+        if seq.error is not None:
+            output, text, end = None, "", 0
+        elif finished:  # the final text is decoded whole once (cut at a stop string)
             output = seq.output()
             text, end = output.text, len(output.text)
         else:
@@ -409,11 +513,14 @@ class SpeculativeEngine:
             end = len(text) - max((len(x) - 1 for x in seq.params.stop), default=0)
         delta = text[seq.sent:end] if end > seq.sent else ""
         seq.sent = max(seq.sent, end)
+        learn = finished and self.teacher_top_k and seq.finish_reason not in ("abort", "error")
         return StepOutput(
             request_id=seq.request.request_id, token_ids=kept, text=delta, finished=finished,
-            finish_reason=seq.finish_reason, proposed=k, accepted=verdict.num_accepted if verdict else 0,
-            draft_version=self.draft_version, output=output,
-            example=self._example(seq) if finished and self.teacher_top_k and seq.finish_reason != "abort" else None,
+            finish_reason=seq.finish_reason, error=seq.error, proposed=k,
+            accepted=verdict.num_accepted if verdict else 0,
+            draft_version=seq.drafter.version if seq.drafter is not None else 0,
+            drafter=seq.drafter.name if seq.drafter is not None else None,
+            output=output, example=self._example(seq) if learn else None,
         )
 
     def _keep_teacher(self, rows: list[_Sequence], target_logits: torch.Tensor, accepted: list[int]) -> None:
@@ -436,36 +543,43 @@ class SpeculativeEngine:
             start=len(seq.request.prompt_ids),
             top_ids=torch.cat([ids for ids, _ in seq.teacher])[:g],
             top_probs=torch.cat([probs for _, probs in seq.teacher])[:g],
-            draft_version=self.draft_version,
+            draft_version=seq.drafter.version if seq.drafter is not None else 0,
         )
 
-    def _record(
-        self, seq: _Sequence, row: int, k: int, proposal: Proposal | None, target_logits: torch.Tensor, v: Verdict
-    ) -> StepRecord:
+    def _record(self, seq: _Sequence, draw: _Draw | None, target_logits: torch.Tensor, v: Verdict) -> StepRecord:
+        """target_logits: [k+1, vocab], this row's."""
         n = v.num_accepted
+        k = int(draw.tokens.shape[0]) if draw is not None else 0
         full = self.record_logits
         return StepRecord(
             request_id=seq.request.request_id,
             step=seq.stats.steps - 1,
             position=len(seq.request.prompt_ids) + len(seq.generated),
-            proposed=proposal.tokens[row, :k].cpu() if k else torch.empty(0, dtype=torch.long),
+            proposed=draw.tokens.cpu() if k else torch.empty(0, dtype=torch.long),
             num_accepted=n,
             emitted=list(v.tokens),
-            target_logits=target_logits[row, : n + 1].clone() if full else None,
-            draft_logits=(self.fast.to_full_logits(proposal.logits[row, : min(n + 1, k)]).clone()
+            target_logits=target_logits[: n + 1].clone() if full else None,
+            draft_logits=(draw.drafter.fast.to_full_logits(draw.logits[: min(n + 1, k)]).clone()
                           if full and k else None),
-            draft_version=self.draft_version,
+            draft_version=seq.drafter.version if seq.drafter is not None else 0,
         )
 
     def _keep(self, keep: list[int]) -> None:
-        """Keep only these rows of the running batch."""
+        """Keep only these rows of the running batch (each drafter's cache keeps its own of them)."""
+        before = self._groups(self._rows)
+        kept = set(keep)
         self._rows = [self._rows[r] for r in keep]
         if not keep:
-            self._target_runner = self._draft_runner = None
+            self._target_runner = None
+            self._draft_runners.clear()
             return
         self._target_runner.select(keep)
-        if self._draft_runner is not None:
-            self._draft_runner.select(keep)
+        for name, idx in before.items():
+            local = [j for j, r in enumerate(idx) if r in kept]
+            if not local:
+                del self._draft_runners[name]
+            elif len(local) < len(idx):
+                self._draft_runners[name].select(local)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

@@ -185,12 +185,15 @@ class StepOutput:
     """Text they complete (incremental detokenisation; a possible stop-string start is held back)."""
     finished: bool = False
     finish_reason: str | None = None
-    """With `finished`: 'stop', 'length' or 'abort'."""
+    """With `finished`: 'stop', 'length', 'abort', or 'error' (this request failed alone; see `error`)."""
+    error: str | None = None
+    """With finish reason 'error': what failed. The other requests of the batch go on."""
     proposed: int = 0
     """Draft tokens proposed for this request in this step (k), and how many were accepted."""
     accepted: int = 0
     draft_version: int = 0
-    """The draft version that proposed them."""
+    """The draft version that proposed them, and the drafter it belongs to."""
+    drafter: str | None = None
     output: RequestOutput | None = None
     """On the last step: the whole output with its stats."""
     example: Example | None = None

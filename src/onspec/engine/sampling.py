@@ -68,7 +68,9 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     logits = logits.float()
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / params.temperature
+    # shifted so the largest logit is 0 first: a tiny temperature sends the others to -inf, never
+    # to inf - inf = NaN (one row's NaN would fail the whole batch's sampler)
+    logits = (logits - logits.amax(-1, keepdim=True)) / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -1,7 +1,8 @@
 """A pool of drafts for one target: the general draft plus specialists opened per route key.
 
-Every member has its own engine (sharing the target model and tokenizer), buffer, trainer
-schedule, version and checkpoint directory; a specialist starts as a clone of the general draft
+Every member is a drafter of the one engine (its rows verify in the same target passes as every
+other member's) with its own KV cache, adaptive k, buffer, trainer schedule, version and
+checkpoint directory; a specialist starts as a clone of the general draft
 that shares its frozen embedding table, so an extra draft costs its layers (and, when learning,
 its student copy and optimizer state), not another vocabulary-sized matrix.
 
@@ -29,7 +30,9 @@ from onspec.pool.routers import ROUTERS
 from onspec.models.draft import frozen_tables
 
 if TYPE_CHECKING:  # types only: the pool never drives a trainer itself
-    from onspec.engine.engine import SpeculativeEngine
+    from onspec.engine.drafter import Drafter
+    from onspec.engine.engine import Request, SpeculativeEngine
+    from onspec.engine.records import RequestOutput
     from onspec.online.worker import TrainerWorker
 
 GENERAL = "general"
@@ -66,13 +69,29 @@ class PoolConfig:
 class Member:
     name: str
     engine: SpeculativeEngine
+    """The engine every member shares."""
+    drafter: Drafter | None
+    """This member's draft in the engine (None: a target-only pool of one)."""
     trainer: TrainerWorker | None = None
     queries: int = 0
     degraded: bool = False
 
     @property
     def version(self) -> int:
-        return self.engine.draft_version
+        return self.drafter.version if self.drafter is not None else 0
+
+    @property
+    def draft(self) -> torch.nn.Module | None:
+        return self.drafter.draft if self.drafter is not None else None
+
+    def add(self, requests: Request | list[Request]) -> None:
+        """Requests join the engine's batch, drafted by this member."""
+        self.engine.add(requests, drafter=self.drafter.name if self.drafter is not None else None)
+
+    def generate(self, requests: list[Request], on_finish=None) -> list[RequestOutput]:
+        """Offline: decode requests to completion with this member's draft."""
+        return self.engine.generate(requests, on_finish=on_finish,
+                                    drafter=self.drafter.name if self.drafter is not None else None)
 
 
 MemberFactory = Callable[[str, torch.nn.Module], Member]
@@ -87,7 +106,7 @@ class _RouteHealth:
 class DraftPool:
     """Touched by one thread (the decoding thread), except that with `open_in_background` a new
     specialist is built on a thread of its own: its clone of the general draft is taken on the
-    calling thread (so it never sees a half-applied swap), the rest (its engine, the int8 copy, its
+    calling thread (so it never sees a half-applied swap), the rest (its drafter, the int8 copy, its
     trainer, its checkpoint) off it; `pick` returns None for a route whose draft is still being
     built, `ready` hands it over once built, and `on_opened` is called when one is."""
 
@@ -107,6 +126,11 @@ class DraftPool:
         self._built: dict[str, Member | Exception] = {}  # written by the builder threads, under _lock
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
+
+    @property
+    def engine(self) -> SpeculativeEngine:
+        """The one engine whose target passes every member's rows share."""
+        return self.general.engine
 
     @property
     def all_members(self) -> list[Member]:
@@ -142,17 +166,22 @@ class DraftPool:
         if isinstance(built, Exception):
             log.error("opening the draft for route %r failed (%s); the general draft serves it", key, built)
             return self.general
-        self.members[key] = built
+        self._adopt(key, built)
         return self._serve(built)
 
     def open(self, key: str) -> Member:
         """A specialist for `key`, cloned from the general draft as it is now (on this thread)."""
-        member = self.make_member(key, self._clone())  # a fresh engine (version 0) or one resumed from its checkpoint
-        self.members[key] = member
+        member = self.make_member(key, self._clone())  # a fresh drafter (version 0) or one resumed from its checkpoint
+        self._adopt(key, member)
         return member
 
+    def _adopt(self, key: str, member: Member) -> None:
+        """The member's drafter joins the engine (on the decoding thread, between steps)."""
+        member.engine.add_drafter(member.drafter)
+        self.members[key] = member
+
     def _clone(self) -> torch.nn.Module:
-        draft = self.general.engine.draft
+        draft = self.general.draft
         return copy.deepcopy(draft, memo=frozen_tables(draft, self.train_embeddings))
 
     def _build(self, key: str, clone: torch.nn.Module) -> None:
@@ -256,7 +285,7 @@ class DraftPool:
 
 
 def _tensors(m: Member):
-    yield from m.engine.draft.parameters()
+    yield from m.draft.parameters()
     if m.trainer is not None:
         yield from m.trainer.distiller.student.parameters()
         for state in m.trainer.distiller.optimizer.state.values():

@@ -1,8 +1,9 @@
-"""One thread owns the engines (one per draft of the pool; a single draft is a pool of one).
-Between verify steps it routes and admits queued requests (`engine.add`: they join their draft's
-running batch), drops cancelled ones (`engine.cancel`: the slot is freed at once), steps every
-engine with running requests (`engine.step`), and hands each request's new text (the engine's
-`StepOutput`) to its sink; a finished request's output goes to its draft's trainer. The HTTP
+"""One thread owns the engine (one for the whole draft pool; a single draft is a pool of one).
+Between verify steps it routes and admits queued requests (`Member.add`: they join the running
+batch with their draft), drops cancelled ones (`engine.cancel`: the slot is freed at once), runs
+one engine step (`engine.step`: the rows of every draft verify in one target pass), and hands
+each request's new text (the engine's `StepOutput`) to its sink; a finished request's output goes
+to its draft's trainer, and a request that failed alone gets its own error. The HTTP
 side only submits, cancels and listens. Routers and the pool are touched by this thread only."""
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ class Event:
     draft_versions: list[int] = field(default_factory=list)
     error: str | None = None
     status: int = 200
-    """With an error: 400 when the request itself was refused, 503 when the server failed it."""
+    """With an error: 400 when the request itself was refused, 500 when it failed alone while
+    decoding (the rest of the batch went on), 503 when the server failed it."""
     draft: str | None = None
     """The pool member that served the request, and the route key the router gave it."""
     route: str | None = None
@@ -58,13 +60,19 @@ class _Ticket:
     versions: set[int] = field(default_factory=set)
 
 
+class QueueFull(Exception):
+    """`Scheduler.submit` refused a request: the wait queue is at `max_queue` (the HTTP side answers 429)."""
+
+
 class Scheduler:
     def __init__(self, pool: DraftPool, metrics: ServerMetrics, router: Router | None = None,
-                 max_batch: int = 8) -> None:
+                 max_batch: int = 8, max_queue: int | None = None) -> None:
         self.pool = pool
         self.router = router
         self.metrics = metrics
         self.max_batch = max_batch
+        self.max_queue = max_queue
+        """Most requests waiting beyond the free decoding slots (None: no limit); `submit` refuses more."""
         self._queue: list[_Ticket] = []
         self._parked: list[_Ticket] = []
         """Routed to a specialist that is still being built (off this thread); they join once it is."""
@@ -83,9 +91,16 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, request: Request, sink: Sink, query: Query | None = None) -> None:
+        """Queue a request; QueueFull when `max_queue` requests already wait beyond the free slots."""
         with self._cond:
             if self._closing:
                 raise RuntimeError("the server is shutting down")
+            if self.max_queue is not None:
+                free = max(0, self.max_batch - self.running)  # queued requests that join at the next step
+                waiting = len(self._queue) + len(self._parked)
+                if waiting >= self.max_queue + free:
+                    raise QueueFull(f"{waiting} requests are waiting for a decoding slot (--max-queue "
+                                    f"{self.max_queue}); retry later")
             self._queue.append(_Ticket(request, sink, query))
             self._cond.notify()
 
@@ -101,7 +116,7 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return sum(m.engine.num_running for m in self.pool.all_members)
+        return self.pool.engine.num_running
 
     def close(self) -> None:
         with self._cond:
@@ -170,15 +185,15 @@ class Scheduler:
             self._note_draft(t.member, t.route)
             groups.setdefault(t.member.name, []).append(t)
         for group in groups.values():
-            engine = group[0].member.engine
+            member = group[0].member
             try:
-                engine.add([t.request for t in group])
+                member.add([t.request for t in group])
                 ok = group
             except ValueError:  # one bad request must not keep the others out: admit one by one
                 ok = []
                 for t in group:
                     try:
-                        engine.add(t.request)
+                        member.add(t.request)
                         ok.append(t)
                     except ValueError as e:
                         t.sink(Event(error=str(e), status=400))
@@ -199,17 +214,15 @@ class Scheduler:
             log.info("opened draft %r for route %r", member.name, route)
 
     def _step(self) -> None:
-        for member in self.pool.all_members:
-            if member.engine.num_running:
-                self._step_member(member)
-
-    def _step_member(self, member: Member) -> None:
-        outputs = member.engine.step()
+        if not self.pool.engine.num_running:
+            return
+        outputs = self.pool.engine.step()
         now = time.perf_counter()
         for o in outputs:
             t = self._tickets.get(o.request_id)
             if t is None:
                 continue
+            member = t.member
             self.metrics.observe_step(o, member.name)
             t.versions.add(o.draft_version)
             if t.first_token_at is None and o.token_ids:
@@ -219,6 +232,9 @@ class Scheduler:
                     t.sink(Event(delta=o.text))
                 continue
             del self._tickets[o.request_id]
+            if o.error is not None:  # this request failed alone; the batch went on without it
+                t.sink(Event(error=f"internal error while decoding this request: {o.error}", status=500))
+                continue
             out = o.output
             if member.trainer is not None:
                 member.trainer.on_output(o)
