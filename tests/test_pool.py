@@ -13,8 +13,7 @@ import torch
 from conftest import byte_tokenizer, noisy_copy, tiny_model
 
 from onspec.data.streams import Query
-from onspec.engine.engine import Request, SpeculativeEngine
-from onspec.engine.records import RequestStats
+from onspec.engine.engine import Request
 from onspec.engine.sampling import SamplingParams
 from onspec.engine.engine import EngineConfig
 from onspec.engine.policy import PolicyConfig
