@@ -300,3 +300,13 @@ def test_replay_reports_alpha_per_segment_of_a_shift_stream(tmp_path):
     mixed = run_replay(models, EngineConfig(k=2), PolicyConfig(), trainer,
                        ReplayConfig(dataset=f"{code}|{chat}", limit=100, max_new_tokens=6, out=str(tmp_path / "m")))
     assert "per_segment" not in mixed
+
+
+def test_route_key_general_is_the_general_draft(tokenizer):
+    """A client's `domain: "general"` is the general draft itself: never a specialist that would
+    share the general draft's name (its metrics label) or its checkpoint directory."""
+    pool, _ = _pool(tokenizer, drafts=3)
+    for _ in range(3):
+        assert pool.pick("general", opens_at_once=True) is pool.general
+        assert pool.pick("".join(["gen", "eral"])) is pool.general  # equal, not the same object
+    assert not pool.members

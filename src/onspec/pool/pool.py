@@ -137,9 +137,10 @@ class DraftPool:
         return [self.general, *self.members.values()]
 
     def pick(self, key: str | None, opens_at_once: bool = False) -> Member | None:
-        """The member that serves a query with this route key (None key: the general draft).
-        None (only with `open_in_background`): the route's draft is being built; ask `ready`."""
-        if key is None:
+        """The member that serves a query with this route key (None key: the general draft; the
+        key "general" is reserved for it too, whatever a client sends as its domain). None (only
+        with `open_in_background`): the route's draft is being built; ask `ready`."""
+        if key is None or key == GENERAL:
             return self.general
         self.seen[key] += 1
         member = self.members.get(key)
@@ -277,6 +278,8 @@ class DraftPool:
         manifest = json.loads(path.read_text())
         self.seen.update(manifest.get("seen", {}))
         for key, info in manifest["members"].items():
+            if key == GENERAL:  # reserved (a manifest written before it was)
+                continue
             member = self.members.get(key) or self.open(key)
             member.degraded = bool(info.get("degraded", False))
             member.queries = int(info.get("queries", 0))
