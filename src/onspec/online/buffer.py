@@ -103,6 +103,11 @@ class ReplayBuffer:
             batch += self._rng.sample(older, min(want, len(older)))
             return batch
 
+    def held(self) -> list[Example]:
+        """Every example the buffer holds now, training and probe."""
+        with self._lock:
+            return [*self.examples, *self.probe]
+
     def probe_examples(self) -> list[Example]:
         with self._lock:
             return list(self.probe)

@@ -6,6 +6,10 @@ private training copy of the draft and guards them:
 - the guard measures alpha (greedy agreement of draft and target) on the buffer's held-back probe
   before and after; a drop beyond `guard_tolerance` rolls the update back;
 - otherwise the version number goes up and `weights()` is the new draft to publish.
+With `train_layers` N > 0 only the top N decoder layers (with the final norm, and the head when it
+is not the tied embedding table) are trained: the layers below never change, so their output at
+the boundary is computed once per buffered request (`online/forward.py`, `boundary_states`) and
+kept, and a training step runs only the layers above it (forward and backward).
 The worker (online/worker.py) decides when to call it and publishes what it accepts.
 """
 
@@ -25,7 +29,7 @@ from onspec.config import option
 from onspec.engine.records import Example
 from onspec.models.draft import frozen_tables, is_embedding
 from onspec.online.buffer import ReplayBuffer
-from onspec.online.forward import logits_at_generated
+from onspec.online.forward import boundary_states, decoder_layers, logits_at_generated, logits_from_boundary
 from onspec.online.losses import LOSSES, bucket, distill_loss
 
 log = logging.getLogger("onspec.trainer")
@@ -60,6 +64,10 @@ class TrainerConfig:
     probe_size: int = option(16, "probe requests kept (most recent)")
     guard_tolerance: float = option(0.02, "roll back an update that lowers probe alpha by more than this")
     train_embeddings: bool = option(False, "also train the (tied) embedding matrix; off: layers and norms only")
+    train_layers: int = option(0, "train only the top N decoder layers (with the final norm, and an untied head); "
+                               "the layers below stay frozen and their output is computed once per buffered "
+                               "request and kept (one hidden vector per token), so training never runs them. "
+                               "0 = every layer")
     max_train_tokens: int = option(512, "context window per training example (longer prompts are cut from the left)")
     train_budget: float = option(1.0, "largest fraction of wall-clock time the trainer may be busy (it sleeps the rest)")
     grad_clip: float = option(1.0, "gradient norm clip (0 disables)")
@@ -78,10 +86,13 @@ class TrainerConfig:
             "max_train_tokens": self.max_train_tokens >= 2, "train_budget": 0 < self.train_budget <= 1,
             "trainer_threads": self.trainer_threads >= 0, "max_buffer_records": self.max_buffer_records >= 0,
             "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip >= 0,
+            "train_layers": self.train_layers >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"trainer option out of range: {', '.join('--' + b.replace('_', '-') for b in bad)}")
+        if self.train_layers and self.train_embeddings:
+            raise ValueError("--train-embeddings needs --train-layers 0 (the embeddings lie below any frozen boundary)")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose from {sorted(LOSSES)}")
 
@@ -102,11 +113,22 @@ class Distiller:
     def __init__(self, draft: nn.Module, config: TrainerConfig, teacher: Teacher | None = None) -> None:
         self.cfg = config
         self.teacher = teacher
+        self.boundary: int | None = None
+        """With `train_layers`: the first trained decoder layer (the ones below are frozen)."""
+        frozen = frozen_tables(draft, config.train_embeddings)
+        if config.train_layers:
+            layers = decoder_layers(draft)
+            self.boundary = max(0, len(layers) - config.train_layers)
+            # frozen float32 layers are shared with the serving draft too (never written by either)
+            frozen.update({id(p): p for layer in layers[: self.boundary] for p in layer.parameters()
+                           if p.dtype == torch.float32})
         # frozen float32 embedding tables are shared with the serving draft, not copied
-        self.student = copy.deepcopy(draft, memo=frozen_tables(draft, config.train_embeddings)).float().train()
+        self.student = copy.deepcopy(draft, memo=frozen).float().train()
+        below = ({id(p) for layer in decoder_layers(self.student)[: self.boundary] for p in layer.parameters()}
+                 if self.boundary is not None else set())
         self.trainable = {
             name: p for name, p in self.student.named_parameters()
-            if config.train_embeddings or not is_embedding(self.student, p)
+            if (config.train_embeddings or not is_embedding(self.student, p)) and id(p) not in below
         }
         for name, p in self.student.named_parameters():
             p.requires_grad_(name in self.trainable)
@@ -119,6 +141,8 @@ class Distiller:
         self.trainer_time_s = 0.0
         self.history: list[UpdateLog] = []
         self._probe_cache: dict[int, tuple[Example, int, int]] = {}  # probe counts under the current weights
+        self._states: dict[int, tuple[Example, torch.Tensor, tuple[int, int], int]] = {}
+        """With `train_layers`: per buffered example, its boundary states, (first kept row, rows), skipped."""
         self._generator = torch.Generator().manual_seed(config.seed)
 
     def update(self, buffer: ReplayBuffer) -> UpdateLog | None:
@@ -127,6 +151,9 @@ class Distiller:
         if len(buffer) == 0:
             return None
         t0 = time.perf_counter()
+        if self.boundary is not None:  # forget the states of examples the buffer no longer holds
+            held = {id(e) for e in buffer.held()}
+            self._states = {k: v for k, v in self._states.items() if k in held}
         probe = buffer.probe_examples()
         before_counts = self._probe_counts(probe, reuse=True)
         before = _ratio(before_counts, probe)
@@ -223,14 +250,37 @@ class Distiller:
         Returns ([M, vocab], [M, K] long, [M, K] float, sizes) or Nones."""
         if not examples:
             return None, None, None, None
-        with torch.set_grad_enabled(grad):
-            logits, skipped = logits_at_generated(
-                self.student, [(e.tokens, e.start) for e in examples], self.cfg.max_train_tokens
-            )
+        if self.boundary is not None:
+            states = self._boundary_states(examples)
+            with torch.set_grad_enabled(grad):
+                logits = logits_from_boundary(self.student, self.boundary, [st for _, st, _, _ in states],
+                                              [off for _, _, off, _ in states])
+            skipped = [sk for *_, sk in states]
+        else:
+            with torch.set_grad_enabled(grad):
+                logits, skipped = logits_at_generated(
+                    self.student, [(e.tokens, e.start) for e in examples], self.cfg.max_train_tokens
+                )
         device = logits.device
         t_ids = torch.cat([e.top_ids[s:].long() for e, s in zip(examples, skipped)]).to(device)
         t_probs = torch.cat([e.top_probs[s:].float() for e, s in zip(examples, skipped)]).to(device)
         return logits, t_ids, t_probs, [len(e.top_ids) - s for e, s in zip(examples, skipped)]
+
+    def _boundary_states(self, examples: list[Example]) -> list[tuple[Example, torch.Tensor, tuple[int, int], int]]:
+        """The kept boundary states of `examples`, computing the missing ones in one pass through
+        the frozen layers (exact: those layers never change)."""
+        missing = [e for e in examples if self._states.get(id(e), (None,))[0] is not e]
+        if missing:
+            computed = boundary_states(self.student, [(e.tokens, e.start) for e in missing], self.boundary,
+                                       self.cfg.max_train_tokens)
+            for e, (states, offsets, skipped) in zip(missing, computed):
+                self._states[id(e)] = (e, states, offsets, skipped)
+        return [self._states[id(e)] for e in examples]
+
+    @property
+    def boundary_bytes(self) -> int:
+        """Bytes of boundary states kept (with `train_layers`)."""
+        return sum(st.numel() * st.element_size() for _, st, _, _ in self._states.values())
 
     def _batch(self, buffer: ReplayBuffer) -> list[Example]:
         batch = buffer.take_batch(self.cfg.batch_size, self.cfg.replay_share)
