@@ -310,3 +310,13 @@ def test_route_key_general_is_the_general_draft(tokenizer):
         assert pool.pick("general", opens_at_once=True) is pool.general
         assert pool.pick("".join(["gen", "eral"])) is pool.general  # equal, not the same object
     assert not pool.members
+
+
+def test_a_corrupt_pool_manifest_is_skipped_with_a_warning(tokenizer, tmp_path, caplog):
+    for bad in ("{not json", '{"members": 3}', "[]"):
+        (tmp_path / "pool.json").write_text(bad)
+        (tmp_path / "router.pt").write_bytes(b"\x00garbage")
+        pool, _ = _pool(tokenizer, drafts=3)
+        with caplog.at_level("WARNING", logger="onspec.pool"):
+            state = pool.restore(tmp_path)
+        assert not pool.members and state in (None, {}) and "unreadable" in caplog.text, bad

@@ -246,7 +246,7 @@ def test_nothing_verifies_starts_fresh_with_an_error_not_a_traceback(tmp_path, c
 def test_route_keys_map_to_distinct_directories_inside_root(tmp_path):
     root = tmp_path / "checkpoints"
     assert member_dir(root, GENERAL) == root
-    keys = ["../../x", "/abs/path", json.loads('"general"'), "", ".", "..", "a" * 5000, "日本語", "\ud800",
+    keys = ["../../x", "/abs/path", "", ".", "..", "a" * 5000, "日本語", "\ud800",
             "code", "Code", "a/b", "a_b", "v000001", ".v000001.x", "LATEST", "-rf", "x\x00y"]
     dirs = [member_dir(root, k) for k in keys]
     assert len(set(dirs)) == len(keys)
@@ -256,6 +256,19 @@ def test_route_keys_map_to_distinct_directories_inside_root(tmp_path):
         assert d.resolve().is_relative_to(root.resolve()), k
         assert not re.fullmatch(r"v\d{6,}|LATEST", d.name), k
     assert member_dir(root, "code") == member_dir(root, "code")  # stable across runs
+    # a client's "general" never becomes a specialist: the pool serves it with the general draft
+    # (tests/test_pool.py::test_route_key_general_is_the_general_draft)
+
+
+def test_a_checkpoint_of_another_model_is_refused_not_replaced(tmp_path):
+    """A state directory written for a different draft: a clear error naming the checkpoint, and
+    its versions stay (starting over would number past them and prune them away)."""
+    store = CheckpointStore(tmp_path)
+    d = Distiller(tiny_model("llama", 1, layers=2), CFG)
+    store.save(d.student, None, d.optimizer, 1, {})
+    with pytest.raises(ValueError, match="another draft model"):
+        CheckpointStore(tmp_path).load_into(Distiller(tiny_model("llama", 1, layers=1), CFG).student)
+    assert (tmp_path / "v000001").is_dir()
 
 
 def test_close_with_an_unwritable_state_dir_logs_and_returns(tmp_path, caplog):

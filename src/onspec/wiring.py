@@ -54,12 +54,11 @@ def member_dir(root: Path, name: str) -> Path:
     so it never becomes a path as is: `root/<slug>-<sha256 of the key, 16 hex>`, the slug being the
     key's [A-Za-z0-9_-] characters (others -> `_`, at most 40). Nothing escapes root, distinct keys
     never share a directory, no name looks like a checkpoint version (`v000012`) or a temporary
-    file, and a route key that merely equals "general" gets a directory of its own (the identity
-    test below: route keys are strings parsed from requests, never the constant)."""
+    file; a client's route key "general" never reaches here, the pool serves it with the general draft."""
     import hashlib
     import re
 
-    if name is GENERAL:
+    if name == GENERAL:  # the pool reserves this key for the general draft (DraftPool.pick)
         return root
     slug = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_-")[:40] or "route"
     digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:16]

@@ -134,6 +134,12 @@ class CheckpointStore:
         got = self._load_newest_good(with_optimizer=optimizer is not None)
         if got is None:
             return None
+        own = model.state_dict()
+        wrong = [f"{n} {tuple(t.shape)} (the model's: {tuple(own[n].shape) if n in own else 'none'})"
+                 for n, t in got.weights.items() if n not in own or own[n].shape != t.shape]
+        if wrong:  # another model's learning: refuse, never start over and prune it away
+            raise ValueError(f"the checkpoint {got.path} was written for another draft model ({len(wrong)} tensors "
+                             f"differ, e.g. {wrong[0]}); point --state-dir elsewhere or move it away")
         model.load_state_dict(got.weights, strict=False)
         if optimizer is not None and got.optimizer is not None:
             try:

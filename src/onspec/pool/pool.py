@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import random
 import threading
 from collections import defaultdict, deque
@@ -258,33 +259,57 @@ class DraftPool:
     # -- checkpoints ---------------------------------------------------------------------------------
 
     def save_manifest(self, root: Path, router_state: dict | None = None) -> None:
-        """Which routes have specialists (each member checkpoints into root/<name>)."""
+        """Which routes have specialists (each member checkpoints into its own directory), written
+        durably: a temporary file, fsynced, renamed over the old one, the directory fsynced."""
         root.mkdir(parents=True, exist_ok=True)
         manifest = {"members": {k: {"degraded": m.degraded, "queries": m.queries} for k, m in self.members.items()},
                     "seen": dict(self.seen)}
-        tmp = root / ".pool.json.tmp"
-        tmp.write_text(json.dumps(manifest, indent=2))
-        tmp.replace(root / "pool.json")
+        _replace_synced(root / "pool.json", lambda f: f.write(json.dumps(manifest, indent=2).encode()))
         if router_state is not None:
-            torch.save(router_state, root / ".router.pt.tmp")
-            (root / ".router.pt.tmp").replace(root / "router.pt")
+            _replace_synced(root / "router.pt", lambda f: torch.save(router_state, f))
 
     def restore(self, root: Path) -> dict | None:
         """Re-open the specialists a previous run had (their trainers resume their own
-        checkpoints). Returns the router state saved with them, if any."""
+        checkpoints). Returns the router state saved with them, if any. An unreadable manifest or
+        router state is logged and skipped: the general draft serves every route until they reopen."""
         path = root / "pool.json"
         if not path.is_file():
             return None
-        manifest = json.loads(path.read_text())
-        self.seen.update(manifest.get("seen", {}))
-        for key, info in manifest["members"].items():
+        try:
+            manifest = json.loads(path.read_text())
+            members = dict(manifest["members"])
+            self.seen.update({str(k): int(v) for k, v in manifest.get("seen", {}).items()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("%s is unreadable (%s); the pool starts with the general draft only", path, e)
+            return None
+        for key, info in members.items():
             if key == GENERAL:  # reserved (a manifest written before it was)
                 continue
             member = self.members.get(key) or self.open(key)
             member.degraded = bool(info.get("degraded", False))
             member.queries = int(info.get("queries", 0))
         router = root / "router.pt"
-        return torch.load(router, weights_only=True) if router.is_file() else {}
+        if not router.is_file():
+            return {}
+        try:
+            return torch.load(router, weights_only=True)
+        except Exception as e:  # a torn or foreign file: the router starts afresh
+            log.warning("%s is unreadable (%s); the router starts afresh", router, e)
+            return {}
+
+
+def _replace_synced(path: Path, write: Callable) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _tensors(m: Member):
