@@ -1,13 +1,19 @@
 """`onspec serve`: load the pair, resume the draft from the state directory, start the scheduler
-and (unless --no-online) the online trainer, and run uvicorn until SIGINT/SIGTERM; then write the
-final checkpoint (and, only with --persist-traffic, the buffered traffic)."""
+and (unless --no-online) the online trainer, and run uvicorn until SIGINT/SIGTERM; then drain
+(new requests get 503, running ones get --shutdown-timeout seconds, the rest an error of their
+own), write the final checkpoint (and, only with --persist-traffic, the buffered traffic) and exit 0.
+The state directory is created 0700 and the traffic file written 0600: both hold user traffic."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import signal
 import socket
+import stat
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import uvicorn
@@ -20,6 +26,7 @@ from onspec.pool.pool import GENERAL, Member, PoolConfig
 from onspec.wiring import build_pool
 from onspec.serve.app import ServerState, create_app
 from onspec.serve.config import ServerConfig
+from onspec.serve.guard import Gate, is_loopback
 from onspec.serve.metrics import ServerMetrics
 from onspec.serve.scheduler import Scheduler
 
@@ -31,10 +38,12 @@ def build_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Po
     pool_cfg = pool_cfg or PoolConfig()
     target, draft = load_pair(model_cfg)
     state_dir = Path(cfg.state_dir)
+    _private_dir(state_dir)
 
     def reload_traffic(member: Member) -> None:
         traffic = _traffic_file(state_dir, member.name)
         if member.trainer is not None and cfg.persist_traffic and traffic.is_file():
+            _private_file(traffic)
             log.info("reloaded %d buffered requests from %s", member.trainer.buffer.load(traffic), traffic)
 
     pool, router = build_pool(target.model, target.tokenizer, draft.model if draft else None, engine_cfg, policy_cfg,
@@ -43,7 +52,7 @@ def build_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Po
     metrics = ServerMetrics(pool.general.engine.k)
     for m in pool.all_members:
         metrics.add_draft(m.name)
-    scheduler = Scheduler(pool, metrics, router, max_batch=cfg.max_batch)
+    scheduler = Scheduler(pool, metrics, router, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
     name = cfg.served_model_name or model_cfg.target_name
     return ServerState(engine=pool.general.engine, scheduler=scheduler, metrics=metrics, cfg=cfg, model_name=name,
                        pool=pool, router=router)
@@ -57,7 +66,10 @@ def shutdown(state: ServerState) -> None:
         m.trainer.close()  # waits for a running update, writes the final checkpoint
         if state.cfg.persist_traffic:
             path = _traffic_file(Path(state.cfg.state_dir), m.name)
-            log.info("wrote %d buffered requests to %s", m.trainer.buffer.save(path), path)
+            with _umask(0o077):  # user traffic: owner only, from the first byte
+                written = m.trainer.buffer.save(path)
+            _private_file(path)
+            log.info("wrote %d buffered requests to %s", written, path)
     if state.router is not None:
         state.pool.save_manifest(Path(state.cfg.state_dir) / "checkpoints", state.router.state_dict())
 
@@ -66,40 +78,132 @@ def _traffic_file(state_dir: Path, name: str) -> Path:
     return state_dir / ("traffic.pt" if name == GENERAL else f"traffic-{name}.pt")
 
 
+def _private_dir(path: Path) -> None:
+    """Create the state directory 0700 (an existing one is left as the operator made it)."""
+    if not path.exists():
+        path.mkdir(parents=True, mode=0o700)
+        path.chmod(0o700)  # mkdir's mode goes through the umask
+
+
+def _private_file(path: Path) -> None:
+    if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        path.chmod(0o600)
+
+
+@contextmanager
+def _umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
 def run_serve(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: PolicyConfig,
               trainer_cfg: TrainerConfig, cfg: ServerConfig, pool_cfg: PoolConfig | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sock = _bind(cfg.host, cfg.port)  # before loading: a taken port fails fast
+    warning = exposure_warning(cfg)
+    if warning:
+        log.warning(warning)
     print(f"onspec serve: loading models ({model_cfg.target}) ...", file=sys.stderr, flush=True)
     state = build_state(model_cfg, engine_cfg, policy_cfg, trainer_cfg, cfg, pool_cfg)
-    Path(cfg.state_dir).mkdir(parents=True, exist_ok=True)
     state.scheduler.start()
     host, port = sock.getsockname()[:2]
     print(f"onspec serve: {state.model_name} (draft v{state.engine.draft_version}, "
           f"online {'off' if state.trainer is None else 'on'}, drafts {len(state.pool.all_members)}"
           f"{'' if state.router is None else ' max ' + str(state.pool.cfg.drafts) + ', router ' + state.router.name}) on http://{host}:{port}  "
           f"(dashboard: /dashboard, metrics: /metrics)", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(create_app(state), log_level="warning", timeout_graceful_shutdown=5))
-    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal to the handler
-    # that was there before it: make that one stop us cleanly (checkpoint first), not kill us
-    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    config = uvicorn.Config(create_app(state), log_level="warning", http=_h11_with_read_timeout(cfg.read_timeout),
+                            limit_concurrency=cfg.max_connections, timeout_graceful_shutdown=5)
+    server = _DrainingServer(config, state.gate, cfg.shutdown_timeout)
     try:
         server.run(sockets=[sock])
-    except _Stop:
-        pass
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        shutdown(state)
+        # the final checkpoint must not be cut short by an impatient second signal
+        previous = {sig: signal.signal(sig, _saving) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            shutdown(state)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         print("onspec serve: stopped", file=sys.stderr, flush=True)
 
 
-class _Stop(Exception):
-    pass
+def exposure_warning(cfg: ServerConfig) -> str | None:
+    """What to say when the server is reachable beyond this machine with no key."""
+    if cfg.api_key is not None or is_loopback(cfg.host):
+        return None
+    return (f"bound to {cfg.host} without --api-key: anyone who can reach this port can use the model, read "
+            f"/metrics and /dashboard; set --api-key (and --protect-metrics) or bind 127.0.0.1")
 
 
-def _raise_stop(signum, frame) -> None:
-    raise _Stop()
+def _saving(signum, frame) -> None:
+    log.warning("signal %d while saving state: ignored (the final checkpoint is being written)", signum)
+
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn with a drain in front of its own shutdown (whose grace is a fixed few seconds, after
+    which it cancels requests mid-response). The first SIGTERM/SIGINT starts `Gate.drain`: new
+    generation requests get 503, running ones may finish for `shutdown_timeout` s, the rest are
+    ended with an error of their own; then uvicorn shuts down with nothing left running. A second
+    signal ends the running requests at once. The signal is not re-raised: the process exits 0."""
+
+    def __init__(self, config: uvicorn.Config, gate: Gate, shutdown_timeout: float) -> None:
+        super().__init__(config)
+        self.gate, self.shutdown_timeout = gate, shutdown_timeout
+        self.signals = 0
+        self._drain: asyncio.Task | None = None
+
+    def handle_exit(self, sig, frame) -> None:  # a signal handler: only note it; `on_tick` acts on the loop
+        self.signals += 1
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.signals and self._drain is None:
+            self._drain = asyncio.ensure_future(self.gate.drain(self.shutdown_timeout))
+        if self.signals > 1 and not self.gate.ended:
+            log.warning("second signal: ending the running requests now")
+            self.gate.end_all()
+        if self._drain is not None and self._drain.done():
+            return True
+        return await super().on_tick(counter)
+
+
+def _h11_with_read_timeout(read_timeout: float):
+    """uvicorn's h11 protocol with a deadline on a request's head: a connection that has not sent a
+    whole request head `read_timeout` s after it opened (or after its last response) is closed.
+    uvicorn has none (its keep-alive timer is disarmed by the first byte, so a client sending one
+    header byte at a time holds a connection forever). The body's deadline is in `guard.Guard`."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class H11WithReadTimeout(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            self._head_timer = self.loop.call_later(read_timeout, self._head_late)
+
+        def _head_late(self) -> None:
+            self._head_timer = None
+            waiting_for_head = self.cycle is None or self.cycle.response_complete
+            if waiting_for_head and not self.transport.is_closing():
+                self.transport.close()
+
+    return H11WithReadTimeout
 
 
 def _bind(host: str, port: int) -> socket.socket:
