@@ -281,3 +281,12 @@ def test_close_with_an_unwritable_state_dir_logs_and_returns(tmp_path, caplog):
     with caplog.at_level(logging.ERROR, logger="onspec.trainer"):
         worker.close()  # does not raise
     assert str(root) in caplog.text and "v3" in caplog.text
+
+
+def test_a_specialists_traffic_file_stays_in_the_state_dir(tmp_path):
+    from onspec.apps.serve import _traffic_file
+
+    names = ["../../x", "/abs/path", "a/b", "code"]
+    files = [_traffic_file(tmp_path, n) for n in names]
+    assert _traffic_file(tmp_path, GENERAL) == tmp_path / "traffic.pt"
+    assert len(set(files)) == len(names) and all(f.parent == tmp_path for f in files)

@@ -421,7 +421,7 @@ def test_batch_composition_does_not_change_a_sampled_row(draft_kind, tokenizer):
         assert alone == batched, f"seed {seed}: alone and batched differ from token {diff} of {len(alone)}"
 
 
-@pytest.mark.parametrize("temperature", [1e-38, 1e-30, 1e-12, 1e-6])
+@pytest.mark.parametrize("temperature", [5e-324, 3.6e-118, 1e-38, 1e-30, 1e-12, 1e-6])
 def test_a_tiny_temperature_is_argmax_not_nan(temperature):
     """logits / t overflowed to inf - inf = NaN for t <= ~1e-37 (and took the whole batch down in
     the sampler): processed logits are shifted first, so a tiny t is the argmax, never NaN."""
@@ -441,7 +441,7 @@ def test_tiny_temperatures_in_a_batch_fail_no_request(tokenizer):
     engine = SpeculativeEngine(cached_model(arch), tokenizer, cached_draft(arch, "noisy"), k=3)
     prompt = tokenizer.encode("the quick brown fox")
     tiny = [Request(prompt, SamplingParams(temperature=t, max_new_tokens=12, seed=s))
-            for t, s in ((1e-38, None), (1e-37, 3), (5e-39, None))]
+            for t, s in ((1e-38, None), (1e-37, 3), (5e-39, None), (3.6e-118, None))]
     plain = [Request(prompt, SamplingParams(max_new_tokens=12, ignore_eos=True)) for _ in range(2)]
     outs = engine.generate(tiny + plain)
     assert all(o.finish_reason in ("stop", "length") for o in outs)

@@ -23,7 +23,7 @@ from onspec.engine.policy import PolicyConfig
 from onspec.models.pair import ModelConfig, load_pair
 from onspec.online.distiller import TrainerConfig
 from onspec.pool.pool import GENERAL, Member, PoolConfig
-from onspec.wiring import build_pool
+from onspec.wiring import build_pool, member_dir
 from onspec.serve.app import ServerState, create_app
 from onspec.serve.config import ServerConfig
 from onspec.serve.guard import Gate, is_loopback
@@ -75,7 +75,9 @@ def shutdown(state: ServerState) -> None:
 
 
 def _traffic_file(state_dir: Path, name: str) -> Path:
-    return state_dir / ("traffic.pt" if name == GENERAL else f"traffic-{name}.pt")
+    """A member's buffered traffic: a specialist's name is a client's route key, so its file is
+    named as its checkpoint directory is (`member_dir`: a safe slug and a hash, never a path)."""
+    return state_dir / ("traffic.pt" if name == GENERAL else f"traffic-{member_dir(Path(), name).name}.pt")
 
 
 def _private_dir(path: Path) -> None:

@@ -68,9 +68,10 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     logits = logits.float()
     if params.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    # shifted so the largest logit is 0 first: a tiny temperature sends the others to -inf, never
-    # to inf - inf = NaN (one row's NaN would fail the whole batch's sampler)
-    logits = (logits - logits.amax(-1, keepdim=True)) / params.temperature
+    # shifted so the largest logit is 0 first, and t no smaller than 1e-20: a tiny temperature sends
+    # the others to -inf (never inf - inf, nor 0 / 0 where t underflows float32, = NaN, which failed
+    # the request). Below 1e-20 the result is the same in float32: the argmax, ties shared.
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(params.temperature, 1e-20)
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
