@@ -340,10 +340,11 @@ def test_worker_publishes_exactly_the_versions_the_distiller_accepted(tokenizer,
             assert torch.equal(p, published[-1][1][n]), n
 
 
-def test_replay_static_baseline_tf_equals_a_static_run(tmp_path):
+@pytest.mark.parametrize("mode", ["both", "interleaved"])
+def test_replay_static_baseline_tf_equals_a_static_run(tmp_path, mode):
     """The online run's `static_alpha_tf` (the starting draft teacher-forced on the served tokens)
     is exactly the static run's `alpha_tf`: greedy serving is lossless, so both served the same
-    tokens, and the static draft never changes."""
+    tokens, and the static draft never changes; static then online, or taking turns per query."""
     import csv
     import json
 
@@ -364,9 +365,11 @@ def test_replay_static_baseline_tf_equals_a_static_run(tmp_path):
     summary = run_replay(ModelConfig(target=str(tmp_path / "target"), draft=str(tmp_path / "draft")),
                          EngineConfig(k=2), PolicyConfig(), TrainerConfig(update_interval=2, steps=2, lr=1e-2,
                                                                           background=False, probe_every=0),
-                         ReplayConfig(dataset=str(stream), limit=12, max_new_tokens=8, mode="both", out=str(tmp_path / "o")))
+                         ReplayConfig(dataset=str(stream), limit=12, max_new_tokens=8, mode=mode, out=str(tmp_path / "o")))
     static = list(csv.DictReader(open(tmp_path / "o" / "replay_static.csv")))
     online = list(csv.DictReader(open(tmp_path / "o" / "replay_online.csv")))
     assert [float(r["static_alpha_tf"]) for r in online] == pytest.approx([float(r["alpha_tf"]) for r in static])
     assert summary["modes"]["online"]["updates"] >= 1
     assert summary["modes"]["online"]["static_tf"]["alpha_last"] == pytest.approx(summary["static_alpha_last"])
+    assert summary["interleaved"] == (mode == "interleaved") and summary["tokens_per_s_last_20pct_ratio_online_vs_static"] > 0
+    assert [r["query"] for r in online] == [r["query"] for r in static] == [str(i) for i in range(12)]

@@ -1,7 +1,9 @@
 """`onspec replay`: serve a query stream in order, as a serving log would arrive, and show alpha.
 
 Modes: `online` (the draft learns in the background), `static` (the same engine, no updates),
-`both` (static then online, from the same starting draft, on the same stream).
+`both` (static then online, from the same starting draft, on the same stream), `interleaved`
+(both side by side, taking turns on every query in a rotating order, so machine drift cancels
+out of the tokens/s ratio; it holds two drafts in memory).
 Per query it records the measured alpha (accepted / evaluated over the steps that proposed) and
 `alpha_tf`: the serving draft's greedy agreement with the served tokens (teacher-forced, one draft
 pass after the request, not counted in tokens/s), which is defined for every query whatever k
@@ -58,7 +60,9 @@ class ReplayConfig:
     limit: int = option(200, "queries to serve (after --skip)")
     skip: int = option(0, "queries to skip at the start of the stream")
     passes: int = option(1, "serve the stream this many times in a row (e.g. 2 for HumanEval twice)")
-    mode: str = option("online", "online: learn; static: no updates; both: static then online", choices=("online", "static", "both"))
+    mode: str = option("online", "online: learn; static: no updates; both: static then online; interleaved: static "
+                       "and online side by side, taking turns on each query (machine drift cancels)",
+                       choices=("online", "static", "both", "interleaved"))
     max_new_tokens: int = option(64, "tokens generated per query")
     temperature: float = option(0.0, "0 = greedy")
     max_prompt_tokens: int = option(1024, "skip queries whose prompt is longer (counted in the summary)")
@@ -117,13 +121,20 @@ def run_replay(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Pol
     kept = [(q, ids) for q, ids in encoded if len(ids) <= cfg.max_prompt_tokens]
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    modes = ["static", "online"] if cfg.mode == "both" else [cfg.mode]
+    modes = ["static", "online"] if cfg.mode in ("both", "interleaved") else [cfg.mode]
     results = {}
-    for mode in modes:
-        rows, summary = _serve(mode, target, copy.deepcopy(draft.model), kept, model_cfg, engine_cfg, policy_cfg,
-                               trainer_cfg, pool_cfg, cfg, out_dir, console)
-        _write_csv(out_dir / f"replay_{mode}.csv", rows)
-        results[mode] = summary
+
+    def run(mode: str) -> _Run:
+        return _Run(mode, target, copy.deepcopy(draft.model), engine_cfg, policy_cfg, trainer_cfg, pool_cfg, cfg,
+                    out_dir)
+
+    groups = [[run(m) for m in modes]] if cfg.mode == "interleaved" else [[m] for m in modes]
+    for group in groups:
+        runs = [r if isinstance(r, _Run) else run(r) for r in group]  # sequential modes: built one at a time
+        _serve_stream(runs, kept, console)
+        for r in runs:
+            _write_csv(out_dir / f"replay_{r.mode}.csv", r.rows)
+            results[r.mode] = r.finish()
     plot_alpha(out_dir, modes, cfg.plot_window, boundaries=_boundaries(kept, cfg.passes))
     summary = {"dataset": cfg.dataset, "queries": len(kept), "skipped_long_prompts": len(encoded) - len(kept),
                **(results[modes[0]] if len(modes) == 1 else {})}
@@ -134,6 +145,9 @@ def run_replay(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Pol
         summary["static_alpha_last"] = results["static"]["alpha_last"]
         summary["alpha_last_gain"] = results["online"]["alpha_last"] - results["static"]["alpha_last"]
         summary["tokens_per_s_ratio_online_vs_static"] = results["online"]["tokens_per_s"] / results["static"]["tokens_per_s"]
+        summary["tokens_per_s_last_20pct_ratio_online_vs_static"] = _ratio(
+            results["online"]["tokens_per_s_last_20pct"], results["static"]["tokens_per_s_last_20pct"])
+        summary["interleaved"] = cfg.mode == "interleaved"
     if "static_tf" in results.get("online", {}):
         summary["static_tf_alpha_last"] = results["online"]["static_tf"]["alpha_last"]
     summary["plot"] = str(out_dir / "alpha.png")
@@ -144,95 +158,128 @@ def run_replay(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Pol
     return summary
 
 
-def _serve(mode, target, draft_model, queries, model_cfg, engine_cfg, policy_cfg, trainer_cfg, pool_cfg, cfg, out_dir,
-           console):
-    ckpt_root = out_dir / "checkpoints"
-    online = mode == "online"
-    pool, router = build_pool(target.model, target.tokenizer, draft_model, engine_cfg, policy_cfg, pool_cfg,
-                              trainer_cfg=trainer_cfg if online else None, checkpoints=ckpt_root if online else None)
-    general = pool.general
-    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=0)
-    # the starting draft, frozen: its agreement with the (lossless, hence identical) served tokens
-    # is the static run's alpha_tf, without decoding the stream a second time
-    static_draft = (copy.deepcopy(draft_model).eval()
-                    if mode == "online" and params.greedy and cfg.static_baseline == "tf" else None)
-    rows, tokens, decode_s, route_s = [], 0, 0.0, 0.0
-    columns = [TextColumn(f"[bold]{mode}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("alpha(avg {task.fields[window]}) {task.fields[alpha]}  v{task.fields[version]}")]
+class _Run:
+    """One mode's pool (and trainer) serving the stream query by query: `serve` decodes one query
+    and records its row, `finish` closes the trainer and summarises. Two runs can take turns on the
+    same stream (`--mode interleaved`)."""
+
+    def __init__(self, mode, target, draft_model, engine_cfg, policy_cfg, trainer_cfg, pool_cfg, cfg, out_dir) -> None:
+        self.mode, self.cfg, self.pool_cfg = mode, cfg, pool_cfg
+        self.ckpt_root = out_dir / "checkpoints"
+        online = mode == "online"
+        self.pool, self.router = build_pool(target.model, target.tokenizer, draft_model, engine_cfg, policy_cfg,
+                                            pool_cfg, trainer_cfg=trainer_cfg if online else None,
+                                            checkpoints=self.ckpt_root if online else None)
+        self.params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=0)
+        # the starting draft, frozen: its agreement with the (lossless, hence identical) served tokens
+        # is the static run's alpha_tf, without decoding the stream a second time
+        self.static_draft = (copy.deepcopy(draft_model).eval()
+                             if online and self.params.greedy and cfg.static_baseline == "tf" else None)
+        self.rows: list[dict] = []
+        self.tokens, self.decode_s, self.route_s = 0, 0.0, 0.0
+
+    def serve(self, i: int, q: Query, ids: list[int]) -> dict:
+        pool, router, params = self.pool, self.router, self.params
+        t_route = time.perf_counter()
+        key = router.route(q, ids) if router is not None else None
+        member = pool.pick(key, router.opens_at_once) if router is not None else pool.general
+        self.route_s += time.perf_counter() - t_route
+        trainer = member.trainer
+        t0 = time.perf_counter()
+        out = member.generate([Request(ids, params)], on_finish=trainer.on_output if trainer else None)[0]
+        seconds = time.perf_counter() - t0
+        self.decode_s += seconds
+        self.tokens += len(out.token_ids)
+        s = out.stats
+        tf = greedy_agreement(member.draft, ids + out.token_ids, len(ids)) if params.greedy else None
+        static_tf = greedy_agreement(self.static_draft, ids + out.token_ids, len(ids)) if self.static_draft else None
+        pool.observe(key, member, tf if tf is not None else s.alpha)
+        members = pool.all_members
+        row = {
+            "query": i, "id": q.id, "source": q.source, "segment": q.segment, "route": key or "", "draft": member.name,
+            "prompt_tokens": len(ids), "tokens": len(out.token_ids), "seconds": seconds,
+            "alpha": s.alpha, "alpha_tf": tf, "static_alpha_tf": static_tf, "accepted": s.accepted,
+            "evaluated": s.evaluated, "proposed": s.proposed, "steps": s.steps,
+            "mean_k": s.proposed / s.steps if s.steps else 0, "tokens_per_s": s.tokens_per_s,
+            "draft_version": member.version,
+            "updates": sum(m.trainer.distiller.updates for m in members if m.trainer),
+            "rollbacks": sum(m.trainer.distiller.rollbacks for m in members if m.trainer),
+        }
+        self.rows.append(row)
+        return row
+
+    def recent_alpha(self) -> str:
+        recent = [r["alpha_tf"] if r["alpha_tf"] is not None else r["alpha"] for r in self.rows[-self.cfg.plot_window:]]
+        recent = [a for a in recent if a is not None]
+        return f"{sum(recent) / len(recent):.3f}" if recent else "n/a"
+
+    def finish(self) -> dict:
+        pool, router, rows = self.pool, self.router, self.rows
+        trainer, per_member = {}, {}
+        for m in pool.all_members:
+            if m.trainer is None:
+                continue
+            m.trainer.wait_idle(timeout=600)
+            m.trainer.close()
+            st = m.trainer.stats()
+            st["seconds_per_update"] = st["trainer_time_s"] / max(1, len(m.trainer.distiller.history))
+            st["seconds_per_trained_token"] = (st["trainer_time_s"] / max(1, st["trained_tokens"])
+                                               if st.get("trained_tokens") else None)
+            st["bytes_per_buffered_token"] = st["buffer_bytes"] / max(1, st["buffer_tokens"])
+            per_member[m.name] = st
+        if per_member:
+            trainer = per_member[GENERAL] if len(per_member) == 1 else {"per_draft": per_member}
+        if router is not None and self.mode == "online":
+            pool.save_manifest(self.ckpt_root, router.state_dict())
+        fifth = rows[-max(1, len(rows) // 5):]
+        summary = {
+            "mode": self.mode, **_alpha_summary(rows), "tokens": self.tokens,
+            "tokens_per_s": self.tokens / self.decode_s if self.decode_s else 0.0,
+            "tokens_per_s_last_20pct": _ratio(sum(r["tokens"] for r in fifth), sum(r["seconds"] for r in fifth)),
+            "measured_alpha": _ratio(sum(r["accepted"] for r in rows), sum(r["evaluated"] for r in rows)),
+            "mean_k": _ratio(sum(r["proposed"] for r in rows), sum(r["steps"] for r in rows)),
+            "updates": sum(st["updates"] for st in per_member.values()),
+            "rollbacks": sum(st["rollbacks"] for st in per_member.values()),
+            "probing_steps": sum(m.drafter.policy.probing_steps for m in pool.all_members
+                                 if m.drafter is not None and m.drafter.policy),
+            "per_source": _groups(rows, "source"),
+            "trainer": trainer,
+        }
+        if self.static_draft is not None:
+            static = _alpha_summary(_static_rows(rows))
+            summary["static_tf"] = static
+            summary["alpha_last_gain_vs_static_tf"] = _diff(summary["alpha_last"], static["alpha_last"])
+        segments = _segments(rows)
+        if len(segments) > 1:  # a "+" stream (shift): adaptation and forgetting, segment by segment
+            summary["per_segment"] = [
+                {"source": seg[0]["source"], "start": seg[0]["query"], **_alpha_summary(seg),
+                 "tokens_per_s": _ratio(sum(r["tokens"] for r in seg), sum(r["seconds"] for r in seg)),
+                 **({"static_tf": _alpha_summary(_static_rows(seg))} if self.static_draft is not None else {})}
+                for seg in segments
+            ]
+        if router is not None:
+            summary.update(router=self.pool_cfg.router, router_stats=router.stats(), per_draft=_groups(rows, "draft"),
+                           pool=pool.stats(), router_us_per_request=1e6 * self.route_s / max(1, len(rows)))
+        return summary
+
+
+def _serve_stream(runs: list[_Run], queries, console) -> None:
+    """Every run serves every query; with several runs they take turns within each query, in a
+    rotating order, so a machine that speeds up or slows down affects them alike."""
+    label = "+".join(r.mode for r in runs)
+    columns = [TextColumn(f"[bold]{label}[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[status]}")]
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task(mode, total=len(queries), alpha="n/a", version=0, window=cfg.plot_window)
+        task = progress.add_task(label, total=len(queries), status="")
         for i, (q, ids) in enumerate(queries):
-            t_route = time.perf_counter()
-            key = router.route(q, ids) if router is not None else None
-            member = pool.pick(key, router.opens_at_once) if router is not None else general
-            route_s += time.perf_counter() - t_route
-            trainer = member.trainer
-            t0 = time.perf_counter()
-            out = member.generate([Request(ids, params)], on_finish=trainer.on_output if trainer else None)[0]
-            decode_s += time.perf_counter() - t0
-            tokens += len(out.token_ids)
-            s = out.stats
-            tf = greedy_agreement(member.draft, ids + out.token_ids, len(ids)) if params.greedy else None
-            static_tf = greedy_agreement(static_draft, ids + out.token_ids, len(ids)) if static_draft else None
-            pool.observe(key, member, tf if tf is not None else s.alpha)
-            members = pool.all_members
-            rows.append({
-                "query": i, "id": q.id, "source": q.source, "segment": q.segment, "route": key or "", "draft": member.name,
-                "prompt_tokens": len(ids), "tokens": len(out.token_ids),
-                "alpha": s.alpha, "alpha_tf": tf, "static_alpha_tf": static_tf, "accepted": s.accepted, "evaluated": s.evaluated,
-                "proposed": s.proposed, "steps": s.steps, "mean_k": s.proposed / s.steps if s.steps else 0,
-                "tokens_per_s": s.tokens_per_s, "draft_version": member.version,
-                "updates": sum(m.trainer.distiller.updates for m in members if m.trainer),
-                "rollbacks": sum(m.trainer.distiller.rollbacks for m in members if m.trainer),
-            })
-            recent = [r["alpha_tf"] if r["alpha_tf"] is not None else r["alpha"] for r in rows[-cfg.plot_window:]]
-            recent = [a for a in recent if a is not None]
-            alpha_text = f"{sum(recent) / len(recent):.3f}" if recent else "n/a"
-            progress.update(task, advance=1, alpha=alpha_text, version=member.version)
+            for run in runs[i % len(runs):] + runs[: i % len(runs)]:
+                run.serve(i, q, ids)
+            status = "  ".join(f"{r.mode}: alpha {r.recent_alpha()} v{r.pool.general.version} "
+                               f"{r.tokens / r.decode_s if r.decode_s else 0:.1f} tok/s" for r in runs)
+            progress.update(task, advance=1, status=status)
             if not console.is_terminal and ((i + 1) % max(1, len(queries) // 20) == 0 or i + 1 == len(queries)):
                 # a log file gets no live bar: a plain line every 5% of the stream instead
-                console.print(f"{mode} {i + 1}/{len(queries)} alpha(avg {cfg.plot_window}) {alpha_text} "
-                              f"v{member.version} {tokens / decode_s if decode_s else 0:.1f} tok/s")
-    trainer, per_member = {}, {}
-    for m in pool.all_members:
-        if m.trainer is None:
-            continue
-        m.trainer.wait_idle(timeout=600)
-        m.trainer.close()
-        st = m.trainer.stats()
-        st["seconds_per_update"] = st["trainer_time_s"] / max(1, len(m.trainer.distiller.history))
-        st["bytes_per_buffered_token"] = st["buffer_bytes"] / max(1, st["buffer_tokens"])
-        per_member[m.name] = st
-    if per_member:
-        trainer = per_member[GENERAL] if len(per_member) == 1 else {"per_draft": per_member}
-    if router is not None and mode == "online":
-        pool.save_manifest(ckpt_root, router.state_dict())
-    summary = {
-        "mode": mode, **_alpha_summary(rows), "tokens": tokens, "tokens_per_s": tokens / decode_s if decode_s else 0.0,
-        "measured_alpha": _ratio(sum(r["accepted"] for r in rows), sum(r["evaluated"] for r in rows)),
-        "mean_k": _ratio(sum(r["proposed"] for r in rows), sum(r["steps"] for r in rows)),
-        "updates": sum(st["updates"] for st in per_member.values()),
-        "rollbacks": sum(st["rollbacks"] for st in per_member.values()),
-        "probing_steps": sum(m.drafter.policy.probing_steps for m in pool.all_members
-                             if m.drafter is not None and m.drafter.policy),
-        "per_source": _groups(rows, "source"),
-        "trainer": trainer,
-    }
-    if static_draft is not None:
-        static = _alpha_summary(_static_rows(rows))
-        summary["static_tf"] = static
-        summary["alpha_last_gain_vs_static_tf"] = _diff(summary["alpha_last"], static["alpha_last"])
-    segments = _segments(rows)
-    if len(segments) > 1:  # a "+" stream (shift): adaptation and forgetting, segment by segment
-        summary["per_segment"] = [
-            {"source": seg[0]["source"], "start": seg[0]["query"], **_alpha_summary(seg),
-             **({"static_tf": _alpha_summary(_static_rows(seg))} if static_draft is not None else {})}
-            for seg in segments
-        ]
-    if router is not None:
-        summary.update(router=pool_cfg.router, router_stats=router.stats(), per_draft=_groups(rows, "draft"),
-                       pool=pool.stats(), router_us_per_request=1e6 * route_s / max(1, len(rows)))
-    return rows, summary
+                console.print(f"{i + 1}/{len(queries)} {status}")
 
 
 def _alpha_summary(rows: list[dict]) -> dict:

@@ -139,6 +139,8 @@ class Distiller:
         self.rollbacks = 0
         self.discarded = 0
         self.trainer_time_s = 0.0
+        self.trained_tokens = 0
+        """Generated positions in the batches of every step taken (each counted once per step)."""
         self.history: list[UpdateLog] = []
         self._probe_cache: dict[int, tuple[Example, int, int]] = {}  # probe counts under the current weights
         self._states: dict[int, tuple[Example, torch.Tensor, tuple[int, int], int]] = {}
@@ -161,7 +163,9 @@ class Distiller:
         self._probe_cache = {}  # the steps below change the weights; _restore brings the counts back with them
         losses = []
         for _ in range(self.cfg.steps):
-            loss = self.train_step(self._batch(buffer))
+            batch = self._batch(buffer)
+            self.trained_tokens += sum(e.num_positions for e in batch)
+            loss = self.train_step(batch)
             if loss is None:
                 continue
             if not math.isfinite(loss):

@@ -181,7 +181,7 @@ class TrainerWorker:
             "draft_version": d.version, "updates": d.updates, "rollbacks": d.rollbacks,
             "discarded_nan": d.discarded, "requests": self.requests, "buffer_requests": len(self.buffer),
             "buffer_tokens": self.buffer.tokens, "buffer_bytes": self.buffer.nbytes, "evicted": self.buffer.evicted,
-            "trainer_time_s": d.trainer_time_s,
+            "trainer_time_s": d.trainer_time_s, "trained_tokens": d.trained_tokens,
             "trained_parameters": sum(p.numel() for p in d.trainable.values()),
             "train_layers": self.cfg.train_layers, "boundary_bytes": d.boundary_bytes,
         }
