@@ -4,7 +4,7 @@ within a time budget, publishes each accepted draft, writes checkpoints and resu
 Wiring: hand it every finished request's `StepOutput` (`on_output`; the engine built the
 request's `Example` when its `teacher_top_k` is set). Every `update_interval` requests an update
 is due; a background thread runs it (decoding never waits), and an accepted version goes out
-through `publish(version, weights, alpha_hint)`: to an engine (`SpeculativeEngine.offer_draft`,
+through `publish(version, weights, alpha_hint)`: to a drafter of an engine (`Drafter.offer`,
 swapped in between two verify steps) here, to serving replicas elsewhere. Checkpoints
 (safetensors + optimizer state) every `checkpoint_every` accepted updates; a worker with the same
 checkpoint directory resumes the newest version that verifies and publishes it first.
