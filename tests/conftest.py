@@ -95,6 +95,24 @@ def plain_greedy(model, prompt: list[int], n: int, eos: int | None = None) -> li
 ARCHS = ("llama", "gpt2", "qwen2")
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def save_tiny_pair(root, noise: float = 0.2, context: int | None = None):
+    """The tiny target (llama, seed 0) and a noisy copy of it as its draft, saved with the byte
+    tokenizer (and a chat template) as two local model directories; returns (target dir, draft dir)."""
+    tok = byte_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    target = tiny_model("llama", 0)
+    if context is not None:
+        target.config.max_position_embeddings = context
+    for name, model in (("target", target), ("draft", noisy_copy(target, noise, seed=1))):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root / "target", root / "draft"
+
+
 def noisy_copy(model, scale: float, seed: int):
     """A draft that agrees with `model` only partly: a deep copy with Gaussian noise of
     `scale` x (each tensor's std) added to every weight. Mixed accept/reject steps."""

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import byte_tokenizer, noisy_copy, tiny_model
+from conftest import save_tiny_pair
 
 from onspec.bench.compare import BenchConfig, measure
 from onspec.engine.engine import EngineConfig
@@ -18,11 +18,7 @@ from onspec.models.pair import ModelConfig
 @pytest.fixture(scope="module")
 def local_pair(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
-    tok = byte_tokenizer()
-    target = tiny_model("llama", 0)
-    for name, model in (("target", target), ("draft", noisy_copy(target, 0.2, seed=1))):
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
+    save_tiny_pair(root)
     prompts = root / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
                                ("hello world", "def f(x):", "the quick brown fox", "once upon a time")))

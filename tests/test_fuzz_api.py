@@ -10,12 +10,11 @@ import json
 
 import pytest
 import schemathesis
-from conftest import byte_tokenizer, noisy_copy, tiny_model
+from conftest import save_tiny_pair
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
-from test_server import CHAT_TEMPLATE
 
 from onspec.apps.serve import build_state
 from onspec.engine.engine import EngineConfig
@@ -32,12 +31,7 @@ EXAMPLES = 100  # per operation and mode (a GET with no parameters has one)
 @pytest.fixture(scope="module")
 def api_schema(tmp_path_factory):
     root = tmp_path_factory.mktemp("fuzz")
-    tok = byte_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    target = tiny_model("llama", 0)
-    for name, model in (("target", target), ("draft", noisy_copy(target, 0.2, seed=1))):
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
+    save_tiny_pair(root)
     cfg = ServerConfig(state_dir=str(root / "state"), api_key=KEY, docs=True, allowed_hosts=("testserver",),
                        max_tokens_limit=8, request_timeout=30, no_online=True)
     state = build_state(ModelConfig(target=str(root / "target"), draft=str(root / "draft"), dtype="float32"),

@@ -348,18 +348,14 @@ def test_replay_static_baseline_tf_equals_a_static_run(tmp_path, mode):
     import csv
     import json
 
-    from conftest import byte_tokenizer, noisy_copy
+    from conftest import save_tiny_pair
 
     from onspec.engine.engine import EngineConfig
     from onspec.engine.policy import PolicyConfig
     from onspec.models.pair import ModelConfig
     from onspec.apps.replay import ReplayConfig, run_replay
 
-    tok = byte_tokenizer()
-    target = tiny_model("llama", 0)
-    for name, model in (("target", target), ("draft", noisy_copy(target, 0.3, seed=1))):
-        model.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
+    save_tiny_pair(tmp_path, noise=0.3)
     stream = tmp_path / "s.jsonl"
     stream.write_text("".join(json.dumps({"prompt": f"query {i % 3} says hello"}) + "\n" for i in range(12)))
     summary = run_replay(ModelConfig(target=str(tmp_path / "target"), draft=str(tmp_path / "draft")),

@@ -10,16 +10,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import noisy_copy, tiny_model
+from test_online import PARAMS, TEXTS, alpha_of, serve
 
 from onspec.engine.engine import Request, SpeculativeEngine
-from onspec.engine.records import RequestStats
-from onspec.engine.sampling import SamplingParams
 from onspec.online import distiller as distiller_module
 from onspec.online.distiller import Distiller, TrainerConfig
 from onspec.wiring import attach_trainer
-
-TEXTS = ["the cat sat on", "hello world", "once upon a time", "def f(x):", "import numpy", "1, 2, 3,"]
-PARAMS = SamplingParams(max_new_tokens=24, ignore_eos=True)
 
 
 def make(tokenizer, arch="llama", draft=None, **cfg):
@@ -29,20 +25,6 @@ def make(tokenizer, arch="llama", draft=None, **cfg):
     config = TrainerConfig(**{"background": False, "update_interval": 2, "steps": 8, "lr": 3e-3, "positions": "all",
                               "probe_every": 0, "train_layers": 1, **cfg})
     return engine, config
-
-
-def serve(engine, trainer, prompts):
-    outs = []
-    for p in prompts:
-        outs += engine.generate([Request(p, PARAMS)], on_finish=trainer.on_output)
-    return outs
-
-
-def alpha_of(outs) -> float:
-    total = RequestStats()
-    for o in outs:
-        total = total.merge(o.stats)
-    return total.alpha
 
 
 def examples(engine, tokenizer, n=4):

@@ -10,7 +10,7 @@ import json
 
 import pytest
 import torch
-from conftest import byte_tokenizer, noisy_copy, tiny_model
+from conftest import noisy_copy, save_tiny_pair, tiny_model
 
 from onspec.data.streams import Query
 from onspec.engine.engine import Request
@@ -232,12 +232,7 @@ def test_replay_with_field_and_cluster_routers(tmp_path):
     from onspec.models.pair import ModelConfig
     from onspec.apps.replay import ReplayConfig, run_replay
 
-    tok = byte_tokenizer()
-    target = tiny_model("llama", 0)
-    target.save_pretrained(tmp_path / "target")
-    tok.save_pretrained(tmp_path / "target")
-    noisy_copy(target, 0.3, seed=1).save_pretrained(tmp_path / "draft")
-    tok.save_pretrained(tmp_path / "draft")
+    save_tiny_pair(tmp_path, noise=0.3)
     stream = tmp_path / "mixed.jsonl"
     with open(stream, "w") as f:
         for i in range(12):
@@ -279,11 +274,7 @@ def test_replay_reports_alpha_per_segment_of_a_shift_stream(tmp_path):
     from onspec.models.pair import ModelConfig
     from onspec.apps.replay import ReplayConfig, run_replay
 
-    tok = byte_tokenizer()
-    target = tiny_model("llama", 0)
-    for name, model in (("target", target), ("draft", noisy_copy(target, 0.3, seed=1))):
-        model.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
+    save_tiny_pair(tmp_path, noise=0.3)
     code, chat = tmp_path / "code.jsonl", tmp_path / "chat.jsonl"
     code.write_text("".join(json.dumps({"prompt": f"def f{i}(x): return x"}) + "\n" for i in range(4)))
     chat.write_text("".join(json.dumps({"prompt": f"Dear friend {i}, how are you"}) + "\n" for i in range(6)))

@@ -17,27 +17,18 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import byte_tokenizer, noisy_copy, tiny_model
+from conftest import save_tiny_pair
 
 pytestmark = pytest.mark.server
 
 KEY = "test-key"
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 ONSPEC = [sys.executable, "-m", "onspec.cli"]
 PROMPTS = ["hello world", "the quick brown fox", "def f(x):", "a", "once upon a time", "SELECT * FROM", "1 2 3"]
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    tok = byte_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    target = tiny_model("llama", 0)
-    for name, model in (("target", target), ("draft", noisy_copy(target, 0.2, seed=1))):
-        model.save_pretrained(root / name)
-        tok.save_pretrained(root / name)
-    return root / "target", root / "draft"
+    return save_tiny_pair(tmp_path_factory.mktemp("models"))
 
 
 class Server:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import byte_tokenizer, noisy_copy, tiny_model
+from conftest import save_tiny_pair
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from soak import soak  # noqa: E402
@@ -18,11 +18,7 @@ pytestmark = pytest.mark.server
 
 
 def test_mixed_traffic_while_learning(tmp_path):
-    tok = byte_tokenizer()
-    target = tiny_model("llama", 0)
-    for name, model in (("target", target), ("draft", noisy_copy(target, 0.2, seed=1))):
-        model.save_pretrained(tmp_path / name)
-        tok.save_pretrained(tmp_path / name)
+    save_tiny_pair(tmp_path)
     result = soak(["--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"), "--dtype", "float32",
                    "--k", "3", "--update-interval", "2", "--steps", "1", "--lr", "1e-3", "--probe-every", "0"],
                   seconds=45, concurrency=4, max_tokens=24)
