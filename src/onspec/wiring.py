@@ -10,6 +10,8 @@ own under it, `member_dir`).
 
 from __future__ import annotations
 
+import hashlib
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -55,9 +57,6 @@ def member_dir(root: Path, name: str) -> Path:
     key's [A-Za-z0-9_-] characters (others -> `_`, at most 40). Nothing escapes root, distinct keys
     never share a directory, no name looks like a checkpoint version (`v000012`) or a temporary
     file; a client's route key "general" never reaches here, the pool serves it with the general draft."""
-    import hashlib
-    import re
-
     if name == GENERAL:  # the pool reserves this key for the general draft (DraftPool.pick)
         return root
     slug = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_-")[:40] or "route"

@@ -23,7 +23,6 @@ LATEST names, by number, and never touches a name that is not a version director
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -37,6 +36,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+
+from onspec.durable import fsync_dir, replace_synced
 
 log = logging.getLogger("onspec.checkpoint")
 
@@ -85,16 +86,14 @@ class CheckpointStore:
             _write_synced(tmp / META, json.dumps({"version": version, "saved_at": time.time(), **meta,
                                                   "files": files}, indent=2))
             for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
-                _fsync_dir(d)
-            _fsync_dir(tmp)
+                fsync_dir(d)
+            fsync_dir(tmp)
             final = self.root / name
             tmp.rename(final)
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        _write_synced(self.root / _LATEST_TMP, name)
-        os.replace(self.root / _LATEST_TMP, self.root / "LATEST")
-        _fsync_dir(self.root)
+        replace_synced(self.root / "LATEST", lambda f: f.write(name.encode()))  # written as _LATEST_TMP first
         self._prune()
         return final
 
@@ -261,14 +260,3 @@ def _write_synced(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:
-        if e.errno != errno.EINVAL:  # a filesystem that cannot sync directories
-            raise
-    finally:
-        os.close(fd)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import random
 import threading
 from collections import defaultdict, deque
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from onspec.config import option
+from onspec.durable import replace_synced
 from onspec.pool.routers import ROUTERS
 from onspec.models.draft import frozen_tables
 
@@ -264,9 +264,9 @@ class DraftPool:
         root.mkdir(parents=True, exist_ok=True)
         manifest = {"members": {k: {"degraded": m.degraded, "queries": m.queries} for k, m in self.members.items()},
                     "seen": dict(self.seen)}
-        _replace_synced(root / "pool.json", lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+        replace_synced(root / "pool.json", lambda f: f.write(json.dumps(manifest, indent=2).encode()))
         if router_state is not None:
-            _replace_synced(root / "router.pt", lambda f: torch.save(router_state, f))
+            replace_synced(root / "router.pt", lambda f: torch.save(router_state, f))
 
     def restore(self, root: Path) -> dict | None:
         """Re-open the specialists a previous run had (their trainers resume their own
@@ -296,20 +296,6 @@ class DraftPool:
         except Exception as e:  # a torn or foreign file: the router starts afresh
             log.warning("%s is unreadable (%s); the router starts afresh", router, e)
             return {}
-
-
-def _replace_synced(path: Path, write: Callable) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _tensors(m: Member):
