@@ -1,9 +1,10 @@
 """Training only the top layers of the draft (`TrainerConfig.train_layers`, issue 14): the frozen
 layers' output at the boundary is computed once per buffered request and kept, and a training
 step runs only the layers above it. On tiny models: the same loss and gradients as a full forward
-through the frozen layers, alpha still rises on a repeated stream, the frozen layers never change
-(and are shared with the serving draft, not copied), each example's boundary is computed once,
-and rollback and checkpoint/resume restore exactly the served weights."""
+through the frozen layers (also with the head frozen, `freeze_head`), alpha still rises on a
+repeated stream, the frozen layers never change (and are shared with the serving draft, not
+copied, in its dtype), each example's boundary is computed once, and rollback and
+checkpoint/resume restore exactly the served weights."""
 
 from __future__ import annotations
 
@@ -34,18 +35,19 @@ def examples(engine, tokenizer, n=4):
     return got
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("train_layers", [1, 2, 3])
-def test_top_layers_from_kept_boundary_give_the_full_forwards_gradients(arch, train_layers, tokenizer):
+@pytest.mark.parametrize("arch, train_layers, freeze_head", [
+    *((arch, m, False) for arch in ("llama", "qwen2") for m in (1, 2, 3)), ("qwen2", 1, True), ("llama", 2, True)])
+def test_top_layers_from_kept_boundary_give_the_full_forwards_gradients(arch, train_layers, freeze_head, tokenizer):
     """The loss and every trained parameter's gradient equal those of a full forward through the
     frozen layers (the same parameters trained, the rest frozen), to float32 tolerance; also with
-    a context window that cuts the prompt."""
-    engine, cfg = make(tokenizer, arch, train_layers=train_layers)
+    a context window that cuts the prompt, and with the head frozen (the gradient passes through it)."""
+    engine, cfg = make(tokenizer, arch, train_layers=train_layers, freeze_head=freeze_head)
     batch = examples(engine, tokenizer)
     for window in (512, 12):
         partial = Distiller(engine.draft, TrainerConfig(**{**vars(cfg), "max_train_tokens": window}))
         full = Distiller(engine.draft, TrainerConfig(**{**vars(cfg), "train_layers": 0, "max_train_tokens": window}))
         assert partial.boundary == 3 - train_layers
+        assert any(n.startswith("lm_head.") for n in partial.trainable) != freeze_head
         for name, p in full.trainable.items():  # the full forward trains the same parameters only
             p.requires_grad_(name in partial.trainable)
         loss_p, loss_f = partial.loss_on(batch), full.loss_on(batch)
@@ -68,9 +70,11 @@ def test_only_the_top_layers_and_norm_are_trained_and_the_rest_is_shared(tokeniz
             assert p.data_ptr() == served[name].data_ptr() and not p.requires_grad, name
 
 
-def test_alpha_rises_when_only_the_top_layer_learns(tokenizer):
-    engine, cfg = make(tokenizer, train_layers=1)
+@pytest.mark.parametrize("freeze_head", [False, True])
+def test_alpha_rises_when_only_the_top_layer_learns(freeze_head, tokenizer):
+    engine, cfg = make(tokenizer, train_layers=1, freeze_head=freeze_head)
     trainer = attach_trainer(engine, cfg)
+    assert any(n.startswith("lm_head.") for n in trainer.distiller.trainable) != freeze_head
     frozen = {n: p.detach().clone() for n, p in engine.draft.named_parameters() if n not in trainer.distiller.trainable}
     prompts = [tokenizer.encode(t) for t in TEXTS]
     first = alpha_of(serve(engine, trainer, prompts))
@@ -104,10 +108,12 @@ def test_each_example_crosses_the_frozen_layers_once(tokenizer, monkeypatch):
     assert trainer.distiller.boundary_bytes > 0
 
 
-def test_rollback_and_resume_restore_exactly_the_served_weights(tokenizer, tmp_path, monkeypatch):
+@pytest.mark.parametrize("freeze_head", [False, True])
+def test_rollback_and_resume_restore_exactly_the_served_weights(freeze_head, tokenizer, tmp_path, monkeypatch):
     """A draft that agrees partly (so a worse update shows on the probe), its top layer trained."""
     engine, cfg = make(tokenizer, draft=noisy_copy(tiny_model("llama", 0), 0.1, seed=3), train_layers=1,
-                       probe_every=2, probe_size=4, lr=1e-3, checkpoint_every=1, guard_tolerance=1.0)
+                       probe_every=2, probe_size=4, lr=1e-3, checkpoint_every=1, guard_tolerance=1.0,
+                       freeze_head=freeze_head)
     trainer = attach_trainer(engine, cfg, tmp_path)
     prompts = [tokenizer.encode(t) for t in TEXTS]
     serve(engine, trainer, prompts)  # a few versions, every one accepted (the guard is off: tolerance 1)
@@ -128,8 +134,36 @@ def test_rollback_and_resume_restore_exactly_the_served_weights(tokenizer, tmp_p
         assert torch.equal(p, served[n]), n
 
 
+def test_a_bf16_drafts_frozen_part_is_shared_in_bf16_and_the_rest_trains_in_float32(tokenizer):
+    """A bf16 serving draft: its embeddings and frozen layers are the student's own (no float32
+    copy; the served draft stays bf16), the boundary states are kept in bf16, the trained layers
+    and the (frozen) head run in float32, a step learns and publishes bf16 weights, and the mixed
+    student still generates whole (student-sampled data)."""
+    engine, cfg = make(tokenizer, draft=tiny_model("llama", 7, layers=3, dtype=torch.bfloat16), train_layers=1,
+                       freeze_head=True, data_source="student")
+    served = dict(engine.draft.named_parameters())
+    d = Distiller(engine.draft, cfg, teacher=lambda ids: engine.target(ids).logits)
+    assert all(p.dtype == torch.bfloat16 for p in engine.draft.parameters())  # the served draft was not converted
+    for name, p in d.student.named_parameters():
+        if name.startswith(("model.layers.0.", "model.layers.1.", "model.embed_tokens.")):
+            assert p is served[name] and p.dtype == torch.bfloat16, name
+        else:
+            assert p.dtype == torch.float32 and p.data_ptr() != served[name].data_ptr(), name
+    assert set(d.trainable) == {n for n in served if n.startswith(("model.layers.2.", "model.norm."))}
+    batch = examples(engine, tokenizer)
+    before = {n: p.detach().clone() for n, p in d.trainable.items()}
+    assert d.train_step([d._student_sampled(e) for e in batch]) is not None  # generation through the mixed student
+    assert all(st.dtype == torch.bfloat16 for _, st, _, _ in d._states.values())
+    assert any(not torch.equal(before[n], p) for n, p in d.trainable.items())
+    assert all(w.dtype == torch.bfloat16 for w in d.weights(torch.bfloat16).values())
+
+
 def test_train_layers_refuses_what_it_cannot_do(tokenizer):
     with pytest.raises(ValueError, match="train-embeddings"):
         TrainerConfig(train_layers=2, train_embeddings=True)
     with pytest.raises(ValueError, match="train-layers"):
         Distiller(tiny_model("gpt2", 7, layers=2), TrainerConfig(train_layers=1))
+    tied = tiny_model("llama", 7, layers=2)
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    with pytest.raises(ValueError, match="freeze-head"):
+        Distiller(tied, TrainerConfig(train_embeddings=True, freeze_head=True))

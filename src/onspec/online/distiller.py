@@ -9,7 +9,11 @@ private training copy of the draft and guards them:
 With `train_layers` N > 0 only the top N decoder layers (with the final norm, and the head when it
 is not the tied embedding table) are trained: the layers below never change, so their output at
 the boundary is computed once per buffered request (`online/forward.py`, `boundary_states`) and
-kept, and a training step runs only the layers above it (forward and backward).
+kept, and a training step runs only the layers above it (forward and backward). What lies below
+the boundary (the embedding table and the frozen layers) is the serving draft's own, in its dtype,
+not a float32 copy: it never gets a gradient, and it computes the boundary states as serving does.
+With `freeze_head` the output head is not trained either (it still runs, in float32, and passes
+the gradient down to the trained layers).
 The worker (online/worker.py) decides when to call it and publishes what it accepts.
 """
 
@@ -29,7 +33,8 @@ from onspec.config import option
 from onspec.engine.records import Example
 from onspec.models.draft import frozen_tables, is_embedding
 from onspec.online.buffer import ReplayBuffer
-from onspec.online.forward import boundary_states, decoder_layers, logits_at_generated, logits_from_boundary
+from onspec.online.forward import (boundary_states, cast_from_boundary, decoder_layers, logits_at_generated,
+                                   logits_from_boundary)
 from onspec.online.losses import LOSSES, bucket, distill_loss
 
 log = logging.getLogger("onspec.trainer")
@@ -68,6 +73,9 @@ class TrainerConfig:
                                "the layers below stay frozen and their output is computed once per buffered "
                                "request and kept (one hidden vector per token), so training never runs them. "
                                "0 = every layer")
+    freeze_head: bool = option(False, "keep the output head frozen (an untied head: Qwen2.5-0.5B's is 136M of the "
+                               "166M parameters trained with --train-layers 2); it still runs, in float32, and "
+                               "passes the gradient down to the trained layers")
     max_train_tokens: int = option(512, "context window per training example (longer prompts are cut from the left)")
     train_budget: float = option(1.0, "largest fraction of wall-clock time the trainer may be busy (it sleeps the rest)")
     grad_clip: float = option(1.0, "gradient norm clip (0 disables)")
@@ -115,20 +123,31 @@ class Distiller:
         self.teacher = teacher
         self.boundary: int | None = None
         """With `train_layers`: the first trained decoder layer (the ones below are frozen)."""
-        frozen = frozen_tables(draft, config.train_embeddings)
+        shared = frozen_tables(draft, config.train_embeddings)
+        """A deepcopy memo: the serving draft's parameters the student uses as they are (never written by either)."""
+        head = draft.get_output_embeddings()
+        if config.freeze_head and config.train_embeddings and head is not None and is_embedding(draft, head.weight):
+            raise ValueError("--freeze-head contradicts --train-embeddings: this draft's head is its embedding table")
         if config.train_layers:
             layers = decoder_layers(draft)
             self.boundary = max(0, len(layers) - config.train_layers)
-            # frozen float32 layers are shared with the serving draft too (never written by either)
-            frozen.update({id(p): p for layer in layers[: self.boundary] for p in layer.parameters()
-                           if p.dtype == torch.float32})
-        # frozen float32 embedding tables are shared with the serving draft, not copied
-        self.student = copy.deepcopy(draft, memo=frozen).float().train()
-        below = ({id(p) for layer in decoder_layers(self.student)[: self.boundary] for p in layer.parameters()}
-                 if self.boundary is not None else set())
+            below = [p for layer in layers[: self.boundary] for p in layer.parameters()]
+            if head is None or not is_embedding(draft, head.weight):  # a tied table is the head, above the boundary
+                below += list(draft.get_input_embeddings().parameters())
+            shared.update({id(p): p for p in below})  # in the draft's dtype: they only compute the boundary states
+        if config.freeze_head and head is not None:  # on the gradient path: shared only when already float32
+            shared.update({id(p): p for p in head.parameters() if p.dtype == torch.float32})
+        self.student = _float32_except(copy.deepcopy(draft, memo=shared), set(shared)).train()
+        if self.boundary is not None:
+            cast_from_boundary(self.student, self.boundary)
+        frozen = set(shared)
+        if self.boundary is not None:
+            frozen |= {id(p) for layer in decoder_layers(self.student)[: self.boundary] for p in layer.parameters()}
+        if config.freeze_head and self.student.get_output_embeddings() is not None:
+            frozen |= {id(p) for p in self.student.get_output_embeddings().parameters()}
         self.trainable = {
             name: p for name, p in self.student.named_parameters()
-            if (config.train_embeddings or not is_embedding(self.student, p)) and id(p) not in below
+            if (config.train_embeddings or not is_embedding(self.student, p)) and id(p) not in frozen
         }
         for name, p in self.student.named_parameters():
             p.requires_grad_(name in self.trainable)
@@ -340,6 +359,19 @@ class Distiller:
         log.log(level, "update -> v%d %s loss=%.4f probe %s -> %s (%.2fs)", entry.version, entry.outcome, entry.loss,
                 _fmt(entry.probe_before), _fmt(entry.probe_after), entry.seconds)
         return entry
+
+
+def _float32_except(model: nn.Module, keep: set[int]) -> nn.Module:
+    """`model.float()` except for the parameters whose id is in `keep` (the serving draft's own,
+    shared with it: converting them would convert the served draft)."""
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if id(p) not in keep and p.is_floating_point():
+                p.data = p.data.float()
+        for name, b in module.named_buffers(recurse=False):
+            if b.is_floating_point():
+                setattr(module, name, b.float())
+    return model
 
 
 def _ratio(counts: dict[int, tuple[Example, int, int]], examples: list[Example]) -> float | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -57,7 +59,8 @@ def boundary_states(model, seqs: list[tuple[torch.Tensor, int]], layer: int, win
         captured["h"] = args[0] if args else kwargs["hidden_states"]
         raise _Reached
 
-    handle = decoder_layers(model)[layer].register_forward_pre_hook(grab, with_kwargs=True)
+    # first among the layer's hooks: the states as the frozen layers computed them (see cast_from_boundary)
+    handle = decoder_layers(model)[layer].register_forward_pre_hook(grab, with_kwargs=True, prepend=True)
     try:
         model.base_model(input_ids=ids, attention_mask=mask)
     except _Reached:
@@ -72,21 +75,40 @@ def logits_from_boundary(model, layer: int, states: list[torch.Tensor], offsets:
                          ) -> torch.Tensor:
     """`logits_at_generated` from the boundary states of `boundary_states`: only decoder layers
     `layer`.. , the final norm and the head run (gradients flow into those only). [M, vocab]"""
-    device = next(model.parameters()).device
+    layers = decoder_layers(model)
+    first = next(layers[layer].parameters())  # the trained layers' device and dtype (the states may be lower)
     width = max(len(s) for s in states)
-    h = torch.zeros(len(states), width, states[0].shape[-1], dtype=states[0].dtype, device=device)
-    mask = torch.zeros(len(states), width, dtype=torch.long, device=device)
+    h = torch.zeros(len(states), width, states[0].shape[-1], dtype=first.dtype, device=first.device)
+    mask = torch.zeros(len(states), width, dtype=torch.long, device=first.device)
     for b, s in enumerate(states):
         h[b, : len(s)] = s
         mask[b, : len(s)] = 1
     base = model.base_model
-    layers = decoder_layers(model)
     base.layers = torch.nn.ModuleList(list(layers)[layer:])  # the stack entered at `layer` (restored below)
     try:
         hidden = base(inputs_embeds=h, attention_mask=mask).last_hidden_state
     finally:
         base.layers = layers
     return _head_at(model, hidden, offsets)
+
+
+def cast_from_boundary(model, layer: int) -> None:
+    """For a model whose layers below `layer` (and embeddings) are in a lower dtype than the layers
+    from `layer` up (a student sharing the serving draft's frozen part): each layer from `layer`
+    up gets its floating inputs (hidden states, rotary cos/sin) cast to its own dtype, so the model
+    still runs whole (student-sampled generation). A no-op where the dtypes agree."""
+    for block in decoder_layers(model)[layer:]:
+        block.register_forward_pre_hook(functools.partial(_cast_inputs, dtype=next(block.parameters()).dtype),
+                                        with_kwargs=True)
+
+
+def _cast_inputs(module, args, kwargs, dtype):
+    def cast(x):
+        if torch.is_tensor(x):
+            return x.to(dtype) if x.is_floating_point() and x.dtype != dtype else x
+        return tuple(cast(y) for y in x) if isinstance(x, tuple) else x
+
+    return tuple(cast(a) for a in args), {k: cast(v) for k, v in kwargs.items()}
 
 
 def _windows(seqs, window):

@@ -183,5 +183,6 @@ class TrainerWorker:
             "buffer_tokens": self.buffer.tokens, "buffer_bytes": self.buffer.nbytes, "evicted": self.buffer.evicted,
             "trainer_time_s": d.trainer_time_s, "trained_tokens": d.trained_tokens,
             "trained_parameters": sum(p.numel() for p in d.trainable.values()),
-            "train_layers": self.cfg.train_layers, "boundary_bytes": d.boundary_bytes,
+            "train_layers": self.cfg.train_layers, "freeze_head": self.cfg.freeze_head,
+            "boundary_bytes": d.boundary_bytes,
         }
