@@ -1,12 +1,13 @@
 """What one training step of the online distiller costs on this machine, by how much of the draft
-is trained (`--train-layers`): every layer (0) against only the top N layers from kept boundary
-states. The examples are real: the default pair serves `--prompts` prompts (the engine keeps the
-target's top-32 per token, as when serving); then each way takes the same batches, interleaved.
+is trained (`--train-layers`, `--freeze-head`): every layer (0) against only the top N layers from
+kept boundary states, with the output head trained or frozen. The examples are real: the default
+pair serves `--prompts` prompts (the engine keeps the target's top-32 per token, as when serving);
+then each way takes the same batches, interleaved.
 Reports seconds per step and per trained token, the one-time boundary cost per buffered token,
 the trainer's memory (its own tensors: student copies not shared with the serving draft, gradients,
 AdamW state) and bytes per buffered token. Prints a table and, last, one JSON line.
 
-    .venv/bin/python benchmarks/train_cost.py --prompts 8 --layers 0,4,2
+    .venv/bin/python benchmarks/train_cost.py --prompts 8 --layers 0,4,2 --freeze-head both
 """
 
 from __future__ import annotations
@@ -38,10 +39,13 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--layers", default="0,4,2", help="train-layers values to compare (0 = every layer)")
+    ap.add_argument("--freeze-head", choices=("off", "on", "both"), default="off",
+                    help="each --layers value with the head trained (off), frozen (on) or both")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3, help="timed steps per way (after one warm-up step)")
     args = ap.parse_args()
-    ways = [int(x) for x in args.layers.split(",")]
+    heads = {"off": (False,), "on": (True,), "both": (False, True)}[args.freeze_head]
+    ways = [(int(x), frozen) for x in args.layers.split(",") for frozen in heads]
     console = Console(stderr=True)
     target, draft = load_pair(ModelConfig(target=args.target))
     engine = make_engine(target.model, target.tokenizer, draft.model, EngineConfig(), PolicyConfig())
@@ -56,14 +60,16 @@ def main() -> int:
     console.print(f"served {len(examples)} requests, {generated} tokens in {serve_s:.0f} s")
     batches = [examples[i: i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
     distillers, first_step = {}, {}
-    for m in ways:
-        cfg = TrainerConfig(background=False, train_layers=m, batch_size=args.batch_size, positions="all")
+    for way in ways:
+        m, frozen = way
+        cfg = TrainerConfig(background=False, train_layers=m, freeze_head=frozen, batch_size=args.batch_size,
+                            positions="all")
         d = Distiller(draft.model, cfg)
         t = time.perf_counter()
         d.train_step(batches[0])  # warm-up; with --train-layers it also crosses the frozen layers for batch 0
-        first_step[m] = time.perf_counter() - t
-        distillers[m] = d
-        console.print(f"train_layers={m}: first step {first_step[m]:.1f} s")
+        first_step[way] = time.perf_counter() - t
+        distillers[way] = d
+        console.print(f"{_name(way)}: first step {first_step[way]:.1f} s")
     times = {m: [] for m in ways}
     boundary_s = {m: 0.0 for m in ways}
     for r in range(args.rounds):
@@ -77,7 +83,7 @@ def main() -> int:
             t = time.perf_counter()
             d.train_step(batch)
             times[m].append(time.perf_counter() - t)
-        console.print(f"round {r + 1}: " + "  ".join(f"{m}: {times[m][-1]:.1f}s" for m in ways))
+        console.print(f"round {r + 1}: " + "  ".join(f"{_name(m)}: {times[m][-1]:.1f}s" for m in ways))
     tokens_per_batch = statistics.mean(sum(len(e.tokens) for e in b) for b in batches)
     rows = {}
     for m in ways:
@@ -85,22 +91,23 @@ def main() -> int:
         step = statistics.median(times[m])
         new_tokens = sum(len(batches[(r + 1) % len(batches)][i].tokens) for r in range(args.rounds)
                          for i in range(len(batches[(r + 1) % len(batches)])))
-        rows[m] = {
-            "train_layers": m, "trained_parameters": sum(p.numel() for p in d.trainable.values()),
+        rows[_name(m)] = {
+            "train_layers": m[0], "freeze_head": m[1], "trained_parameters": sum(p.numel() for p in d.trainable.values()),
             "seconds_per_step": step, "ms_per_trained_token": 1e3 * step / tokens_per_batch,
             "boundary_ms_per_new_token": 1e3 * boundary_s[m] / new_tokens if d.boundary is not None else None,
             "trainer_bytes": _own_bytes(d, draft.model),
             "boundary_bytes_per_token": (d.boundary_bytes / max(1, sum(len(st) for _, st, _, _ in d._states.values()))
                                          if d.boundary is not None else 0),
         }
-    base = rows[0]["seconds_per_step"] if 0 in rows else None
+    base = rows[_name((0, False))]["seconds_per_step"] if _name((0, False)) in rows else None
     table = Table(title=f"one AdamW step on {args.batch_size} served requests ({tokens_per_batch:.0f} tokens), "
-                        f"{next(draft.model.parameters()).dtype} draft trained in float32, {torch.get_num_threads()} threads")
-    for col in ("train layers", "trained params", "s / step", "vs all layers", "ms / token", "boundary ms / new token",
+                        f"{next(draft.model.parameters()).dtype} draft, trained part in float32, {torch.get_num_threads()} threads")
+    for col in ("train layers", "head", "trained params", "s / step", "vs all layers", "ms / token", "boundary ms / new token",
                 "trainer GB", "boundary B / token"):
         table.add_column(col, justify="right")
-    for m, r in rows.items():
-        table.add_row("all" if m == 0 else str(m), f"{r['trained_parameters'] / 1e6:.1f}M", f"{r['seconds_per_step']:.2f}",
+    for r in rows.values():
+        table.add_row("all" if r["train_layers"] == 0 else str(r["train_layers"]),
+                      "frozen" if r["freeze_head"] else "trained", f"{r['trained_parameters'] / 1e6:.1f}M", f"{r['seconds_per_step']:.2f}",
                       f"{base / r['seconds_per_step']:.1f}x faster" if base else "", f"{r['ms_per_trained_token']:.2f}",
                       "" if r["boundary_ms_per_new_token"] is None else f"{r['boundary_ms_per_new_token']:.2f}",
                       f"{r['trainer_bytes'] / 1e9:.2f}", f"{r['boundary_bytes_per_token']:.0f}")
@@ -110,6 +117,11 @@ def main() -> int:
     print(json.dumps({"prompts": len(examples), "tokens_per_batch": tokens_per_batch, "serve_tok_s": generated / serve_s,
                       "ways": rows}))
     return 0
+
+
+def _name(way: tuple[int, bool]) -> str:
+    m, frozen = way
+    return f"{m}-frozen-head" if frozen else str(m)
 
 
 def _own_bytes(d: Distiller, served: torch.nn.Module) -> int:
