@@ -6,11 +6,12 @@ weights: the models are *randomly initialised with the real shapes* (Qwen2.5-Cod
 are synthetic, shaped like the served ones (prompt + 64 generated tokens, the target's top-32 per
 generated position, as the engine's `Example`).
 
-- train: `Distiller.train_step` on batches of `--batch-size` examples, and `Distiller.update` (the
+- train: `Distiller.train_step` on batches of the default 8 examples, and `Distiller.update` (the
   TrainerConfig defaults: 4 steps x batch 8, with its probe guard and snapshot) after each
-  `update_interval` new examples, for each `--layers` value (0 = every layer) in float32 (the
-  distiller's own precision: a float32 student) and with a bf16 autocast wrapped around the call
-  here (not a distiller option). With random teachers nearly every position is "wrong", so
+  `update_interval` new examples, for each `--layers` value (0 = every layer) with the head
+  trained and/or frozen (`--freeze-head`), in float32 (the distiller's own precision: the trained
+  part of the student is float32) and with a bf16 autocast wrapped around the call here (not a
+  distiller option). With random teachers nearly every position is "wrong", so
   `positions='wrong'` trains on about all of them.
 - decode: one request (`--prompt-max` prompt tokens, 64 new, greedy, EOS ignored) target-only and
   speculative (k = 4): ms per target step and per draft forward. Acceptance is meaningless with
@@ -106,9 +107,9 @@ def timed(device, fn):
     return time.perf_counter() - t, out
 
 
-def measure_training(draft, examples, layers: int, precision: str, args, device) -> dict:
+def measure_training(draft, examples, layers: int, freeze_head: bool, precision: str, args, device) -> dict:
     """One way: steps on fixed batches, then full updates on a growing buffer."""
-    cfg = TrainerConfig(background=False, train_layers=layers)
+    cfg = TrainerConfig(background=False, train_layers=layers, freeze_head=freeze_head)
     amp = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16-autocast"
            else contextlib.nullcontext())
     gc.collect()
@@ -143,7 +144,7 @@ def measure_training(draft, examples, layers: int, precision: str, args, device)
     step_positions = statistics.mean(sum(e.num_positions for e in b) for b in batches[1:])
     new_tokens = sum(len(e.tokens) for b in batches[1:] for e in b)
     row = {
-        "train_layers": layers, "precision": precision,
+        "train_layers": layers, "freeze_head": freeze_head, "precision": precision,
         "trained_parameters": sum(p.numel() for p in d.trainable.values()),
         "first_step_s": first, "seconds_per_step": statistics.median(steps),
         "ms_per_fed_token": 1e3 * statistics.median(steps) / step_tokens,
@@ -188,6 +189,8 @@ def main() -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--shape", choices=tuple(SHAPES), default="real")
     ap.add_argument("--layers", default="0,4,2", help="train-layers values (0 = every layer)")
+    ap.add_argument("--freeze-head", choices=("off", "on", "both"), default="both",
+                    help="each --layers value with the head trained (off), frozen (on) or both")
     ap.add_argument("--precisions", default="float32,bf16-autocast")
     ap.add_argument("--draft-dtype", default="bfloat16", help="the serving draft's dtype (the student is float32)")
     ap.add_argument("--prompt-min", type=int, default=100)
@@ -210,12 +213,14 @@ def main() -> int:
     examples = synthetic_examples(n, shape["draft"]["vocab_size"], (args.prompt_min, args.prompt_max),
                                   args.generated, seed=0)
     rows = []
+    heads = {"off": (False,), "on": (True,), "both": (False, True)}[args.freeze_head]
     for precision in args.precisions.split(","):
         for m in (int(x) for x in args.layers.split(",")):
-            row = measure_training(draft, examples, m, precision, args, device)
-            rows.append(row)
-            print(f"# train_layers={m} {precision}: step {row['seconds_per_step']:.3f} s, "
-                  f"update {row['seconds_per_update']:.3f} s", flush=True)
+            for frozen in heads:
+                row = measure_training(draft, examples, m, frozen, precision, args, device)
+                rows.append(row)
+                print(f"# train_layers={m} {'frozen' if frozen else 'trained'} head, {precision}: "
+                      f"step {row['seconds_per_step']:.3f} s, update {row['seconds_per_update']:.3f} s", flush=True)
     decode = None
     if not args.no_decode:
         target = random_model(shape["target"], dtype, device, seed=0)
@@ -224,13 +229,15 @@ def main() -> int:
     r0 = rows[0]
     print(f"\none update = {cfg.steps} AdamW steps x {cfg.batch_size} examples "
           f"(~{r0['tokens_per_step']:.0f} tokens fed, ~{r0['positions_per_step']:.0f} trained positions per step), "
-          f"{args.draft_dtype} draft, float32 student; {info['device']}")
-    head = ("train layers", "precision", "trained params", "s / step", "ms / fed token", "ms / trained pos",
+          f"{args.draft_dtype} draft, trained part in float32 (frozen part shared in {args.draft_dtype} with "
+          f"--train-layers); {info['device']}")
+    head = ("train layers", "head", "precision", "trained params", "s / step", "ms / fed token", "ms / trained pos",
             "boundary ms / new tok", "s / update", "peak GB")
     print(" | ".join(head))
     for r in rows:
         print(" | ".join((
-            "all" if r["train_layers"] == 0 else str(r["train_layers"]), r["precision"],
+            "all" if r["train_layers"] == 0 else str(r["train_layers"]), "frozen" if r["freeze_head"] else "trained",
+            r["precision"],
             f"{r['trained_parameters'] / 1e6:.1f}M", f"{r['seconds_per_step']:.3f}", f"{r['ms_per_fed_token']:.3f}",
             f"{r['ms_per_trained_position']:.3f}",
             "" if r["boundary_ms_per_new_token"] is None else f"{r['boundary_ms_per_new_token']:.3f}",
