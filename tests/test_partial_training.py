@@ -108,10 +108,11 @@ def test_each_example_crosses_the_frozen_layers_once(tokenizer, monkeypatch):
     assert trainer.distiller.boundary_bytes > 0
 
 
-@pytest.mark.parametrize("freeze_head", [False, True])
-def test_rollback_and_resume_restore_exactly_the_served_weights(freeze_head, tokenizer, tmp_path, monkeypatch):
-    """A draft that agrees partly (so a worse update shows on the probe), its top layer trained."""
-    engine, cfg = make(tokenizer, draft=noisy_copy(tiny_model("llama", 0), 0.1, seed=3), train_layers=1,
+@pytest.mark.parametrize("freeze_head, dtype", [(False, torch.float32), (True, torch.float32), (True, torch.bfloat16)])
+def test_rollback_and_resume_restore_exactly_the_served_weights(freeze_head, dtype, tokenizer, tmp_path, monkeypatch):
+    """A draft that agrees partly (so a worse update shows on the probe), its top layer trained;
+    also a bf16 draft, whose frozen part the student shares in bf16."""
+    engine, cfg = make(tokenizer, draft=noisy_copy(tiny_model("llama", 0), 0.1, seed=3).to(dtype), train_layers=1,
                        probe_every=2, probe_size=4, lr=1e-3, checkpoint_every=1, guard_tolerance=1.0,
                        freeze_head=freeze_head)
     trainer = attach_trainer(engine, cfg, tmp_path)
@@ -127,7 +128,7 @@ def test_rollback_and_resume_restore_exactly_the_served_weights(freeze_head, tok
     assert not engine.apply_pending_swap()  # nothing new was published
     trainer.checkpoint()
 
-    fresh_engine, _ = make(tokenizer, draft=noisy_copy(tiny_model("llama", 0), 0.1, seed=3))
+    fresh_engine, _ = make(tokenizer, draft=noisy_copy(tiny_model("llama", 0), 0.1, seed=3).to(dtype))
     resumed = attach_trainer(fresh_engine, cfg, tmp_path)
     assert resumed.version == d.version >= 1 and fresh_engine.draft_version == d.version
     for n, p in fresh_engine.draft.named_parameters():
