@@ -123,8 +123,8 @@ class Distiller:
         self.teacher = teacher
         self.boundary: int | None = None
         """With `train_layers`: the first trained decoder layer (the ones below are frozen)."""
+        # a deepcopy memo: the serving draft's parameters the student uses as they are (never written by either)
         shared = frozen_tables(draft, config.train_embeddings)
-        """A deepcopy memo: the serving draft's parameters the student uses as they are (never written by either)."""
         head = draft.get_output_embeddings()
         if config.freeze_head and config.train_embeddings and head is not None and is_embedding(draft, head.weight):
             raise ValueError("--freeze-head contradicts --train-embeddings: this draft's head is its embedding table")
