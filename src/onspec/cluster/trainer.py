@@ -49,7 +49,11 @@ class TrainerActor:
         traffic = self.state_dir / "traffic.pt"
         if persist_traffic and traffic.is_file():
             log.info("reloaded %d buffered requests from %s", self.worker.buffer.load(traffic), traffic)
-        self._follow(ray.get(self.hub.state.remote()), ray.get(self.hub.current_publication.remote()))
+        current = ray.get(self.hub.current_publication.remote())
+        if current is None:  # the first trainer of this hub: the starting draft is the first good version
+            self._publish(self.worker.version, self.worker.distiller.weights(self.worker.weights_dtype), None)
+        else:
+            self._follow(ray.get(self.hub.state.remote()), current)
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="onspec-trainer-hub", daemon=True)
         self._thread.start()
@@ -57,10 +61,10 @@ class TrainerActor:
     def _publish(self, version: int, weights: dict, alpha_hint: float | None) -> None:
         ray.get(self.hub.publish.remote(version, weights, alpha_hint))
 
-    def _follow(self, state: dict, current: dict | None) -> None:
-        """At start: the hub serves another version than the resumed checkpoint's (newer and not
-        checkpointed, or a rollback): train on from the weights that serve."""
-        if current is None or state["version"] == self.worker.version:
+    def _follow(self, state: dict, current: dict) -> None:
+        """At a restart: the hub serves another version than the resumed checkpoint's (newer and
+        not checkpointed, or a rollback): train on from the weights that serve."""
+        if state["version"] == self.worker.version:
             return
         resumed = self.worker.version
         self.worker.distiller.adopt(ray.get(current["weights"][0]), current["version"], floor=state["max_version"])
