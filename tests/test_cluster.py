@@ -221,3 +221,69 @@ def test_a_killed_trainer_restarts_from_its_checkpoint_and_serving_never_fails(m
     finally:
         stop.set()
         c.close()
+
+
+def test_a_version_reaches_replicas_on_two_nodes(models, tmp_path):
+    """A simulated second node (ray.cluster_utils.Cluster: two raylets on this machine): one
+    replica per node, and a published version goes live on both."""
+    from ray.cluster_utils import Cluster
+
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    nodes.add_node(num_cpus=1)
+    try:
+        ray.init(address=nodes.address, namespace="onspec", include_dashboard=False)
+        trainer = TrainerConfig(update_interval=2, steps=1, batch_size=2, checkpoint_every=1, probe_every=10_000)
+        c = start(models, tmp_path / "state", trainer, max_replicas_per_node=1)
+        try:
+            replicas = wait_for(lambda: len(live_replicas(c.url)) == 2 and live_replicas(c.url))
+            assert len({r["node"] for r in replicas.values()}) == 2, replicas  # one per node
+            for p in PROMPTS[:4]:
+                assert complete(c.url, p).status_code == 200
+            latest = wait_for(lambda: c.state()["version"])
+            wait_for(lambda: {r["draft_version"] for r in live_replicas(c.url).values()} == {c.state()["version"]})
+            assert c.state()["version"] >= latest
+        finally:
+            c.close()
+    finally:
+        ray.shutdown()
+        nodes.shutdown()
+
+
+def test_onspec_serve_replicas_command_starts_serves_and_stops_cleanly(models, tmp_path):
+    """The CLI path: `onspec serve --replicas 1` prints its address, serves, and on SIGTERM drains,
+    stops Ray and exits 0."""
+    import re
+    import subprocess
+    import sys
+
+    target, draft = models
+    log = tmp_path / "serve.log"
+    proc = subprocess.Popen([sys.executable, "-m", "onspec.cli", "serve", "--replicas", "1", "--no-online",
+                             "--target", str(target), "--draft", str(draft), "--dtype", "float32", "--port", "0",
+                             "--state-dir", str(tmp_path / "state")], stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+    try:
+        url = wait_for(lambda: (m := re.search(r" on (http://[\d.]+:\d+)", log.read_text())) and m.group(1),
+                       timeout=180)
+        assert complete(url, "hello world").status_code == 200
+        assert len(health(url)["replicas"]) == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, log.read_text()[-3000:]
+        assert "onspec serve: stopped" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ray-address", "127.0.0.1:1"], "--ray-address needs --replicas"),
+    (["--replicas", "2", "--drafts", "2"], "does not combine with --drafts"),
+    (["--replicas", "-1"], "--replicas must be >= 0"),
+])
+def test_cluster_flags_fail_clearly(models, tmp_path, flags, message):
+    import subprocess
+    import sys
+
+    target, draft = models
+    out = subprocess.run([sys.executable, "-m", "onspec.cli", "serve", "--target", str(target), "--draft", str(draft),
+                          "--state-dir", str(tmp_path / "state"), *flags], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr

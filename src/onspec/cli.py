@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     def run_serve(model, engine, policy, trainer, server, pool, cluster):
         if cluster.replicas:  # Ray is imported only here
-            from onspec.cluster.launch import run_cluster_serve
+            try:
+                from onspec.cluster.launch import run_cluster_serve
+            except ImportError as e:
+                raise ValueError(f"--replicas needs Ray ({e}): pip install -e '.[ray]' (scripts/setup.sh does)") from None
 
             run_cluster_serve(model, engine, policy, trainer, server, cluster, pool)
             return

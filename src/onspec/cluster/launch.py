@@ -111,6 +111,7 @@ def start_cluster(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: 
                                       max_ongoing_requests=server_cfg.max_batch + server_cfg.max_queue + 8,
                                       graceful_shutdown_timeout_s=server_cfg.shutdown_timeout,
                                       health_check_period_s=2.0, health_check_timeout_s=60.0,
+                                      max_replicas_per_node=cluster_cfg.max_replicas_per_node or None,
                                       ray_actor_options={"num_cpus": 0, "num_gpus": gpus})
         serve.start(http_options={"host": server_cfg.host, "port": port})
         serve.run(deployment.bind(spec), name=APP, route_prefix="/", blocking=False)
@@ -159,10 +160,10 @@ def run_cluster_serve(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_c
           f"({cluster_cfg.ray_address or 'a local instance'}) ...", file=sys.stderr, flush=True)
     cluster = start_cluster(model_cfg, engine_cfg, policy_cfg, trainer_cfg, server_cfg, cluster_cfg, pool_cfg)
     state = cluster.state()
-    print(f"onspec serve: {server_cfg.served_model_name or model_cfg.target_name} on {cluster.url}: "
-          f"{len(state['replicas'])} replicas, draft v{state['version'] if state['version'] is not None else 0}, "
-          f"online {'on' if cluster.trainer is not None else 'off'}; started in {cluster.startup_s['total']:.0f} s "
-          f"(dashboard: /dashboard, metrics: /metrics)", file=sys.stderr, flush=True)
+    print(f"onspec serve: {server_cfg.served_model_name or model_cfg.target_name} on {cluster.url} "
+          f"({len(state['replicas'])} replicas, draft v{state['version'] if state['version'] is not None else 0}, "
+          f"online {'on' if cluster.trainer is not None else 'off'}, started in {cluster.startup_s['total']:.0f} s; "
+          f"dashboard: /dashboard, metrics: /metrics)", file=sys.stderr, flush=True)
     stop.wait()
     print("onspec serve: stopping (replicas drain, then the trainer's final checkpoint)", file=sys.stderr, flush=True)
     cluster.close()
