@@ -287,3 +287,75 @@ def test_cluster_flags_fail_clearly(models, tmp_path, flags, message):
     out = subprocess.run([sys.executable, "-m", "onspec.cli", "serve", "--target", str(target), "--draft", str(draft),
                           "--state-dir", str(tmp_path / "state"), *flags], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+# -- the hub's protocol on its own (no Ray) ---------------------------------------------------------
+
+
+def _hub(**kw):
+    from onspec.cluster.hub import Hub
+
+    return Hub(put=lambda weights: weights, **kw)
+
+
+def test_hub_publications_only_go_forward_and_wake_waiters():
+    import asyncio
+
+    async def scenario():
+        hub = _hub()
+        waiter = asyncio.ensure_future(hub.wait(None, 0, 5.0))
+        await asyncio.sleep(0)
+        assert await hub.publish(3, {"w": 3}) == 1
+        first = await waiter
+        assert (first["generation"], first["version"], first["weights"]) == (1, 3, [{"w": 3}])
+        assert await hub.publish(3, {"w": 3}) is None and await hub.publish(2, {"w": 2}) is None  # not newer
+        assert await hub.wait(hub.epoch, 1, 0.05) is None  # nothing new: times out
+        late = await hub.wait(None, 0, 0.05)  # a replica that starts late gets the current one at once
+        assert late["version"] == 3
+        other_epoch = await hub.wait("a-restarted-hub", 7, 0.05)  # a hub restart: generations start over
+        assert other_epoch["generation"] == 1
+
+    asyncio.run(scenario())
+
+
+def test_hub_rolls_back_a_version_whose_live_alpha_falls():
+    import asyncio
+
+    async def scenario():
+        hub = _hub(tolerance=0.05, min_tokens=100)
+        await hub.publish(1, {"w": 1})
+        await hub.report("a", {"draft_version": 1, "counts": {1: (80, 100)}})
+        await hub.publish(2, {"w": 2})  # judged against v1's live alpha 0.8
+        await hub.report("a", {"draft_version": 2, "counts": {1: (80, 100), 2: (30, 60)}})
+        await hub.report("b", {"draft_version": 2, "counts": {2: (20, 39)}})
+        assert hub.current["version"] == 2  # 99 proposals: not judged yet
+        await hub.report("b", {"draft_version": 2, "counts": {2: (21, 41)}})
+        assert hub.current["kind"] == "rollback" and hub.current["version"] == 1
+        assert hub.current["weights"] == [{"w": 1}] and hub.current["generation"] == 3
+        (rb,) = hub.rollbacks
+        assert rb["from_version"] == 2 and rb["to_version"] == 1 and rb["alpha"] == pytest.approx(51 / 101)
+        assert await hub.publish(2, {"w": 2}) is None  # the rolled-back number is never served again
+        await hub.publish(3, {"w": 3})  # a good one: judged good, becomes the reference
+        await hub.report("a", {"draft_version": 3, "counts": {1: (80, 100), 2: (30, 60), 3: (85, 100)}})
+        assert hub.current["version"] == 3 and hub.good["version"] == 3 and len(hub.rollbacks) == 1
+
+    asyncio.run(scenario())
+
+
+def test_hub_measures_publish_to_swap_latency_and_lists_replicas():
+    import asyncio
+
+    async def scenario():
+        hub = _hub()
+        gen = await hub.publish(1, {"w": 1})
+        t = hub.published_at[gen]
+        await hub.report("a", {"draft_version": 1, "swaps": [(gen, t + 0.2)], "metrics": "x 1\n"})
+        await hub.report("b", {"draft_version": 1, "swaps": [(gen, t + 0.4)], "metrics": "x 2\n"})
+        state = await hub.state()
+        assert state["swap_latency_s"]["n"] == 2 and state["swap_latency_s"]["max"] == pytest.approx(0.4)
+        assert set(state["replicas"]) == {"a", "b"} and not any(r["stale"] for r in state["replicas"].values())
+        assert await hub.metrics() == {"a": "x 1\n", "b": "x 2\n"}
+        await hub.forget("a")
+        assert set((await hub.state())["replicas"]) == {"b"}
+
+    asyncio.run(scenario())

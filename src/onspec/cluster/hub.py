@@ -28,6 +28,8 @@ from collections import deque
 
 STALE_S = 10.0
 """A replica that has not reported for this long is listed as stale (and left out of /metrics)."""
+GONE_S = 120.0
+"""... and after this long it is no longer listed (a replica killed and replaced has a new name)."""
 
 
 class Hub:
@@ -105,6 +107,8 @@ class Hub:
                 self.swap_latency_s.append(max(0.0, live_at - self.published_at[generation]))
         self._counts[replica] = {int(v): tuple(c) for v, c in status.pop("counts", {}).items()}
         self.replicas[replica] = status
+        for name in [n for n, r in self.replicas.items() if status["seen"] - r["seen"] > GONE_S]:
+            del self.replicas[name]  # its acceptance counts stay: they still weigh in the rollback
         await self._judge()
 
     def alpha(self, version: int) -> tuple[float | None, int]:
