@@ -153,12 +153,12 @@ def run_cluster_serve(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_c
                       pool_cfg: PoolConfig | None = None) -> None:
     """`onspec serve --replicas N`: start, print the address, serve until SIGINT/SIGTERM, stop."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     print(f"onspec serve: starting {cluster_cfg.replicas} replicas on Ray "
           f"({cluster_cfg.ray_address or 'a local instance'}) ...", file=sys.stderr, flush=True)
     cluster = start_cluster(model_cfg, engine_cfg, policy_cfg, trainer_cfg, server_cfg, cluster_cfg, pool_cfg)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+        signal.signal(sig, lambda *_: stop.set())
     state = cluster.state()
     print(f"onspec serve: {server_cfg.served_model_name or model_cfg.target_name} on {cluster.url} "
           f"({len(state['replicas'])} replicas, draft v{state['version'] if state['version'] is not None else 0}, "

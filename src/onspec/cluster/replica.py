@@ -103,8 +103,11 @@ class EngineReplica:
                 if time.monotonic() - last_report >= REPORT_S:
                     last_report = time.monotonic()
                     self.hub.report.remote(self.name, self._status())
-            except Exception:  # the hub restarting, or a weight fetch failing: serve on, try again
-                log.exception("replica %s: following the hub failed; serving draft v%s", self.name, self._version)
+            except Exception as e:  # the hub restarting, or a weight fetch failing: serve on, try again
+                if self._closing.is_set():
+                    return
+                log.warning("replica %s: following the hub failed (%s: %s); serving draft v%s, retrying in 1 s",
+                            self.name, type(e).__name__, str(e).splitlines()[0] if str(e) else "", self._version)
                 self._closing.wait(1.0)
 
     def _apply(self, pub: dict) -> None:
