@@ -123,6 +123,8 @@ class TestOneCluster:
             return len(live_replicas(cluster.url)) == 2 and versions == {h["cluster"]["version"]}
 
         wait_for(both_at_latest)
+        dashboard = httpx.get(cluster.url + "/dashboard/data", timeout=30).json()
+        assert dashboard["trainer"]["updates"] >= 1 and dashboard["updates"]  # the remote trainer's stats and history
         lat = cluster.state()["swap_latency_s"]
         assert lat["n"] >= 2 and 0 <= lat["p50"] <= lat["max"] < 30
 
@@ -272,6 +274,15 @@ def test_onspec_serve_replicas_command_starts_serves_and_stops_cleanly(models, t
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_plain_serve_does_not_import_ray():
+    import subprocess
+    import sys
+
+    code = ("import sys, onspec.cli, onspec.apps.serve; onspec.cli.build_parser(); "
+            "sys.exit(1 if any(m == 'ray' or m.startswith('ray.') for m in sys.modules) else 0)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
 
 
 @pytest.mark.parametrize("flags, message", [
