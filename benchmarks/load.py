@@ -90,14 +90,15 @@ def main() -> int:
     table = Table(title=f"load: {args.requests} {args.dataset} requests, {args.concurrency} clients, "
                         f"max_tokens {args.max_tokens}, mean of {args.rounds} round(s)")
     for col in ("server", "requests/s", "p50 latency s", "p95 latency s", "tokens/s", "alpha", "draft version",
-                "updates", "start s", "peak RSS GB", "swap p50/p95 s"):
+                "updates", "start s", "peak RSS GB", "delivered p50 s", "swap p50/p95 s"):
         table.add_column(col, justify="right")
     for key, r in results.items():
-        swap = r.get("swap_latency_s") or {}
+        swap, delivery = r.get("swap_latency_s") or {}, r.get("delivery_latency_s") or {}
         table.add_row(key, f"{r['requests_per_s']:.3f}", f"{r['latency_p50_s']:.2f}", f"{r['latency_p95_s']:.2f}",
                       f"{r['tokens_per_s']:.1f}", f"{r['alpha']:.3f}" if r["alpha"] is not None else "n/a",
                       str(r["draft_version"]), str((r["server"] or {}).get("updates", 0)), f"{r['startup_s']:.1f}",
                       f"{r['peak_rss_gb']:.2f}",
+                      f"{delivery['p50']:.3f}" if delivery.get("p50") is not None else "-",
                       f"{swap['p50']:.3f}/{swap['p95']:.3f}" if swap.get("p50") is not None else "-")
     console.print(table)
     summary = {"dataset": args.dataset, "requests": args.requests, "concurrency": args.concurrency,
@@ -168,10 +169,14 @@ class Server:
 
     def report(self) -> dict:
         health = httpx.get(self.url + "/health", timeout=30).json()
-        return {"server": httpx.get(self.url + "/dashboard/data", timeout=30).json()["trainer"],
+        trainer = httpx.get(self.url + "/dashboard/data", timeout=30).json()["trainer"]
+        return {"server": trainer,
+                "trainer": {k: trainer.get(k) for k in ("requests", "updates", "rollbacks", "dropped_records",
+                                                         "trainer_time_s")} if trainer else None,
                 "draft_version": health["draft_version"], "startup_s": self.startup_s,
                 "peak_rss_gb": max(self.peak_rss, tree_rss(self.proc.pid)) / 1e9,
                 "swap_latency_s": health.get("cluster", {}).get("swap_latency_s"),
+                "delivery_latency_s": health.get("cluster", {}).get("delivery_latency_s"),
                 "replica_versions": {n: r["draft_version"] for n, r in health.get("replicas", {}).items()}}
 
     def __exit__(self, *exc) -> None:

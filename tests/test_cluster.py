@@ -360,10 +360,11 @@ def test_hub_measures_publish_to_swap_latency_and_lists_replicas():
         hub = _hub()
         gen = await hub.publish(1, {"w": 1})
         t = hub.published_at[gen]
-        await hub.report("a", {"draft_version": 1, "swaps": [(gen, t + 0.2)], "metrics": "x 1\n"})
-        await hub.report("b", {"draft_version": 1, "swaps": [(gen, t + 0.4)], "metrics": "x 2\n"})
+        await hub.report("a", {"draft_version": 1, "swaps": [(gen, t + 0.1, t + 0.2)], "metrics": "x 1\n"})
+        await hub.report("b", {"draft_version": 1, "swaps": [(gen, t + 0.1, t + 0.4)], "metrics": "x 2\n"})
         state = await hub.state()
         assert state["swap_latency_s"]["n"] == 2 and state["swap_latency_s"]["max"] == pytest.approx(0.4)
+        assert state["delivery_latency_s"]["max"] == pytest.approx(0.1)
         assert set(state["replicas"]) == {"a", "b"} and not any(r["stale"] for r in state["replicas"].values())
         assert await hub.metrics() == {"a": "x 1\n", "b": "x 2\n"}
         await hub.forget("a")

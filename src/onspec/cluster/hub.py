@@ -49,6 +49,9 @@ class Hub:
         self.replicas: dict[str, dict] = {}
         self.trainer: dict = {}
         self.swap_latency_s: deque[float] = deque(maxlen=4096)
+        """Publication -> live on a replica (between two of its steps), one per replica and version."""
+        self.delivery_latency_s: deque[float] = deque(maxlen=4096)
+        """Publication -> the weights in the replica's hands (before waiting for its step to end)."""
         self._counts: dict[str, dict[int, tuple[int, int]]] = {}
         """replica -> version -> (accepted, proposed), cumulative as each replica reports it."""
         self._changed: asyncio.Condition | None = None
@@ -100,10 +103,11 @@ class Hub:
 
     async def report(self, replica: str, status: dict) -> None:
         """A replica's state: draft_version, generation, pid, metrics (exposition text),
-        counts {version: (accepted, proposed)} cumulative, swaps [(generation, live_at)]."""
+        counts {version: (accepted, proposed)} cumulative, swaps [(generation, received_at, live_at)]."""
         status = dict(status, seen=time.time())
-        for generation, live_at in status.pop("swaps", ()):
+        for generation, received_at, live_at in status.pop("swaps", ()):
             if generation in self.published_at:
+                self.delivery_latency_s.append(max(0.0, received_at - self.published_at[generation]))
                 self.swap_latency_s.append(max(0.0, live_at - self.published_at[generation]))
         self._counts[replica] = {int(v): tuple(c) for v, c in status.pop("counts", {}).items()}
         self.replicas[replica] = status
@@ -140,7 +144,7 @@ class Hub:
 
     async def state(self) -> dict:
         now = time.time()
-        lat = sorted(self.swap_latency_s)
+        lat, delivery = sorted(self.swap_latency_s), sorted(self.delivery_latency_s)
         return {
             "epoch": self.epoch, "generation": self.generation, "max_version": self.max_version,
             "version": self.current["version"] if self.current else None,
@@ -154,6 +158,8 @@ class Hub:
             "trainer": self.trainer,
             "swap_latency_s": {"n": len(lat), "p50": _quantile(lat, 0.5), "p95": _quantile(lat, 0.95),
                                "max": lat[-1] if lat else None},
+            "delivery_latency_s": {"n": len(delivery), "p50": _quantile(delivery, 0.5),
+                                   "p95": _quantile(delivery, 0.95), "max": delivery[-1] if delivery else None},
         }
 
     async def metrics(self) -> dict[str, str]:

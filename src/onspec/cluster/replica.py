@@ -115,12 +115,12 @@ class EngineReplica:
         if self.drafter is None or (pub["kind"] != "rollback" and pub["version"] <= self.drafter.version):
             return  # an update not newer than what serves
         self.drafter.offer(ray.get(pub["weights"][0]), pub["version"], pub["alpha_hint"])
-        generation = pub["generation"]
+        generation, received_at = pub["generation"], time.time()
 
         def live() -> None:  # on the decoding thread; a step may have swapped it in already
             self.drafter.apply_pending_swap()
             with self._swaps_lock:
-                self._swaps.append((generation, self.drafter.swapped_at or time.time()))
+                self._swaps.append((generation, received_at, self.drafter.swapped_at or time.time()))
 
         self.state.scheduler.call_soon(live)
         log.info("replica %s: draft v%d (%s, generation %d) offered", self.name, pub["version"], pub["kind"],
@@ -149,7 +149,8 @@ class EngineReplica:
         hub = await self.hub.state.remote()
         return {"replica": self.name, "latest_draft_version": hub["version"] if hub["version"] is not None
                 else self._version, "replicas": hub["replicas"],
-                "cluster": {k: hub[k] for k in ("generation", "version", "good_version", "rollbacks", "swap_latency_s")}}
+                "cluster": {k: hub[k] for k in ("generation", "version", "good_version", "rollbacks", "swap_latency_s",
+                                                "delivery_latency_s")}}
 
     async def exposition(self, own: bytes) -> bytes:
         texts = await self.hub.metrics.remote()
