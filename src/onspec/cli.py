@@ -60,16 +60,27 @@ def build_parser() -> argparse.ArgumentParser:
     _config_command(sub, "distill", "offline: the target answers a dataset, the draft distills from it",
                     run_distill, [models, (TrainerConfig, ()), (DistillConfig, ())])
 
+    from onspec.cluster.config import ClusterConfig
     from onspec.serve.config import ServerConfig
 
-    def run_serve(*configs):
+    def run_serve(model, engine, policy, trainer, server, pool, cluster):
+        if cluster.replicas:  # Ray is imported only here
+            try:
+                from onspec.cluster.launch import run_cluster_serve
+            except ImportError as e:
+                raise ValueError(f"--replicas needs Ray ({e}): pip install -e '.[ray]' (scripts/setup.sh does)") from None
+
+            run_cluster_serve(model, engine, policy, trainer, server, cluster, pool)
+            return
+        if cluster.ray_address is not None:
+            raise ValueError("--ray-address needs --replicas N")
         from onspec.apps.serve import run_serve as serve
 
-        serve(*configs)
+        serve(model, engine, policy, trainer, server, pool)
 
     _config_command(sub, "serve", "OpenAI-compatible server; the draft keeps learning from the served traffic",
                     run_serve, [models, (EngineConfig, ()), (PolicyConfig, ()), (TrainerConfig, ()), (ServerConfig, ()),
-                                (PoolConfig, ())])
+                                (PoolConfig, ()), (ClusterConfig, ())])
 
     derive = sub.add_parser("derive-draft", help="write the derived draft (first N target layers) as safetensors")
     derive.add_argument("--out", required=True, type=Path, help="output directory")

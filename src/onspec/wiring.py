@@ -89,7 +89,7 @@ def build_pool(target: nn.Module, tokenizer, draft: nn.Module | None, engine_cfg
         trainer = None
         if trainer_cfg is not None and drafter is not None:
             trainer = attach_trainer(engine, trainer_cfg, where, drafter)
-        elif drafter is not None and where is not None and (latest := CheckpointStore(where).load_latest()):
+        elif drafter is not None and where is not None and (latest := CheckpointStore(where, writer=False).load_latest()):
             state, meta = latest  # served as is: through the drafter's one swap path
             drafter.offer(state, int(meta["version"]))
             drafter.apply_pending_swap()

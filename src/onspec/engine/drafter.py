@@ -13,6 +13,7 @@ rows with its own KV cache. A drafter owns what is specific to one draft:
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 from torch import nn
@@ -39,6 +40,8 @@ class Drafter:
         """Optional adaptive choice of k per step (engine/policy.py); None = always k."""
         self.version = 0
         """The version of the draft weights live here (0 = as loaded): the one source of truth."""
+        self.swapped_at: float | None = None
+        """time.time() when the live version went live (None: as loaded)."""
         self._lock = threading.Lock()
         self._pending: tuple[dict, int, float | None] | None = None
 
@@ -65,6 +68,7 @@ class Drafter:
             self.draft.load_state_dict(state_dict, strict=False)
         self.fast.refresh()
         self.version = version
+        self.swapped_at = time.time()
         if self.policy is not None and alpha_hint is not None:
             self.policy.reset_alpha(alpha_hint)
         return True

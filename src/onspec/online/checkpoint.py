@@ -61,12 +61,15 @@ class Loaded:
 
 
 class CheckpointStore:
-    def __init__(self, root: str | Path, keep: int = 3) -> None:
+    def __init__(self, root: str | Path, keep: int = 3, writer: bool = True) -> None:
+        """`writer=False`: a reader beside the one writer (a serving replica while the trainer
+        checkpoints): it leaves the directory as it is, temporary directories included."""
         self.root = Path(root)
         self.keep = max(1, keep)
         self.loaded_from: Path | None = None
         """The version directory the last load used."""
-        self._remove_leftovers()
+        if writer:
+            self._remove_leftovers()
 
     # -- writing ---------------------------------------------------------------------------------
 

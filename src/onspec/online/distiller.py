@@ -154,6 +154,9 @@ class Distiller:
         self.optimizer = torch.optim.AdamW(self.trainable.values(), lr=config.lr, weight_decay=config.weight_decay)
         self.version = 0
         """The version of the student's weights: +1 per accepted update (the one source of truth)."""
+        self.version_floor = 0
+        """The next accepted update is numbered above this too (after `adopt`: numbers already
+        published elsewhere, e.g. a version rolled back across a cluster, are never reused)."""
         self.updates = 0
         self.rollbacks = 0
         self.discarded = 0
@@ -206,7 +209,7 @@ class Distiller:
             self._restore(snapshot)
             self.rollbacks += 1
             return self._log(UpdateLog(self.version, "rolled_back", mean_loss, before, after, time.perf_counter() - t0))
-        self.version += 1
+        self.version = max(self.version, self.version_floor) + 1
         self.updates += 1
         return self._log(UpdateLog(self.version, "accepted", mean_loss, before, after, time.perf_counter() - t0))
 
@@ -338,6 +341,21 @@ class Distiller:
         top = logits.float().softmax(-1).topk(self.cfg.teacher_top_k, dim=-1)
         return Example(e.request_id + "+student", seq.to(torch.int32), e.start,
                        top.indices.to(torch.int32), top.values.to(torch.float16), self.version, "student")
+
+    def adopt(self, weights: dict[str, torch.Tensor], version: int, floor: int = 0) -> None:
+        """Make published weights the student's (a global rollback, or the version serving when a
+        restarted trainer's checkpoint is older): the trained parameters are copied in, the
+        optimizer's moments (earned on other weights) dropped, the probe re-measured at the next
+        update; the next accepted version is numbered above `floor`."""
+        with torch.no_grad():
+            for n, p in self.trainable.items():
+                if n in weights:
+                    p.copy_(weights[n])
+        self.optimizer.state.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._probe_cache = {}
+        self.version = version
+        self.version_floor = max(self.version_floor, floor)
 
     def _snapshot(self, probe_counts: dict):
         """The weights, the optimizer state, and the probe counts measured under those weights."""

@@ -50,6 +50,7 @@ class TrainerWorker:
         self._closing = False
         self._running = False
         self._thread: threading.Thread | None = None
+        self._adopting: tuple[dict, int, int] | None = None
         self._saved_version: int | None = None  # the draft version the store holds (saved or resumed)
         self._resume()
         if config.background:
@@ -60,12 +61,22 @@ class TrainerWorker:
     def version(self) -> int:
         return self.distiller.version
 
+    @property
+    def history(self) -> list[UpdateLog]:
+        """Every update's outcome, oldest first."""
+        return self.distiller.history
+
     # -- intake --------------------------------------------------------------------------------
 
     def on_output(self, out: StepOutput) -> None:
         """A request finished (its last StepOutput): buffer its example, count it, maybe update."""
-        if out.example is not None:
-            self.buffer.add(out.example)
+        self.on_example(out.example)
+
+    def on_example(self, example: Example | None) -> None:
+        """A served request's example (None: it left none), from this process or a replica:
+        buffer it, count the request, maybe update."""
+        if example is not None:
+            self.buffer.add(example)
         self.requests += 1
         if self.requests % self.cfg.update_interval == 0:
             if self._thread is None:
@@ -81,9 +92,26 @@ class TrainerWorker:
 
     # -- one update ------------------------------------------------------------------------------
 
+    def adopt(self, weights: dict, version: int, floor: int = 0) -> None:
+        """From any thread: the student returns to published weights (a global rollback) before the
+        next update; an update running meanwhile is not published (it grew from the weights left)."""
+        with self._cond:
+            self._adopting = (weights, version, floor)
+
+    def _apply_adopt(self) -> bool:
+        with self._cond:
+            adopting, self._adopting = self._adopting, None
+        if adopting is not None:
+            self.distiller.adopt(*adopting)
+            log.info("trainer returned to draft v%d (next version above v%d)", adopting[1], adopting[2])
+        return adopting is not None
+
     def update(self) -> UpdateLog | None:
         """One distiller update; publish it if accepted, checkpoint on schedule."""
+        self._apply_adopt()
         entry = self.distiller.update(self.buffer)
+        if self._apply_adopt():
+            return None
         if entry is None or entry.outcome != "accepted":
             return entry
         self._publish(entry.probe_after)
@@ -184,5 +212,5 @@ class TrainerWorker:
             "trainer_time_s": d.trainer_time_s, "trained_tokens": d.trained_tokens,
             "trained_parameters": sum(p.numel() for p in d.trainable.values()),
             "train_layers": self.cfg.train_layers, "freeze_head": self.cfg.freeze_head,
-            "boundary_bytes": d.boundary_bytes,
+            "boundary_bytes": d.boundary_bytes, "updating": self._running,
         }

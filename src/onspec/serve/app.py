@@ -74,6 +74,9 @@ class ServerState:
     router: Router | None = None
     gate: Gate = field(default_factory=Gate)
     """Generation requests in flight, and the drain at shutdown (`apps/serve.py` starts it on SIGTERM)."""
+    cluster: object | None = None
+    """In a Ray replica (`cluster/replica.py`): `async health() -> dict` adds every replica's draft
+    version to /health, `async exposition(own: bytes) -> bytes` makes /metrics cluster-wide."""
 
     @property
     def tokenizer(self):
@@ -108,6 +111,8 @@ def create_app(state: ServerState) -> FastAPI:
         # draft_version: serving now; latest: the trainer's newest (goes live at the next verify step)
         body = {"status": "draining" if state.gate.draining else "ok", "draft_version": state.engine.draft_version,
                 "latest_draft_version": latest, "drafts": {name: version for name, (version, _) in state.drafts().items()}}
+        if state.cluster is not None:
+            body.update(await state.cluster.health())
         return JSONResponse(body, status_code=503 if state.gate.draining else 200)  # draining: take it out of rotation
 
     @app.get("/v1/models")
@@ -132,7 +137,10 @@ def create_app(state: ServerState) -> FastAPI:
     @app.get("/metrics")
     async def metrics():
         _refresh_metrics(state)
-        return Response(state.metrics.exposition(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        text = state.metrics.exposition()
+        if state.cluster is not None:
+            text = await state.cluster.exposition(text)
+        return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/dashboard", response_class=HTMLResponse)
     async def dashboard():
@@ -143,7 +151,7 @@ def create_app(state: ServerState) -> FastAPI:
         _refresh_metrics(state)
         trainer = state.trainer.stats() if state.trainer is not None else None
         history = sorted(((m.name, h) for m in state.pool.all_members if m.trainer
-                          for h in list(m.trainer.distiller.history)[-20:]), key=lambda nh: nh[1].at)[-20:]
+                          for h in list(m.trainer.history)[-20:]), key=lambda nh: nh[1].at)[-20:]
         return JSONResponse(_finite({  # a discarded update's loss is NaN: JSON has no NaN, it goes out as null
             "model": state.model_name, "draft_version": state.engine.draft_version, "online": state.trainer is not None,
             "alpha_recent": state.metrics.recent_alpha(), "started": state.metrics.started,

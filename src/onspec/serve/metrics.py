@@ -57,6 +57,9 @@ class ServerMetrics:
         self._lock = threading.Lock()
         self._recent: deque[tuple[int, int]] = deque(maxlen=window)
         self._recent_by_draft: dict[str, deque] = {}
+        self.by_version: dict[int, list[int]] = {}
+        """General draft version -> [accepted, proposed] draft tokens, since start (the cluster's
+        global rollback judges a version by these)."""
         self.add_draft("general")
         self.timeline: deque[dict] = deque(maxlen=timeline)
         self.started = time.time()
@@ -73,6 +76,11 @@ class ServerMetrics:
         k = out.proposed
         if not k:
             return
+        if draft == "general":
+            with self._lock:
+                counts = self.by_version.setdefault(out.draft_version, [0, 0])
+                counts[0] += out.accepted
+                counts[1] += k
         self.num_drafts.labels(draft=draft).inc()
         self.num_draft_tokens.labels(draft=draft).inc(k)
         if out.accepted:
@@ -122,6 +130,10 @@ class ServerMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+    def version_counts(self) -> dict[int, tuple[int, int]]:
+        with self._lock:
+            return {v: (a, p) for v, (a, p) in self.by_version.items()}
 
     def recent_alpha(self) -> float | None:
         with self._lock:

@@ -77,6 +77,7 @@ class Scheduler:
         self._parked: list[_Ticket] = []
         """Routed to a specialist that is still being built (off this thread); they join once it is."""
         self._cancelled: set[str] = set()
+        self._chores: list[Callable[[], None]] = []
         self._tickets: dict[str, _Ticket] = {}
         self._drafts = {m.name for m in pool.all_members}
         self._cond = threading.Condition()
@@ -110,6 +111,13 @@ class Scheduler:
             self._cancelled.add(request_id)
             self._cond.notify()
 
+    def call_soon(self, chore: Callable[[], None]) -> None:
+        """Run `chore` on the decoding thread between two steps (e.g. make an offered draft live
+        while no request is running); an exception in it is logged."""
+        with self._cond:
+            self._chores.append(chore)
+            self._cond.notify()
+
     @property
     def waiting(self) -> int:
         return len(self._queue) + len(self._parked)
@@ -137,17 +145,23 @@ class Scheduler:
         while True:
             with self._cond:
                 while (not self._closing and not self._queue and not self.running and not self._cancelled
-                       and not self._opened):
+                       and not self._opened and not self._chores):
                     self._cond.wait()
                 if self._closing:
                     break
                 self._opened = False
+                chores, self._chores = self._chores, []
                 cancelled, self._cancelled = self._cancelled, set()
                 self._queue = [t for t in self._queue if t.request.request_id not in cancelled]
                 self._parked = [t for t in self._parked if t.request.request_id not in cancelled]
                 self._queue = self._unpark() + self._queue
                 room = self.max_batch - self.running
                 joining, self._queue = self._queue[:room], self._queue[room:]
+            for chore in chores:
+                try:
+                    chore()
+                except Exception:
+                    log.exception("a chore on the decoding thread failed")
             try:
                 self._cancel(cancelled)
                 self._admit(joining)
