@@ -134,6 +134,7 @@ def run_replay(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Pol
         _serve_stream(runs, kept, console)
         for r in runs:
             _write_csv(out_dir / f"replay_{r.mode}.csv", r.rows)
+            (out_dir / f"replay_{r.mode}.partial.csv").unlink(missing_ok=True)
             results[r.mode] = r.finish()
     plot_alpha(out_dir, modes, cfg.plot_window, boundaries=_boundaries(kept, cfg.passes))
     summary = {"dataset": cfg.dataset, "queries": len(kept), "skipped_long_prompts": len(encoded) - len(kept),
@@ -165,6 +166,7 @@ class _Run:
 
     def __init__(self, mode, target, draft_model, engine_cfg, policy_cfg, trainer_cfg, pool_cfg, cfg, out_dir) -> None:
         self.mode, self.cfg, self.pool_cfg = mode, cfg, pool_cfg
+        self.out_dir = out_dir
         self.ckpt_root = out_dir / "checkpoints"
         online = mode == "online"
         self.pool, self.router = build_pool(target.model, target.tokenizer, draft_model, engine_cfg, policy_cfg,
@@ -277,9 +279,12 @@ def _serve_stream(runs: list[_Run], queries, console) -> None:
             status = "  ".join(f"{r.mode}: alpha {r.recent_alpha()} v{r.pool.general.version} "
                                f"{r.tokens / r.decode_s if r.decode_s else 0:.1f} tok/s" for r in runs)
             progress.update(task, advance=1, status=status)
-            if not console.is_terminal and ((i + 1) % max(1, len(queries) // 20) == 0 or i + 1 == len(queries)):
-                # a log file gets no live bar: a plain line every 5% of the stream instead
-                console.print(f"{i + 1}/{len(queries)} {status}")
+            if (i + 1) % max(1, len(queries) // 20) == 0 or i + 1 == len(queries):  # every 5% of the stream
+                if i + 1 < len(queries):
+                    for r in runs:  # a run cut short (a long stream) still leaves its rows so far
+                        _write_csv(r.out_dir / f"replay_{r.mode}.partial.csv", r.rows)
+                if not console.is_terminal:  # a log file gets no live bar: a plain line instead
+                    console.print(f"{i + 1}/{len(queries)} {status}")
 
 
 def _alpha_summary(rows: list[dict]) -> dict:
