@@ -99,12 +99,12 @@ def start_cluster(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: 
             trainer = ray.remote(TrainerActor).options(
                 name=TRAINER, namespace=NAMESPACE, num_cpus=0, num_gpus=gpus, max_restarts=-1, max_task_retries=0,
                 max_concurrency=8,
-            ).remote(model_cfg, trainer_cfg, server_cfg.state_dir, HUB, server_cfg.persist_traffic,
+            ).remote(model_cfg, trainer_cfg, server_cfg.state_dir, (NAMESPACE, HUB), server_cfg.persist_traffic,
                      trainer_cfg.trainer_threads or threads)
             ray.get(trainer.ready.remote())  # also converts a named model once, before the replicas load it
             times["trainer"] = time.perf_counter() - t
         spec = ReplicaSpec(model_cfg, engine_cfg, policy_cfg, trainer_cfg if online else None, server_cfg,
-                           cluster_cfg, HUB, TRAINER, threads)
+                           cluster_cfg, NAMESPACE, HUB, TRAINER, threads)
         t = time.perf_counter()
         deployment = serve.deployment(serve.ingress()(EngineReplica), name="EngineReplica",
                                       num_replicas=cluster_cfg.replicas,

@@ -56,6 +56,8 @@ class ReplicaSpec:
     """None: --no-online (versions still follow the hub, e.g. a rollback; none are made)."""
     server: ServerConfig
     cluster: ClusterConfig
+    namespace: str
+    """The Ray namespace of the hub and the trainer (replicas live in Serve's own)."""
     hub_name: str
     trainer_name: str
     threads: int
@@ -67,7 +69,7 @@ class EngineReplica:
         if spec.threads:
             torch.set_num_threads(spec.threads)
         self.name = serve.get_replica_context().replica_id.unique_id
-        self.hub = ray.get_actor(spec.hub_name)
+        self.hub = ray.get_actor(spec.hub_name, namespace=spec.namespace)
         # this process holds no trainer: the drafter loads the newest checkpoint, the hub brings the rest
         self.state = build_state(spec.model, spec.engine, spec.policy, spec.trainer or TrainerConfig(),
                                  replace(spec.server, no_online=True))
@@ -77,7 +79,7 @@ class EngineReplica:
         self.trainer: RemoteTrainer | None = None
         if spec.trainer is not None and self.drafter is not None:
             member.engine.teacher_top_k = spec.trainer.teacher_top_k
-            self.trainer = member.trainer = RemoteTrainer(ray.get_actor(spec.trainer_name),
+            self.trainer = member.trainer = RemoteTrainer(ray.get_actor(spec.trainer_name, namespace=spec.namespace),
                                                           spec.cluster.max_pending_sends)
         self.epoch: str | None = None
         self.generation = 0

@@ -29,12 +29,13 @@ log = logging.getLogger("onspec.cluster.trainer")
 
 
 class TrainerActor:
-    def __init__(self, model_cfg: ModelConfig, cfg: TrainerConfig, state_dir: str, hub_name: str,
+    def __init__(self, model_cfg: ModelConfig, cfg: TrainerConfig, state_dir: str, hub: tuple[str, str],
                  persist_traffic: bool = False, threads: int = 0) -> None:
+        """`hub`: (namespace, name) of the hub actor."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         if threads:
             torch.set_num_threads(threads)
-        self.hub = ray.get_actor(hub_name)
+        self.hub = ray.get_actor(hub[1], namespace=hub[0])
         self.state_dir = Path(state_dir)
         self.persist_traffic = persist_traffic
         target, draft = load_pair(model_cfg)
