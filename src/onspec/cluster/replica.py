@@ -36,7 +36,7 @@ from onspec.engine.policy import PolicyConfig
 from onspec.engine.records import Example, StepOutput
 from onspec.models.pair import ModelConfig
 from onspec.online.distiller import TrainerConfig
-from onspec.serve.app import create_app
+from onspec.serve.app import create_app, refresh_metrics
 from onspec.serve.config import ServerConfig
 
 log = logging.getLogger("onspec.cluster.replica")
@@ -141,9 +141,8 @@ class EngineReplica:
                 "dropped_records": self.trainer.dropped if self.trainer is not None else 0}
 
     def _exposition(self) -> bytes:
-        s = self.state
-        s.metrics.refresh(s.drafts(), s.scheduler.running, s.scheduler.waiting)
-        return s.metrics.exposition()
+        refresh_metrics(self.state)
+        return self.state.metrics.exposition()
 
     # -- what the app asks (ServerState.cluster) ------------------------------------------------
 

@@ -136,7 +136,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        _refresh_metrics(state)
+        refresh_metrics(state)
         text = state.metrics.exposition()
         if state.cluster is not None:
             text = await state.cluster.exposition(text)
@@ -148,7 +148,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/dashboard/data")
     async def dashboard_data():
-        _refresh_metrics(state)
+        refresh_metrics(state)
         trainer = state.trainer.stats() if state.trainer is not None else None
         history = sorted(((m.name, h) for m in state.pool.all_members if m.trainer
                           for h in list(m.trainer.history)[-20:]), key=lambda nh: nh[1].at)[-20:]
@@ -395,7 +395,8 @@ def _spec(out: RequestOutput, ev: Event) -> dict:
             "draft_versions": ev.draft_versions, "draft": ev.draft, "route": ev.route}
 
 
-def _refresh_metrics(state: ServerState) -> None:
+def refresh_metrics(state: ServerState) -> None:
+    """The gauges that are read, not counted (versions, trainer stats, running/waiting), brought up to date."""
     state.metrics.refresh(state.drafts(), state.scheduler.running, state.scheduler.waiting)
 
 
