@@ -73,13 +73,16 @@ class CheckpointStore:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    def save(self, model, tokenizer, optimizer: torch.optim.Optimizer | None, version: int, meta: dict) -> Path:
+    def save(self, model, tokenizer, optimizer: torch.optim.Optimizer | None, version: int, meta: dict,
+             state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write `model` (or `state_dict` under `model`'s config: the served draft of a student
+        that trains adapters) as the next version."""
         self.root.mkdir(parents=True, exist_ok=True)
         numbers = [n for n, _ in self._versions()]
         name = version_name(version if not numbers or version > numbers[-1] else numbers[-1] + 1)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.root))
         try:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=state_dict)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             if optimizer is not None:

@@ -14,6 +14,12 @@ the boundary (the embedding table and the frozen layers) is the serving draft's 
 not a float32 copy: it never gets a gradient, and it computes the boundary states as serving does.
 With `freeze_head` the output head is not trained either (it still runs, in float32, and passes
 the gradient down to the trained layers).
+With `lora_rank` R > 0 the trained layers' linear projections learn through rank-R adapters (LoRA,
+injected by peft) while their own weights stay frozen; the norms (and the head, unless frozen) train
+as before. What is published, checkpointed and adopted is always the merged draft (each projection's
+weight plus its adapter's B @ A x scale), under the served draft's own names, so the engine, the
+checkpoint directory (`--draft DIR`) and a rollback never see an adapter. Adopting weights (a
+rollback, a resumed checkpoint) writes them into the frozen projections and zeroes the adapters.
 The worker (online/worker.py) decides when to call it and publishes what it accepts.
 """
 
@@ -76,6 +82,9 @@ class TrainerConfig:
     freeze_head: bool = option(False, "keep the output head frozen (an untied head: Qwen2.5-0.5B's is 136M of the "
                                "166M parameters trained with --train-layers 2); it still runs, in float32, and "
                                "passes the gradient down to the trained layers")
+    lora_rank: int = option(0, "train the trained layers' linear projections through rank-R adapters (LoRA, peft) "
+                            "instead of their full weights; the published draft has them merged. 0 = full weights")
+    lora_alpha: float = option(0.0, "LoRA scale numerator (an adapter adds alpha/rank x B @ A); 0 = 2 x rank")
     max_train_tokens: int = option(512, "context window per training example (longer prompts are cut from the left)")
     train_budget: float = option(1.0, "largest fraction of wall-clock time the trainer may be busy (it sleeps the rest)")
     grad_clip: float = option(1.0, "gradient norm clip (0 disables)")
@@ -94,13 +103,15 @@ class TrainerConfig:
             "max_train_tokens": self.max_train_tokens >= 2, "train_budget": 0 < self.train_budget <= 1,
             "trainer_threads": self.trainer_threads >= 0, "max_buffer_records": self.max_buffer_records >= 0,
             "weight_decay": self.weight_decay >= 0, "grad_clip": self.grad_clip >= 0,
-            "train_layers": self.train_layers >= 0,
+            "train_layers": self.train_layers >= 0, "lora_rank": self.lora_rank >= 0, "lora_alpha": self.lora_alpha >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"trainer option out of range: {', '.join('--' + b.replace('_', '-') for b in bad)}")
         if self.train_layers and self.train_embeddings:
             raise ValueError("--train-embeddings needs --train-layers 0 (the embeddings lie below any frozen boundary)")
+        if self.lora_rank and self.train_embeddings:
+            raise ValueError("--lora-rank adapts the linear projections only: it cannot be combined with --train-embeddings")
         if self.loss not in LOSSES:
             raise ValueError(f"unknown loss {self.loss!r}; choose from {sorted(LOSSES)}")
 
@@ -140,7 +151,9 @@ class Distiller:
         self.student = _float32_except(copy.deepcopy(draft, memo=shared), set(shared)).train()
         if self.boundary is not None:
             cast_from_boundary(self.student, self.boundary)
-        frozen = set(shared)
+        self.adapted = _add_adapters(self.student, self.boundary, config) if config.lora_rank else {}
+        """With `lora_rank`: the served name of each adapted projection's weight -> its peft LoRA layer."""
+        frozen = set(shared) | {id(p) for layer in self.adapted.values() for p in layer.base_layer.parameters()}
         if self.boundary is not None:
             frozen |= {id(p) for layer in decoder_layers(self.student)[: self.boundary] for p in layer.parameters()}
         if config.freeze_head and self.student.get_output_embeddings() is not None:
@@ -214,8 +227,29 @@ class Distiller:
         return self._log(UpdateLog(self.version, "accepted", mean_loss, before, after, time.perf_counter() - t0))
 
     def weights(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """A private copy of the trained weights in `dtype` (what is published to the servers)."""
-        return {n: p.detach().to(dtype).clone() for n, p in self.trainable.items()}
+        """A private copy of the trained weights in `dtype` (what is published to the servers), by
+        the served draft's names: with adapters, each adapted projection merged."""
+        out = {n: p.detach().to(dtype).clone() for n, p in self.trainable.items() if not _is_adapter(n)}
+        out.update({n: _merged(layer).to(dtype) for n, layer in self.adapted.items()})
+        return out
+
+    @property
+    def published_names(self) -> list[str]:
+        """The served draft's names of what `weights` publishes."""
+        return [n for n in self.trainable if not _is_adapter(n)] + list(self.adapted)
+
+    def served_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole student as the served draft (what a checkpoint holds): its state dict under the
+        served names, each adapted projection merged, no adapter tensors."""
+        if not self.adapted:
+            return self.student.state_dict()
+        out = {}
+        for name, t in self.student.state_dict().items():
+            if _is_adapter(name):
+                continue
+            served = name.replace(".base_layer.", ".")
+            out[served] = _merged(self.adapted[served]) if served in self.adapted else t
+        return out
 
     def train_step(self, examples: list[Example]) -> float | None:
         """One optimizer step on `examples`; returns the loss (None: nothing to learn; a
@@ -347,10 +381,18 @@ class Distiller:
         restarted trainer's checkpoint is older): the trained parameters are copied in, the
         optimizer's moments (earned on other weights) dropped, the probe re-measured at the next
         update; the next accepted version is numbered above `floor`."""
+        own = {n: p for n, p in self.trainable.items() if not _is_adapter(n)}
+        own.update({n: layer.base_layer.weight for n, layer in self.adapted.items()})
+        wrong = [f"{n} {tuple(w.shape)} (the draft's: {tuple(own[n].shape)})"
+                 for n, w in weights.items() if n in own and own[n].shape != w.shape]
+        if wrong:
+            raise ValueError(f"weights of another draft model ({len(wrong)} tensors differ, e.g. {wrong[0]})")
         with torch.no_grad():
-            for n, p in self.trainable.items():
+            for n, p in own.items():
                 if n in weights:
                     p.copy_(weights[n])
+                    if n in self.adapted:  # the adopted weight is the whole projection: its adapter starts over
+                        _reset_adapter(self.adapted[n])
         self.optimizer.state.clear()
         self.optimizer.zero_grad(set_to_none=True)
         self._probe_cache = {}
@@ -390,6 +432,47 @@ def _float32_except(model: nn.Module, keep: set[int]) -> nn.Module:
             if b.is_floating_point():
                 setattr(module, name, b.float())
     return model
+
+
+def _add_adapters(student: nn.Module, boundary: int | None, config: TrainerConfig) -> dict[str, nn.Module]:
+    """Inject rank-`lora_rank` LoRA adapters (peft) into the linear projections of the trained
+    decoder layers (every layer without a boundary), never into the head; returns the served name
+    of each adapted weight -> its LoRA layer. No dropout: the probe and the gradients stay exact."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    head = student.get_output_embeddings()
+    if boundary is not None:
+        scope = [m for layer in decoder_layers(student)[boundary:] for m in layer.modules()]
+    else:
+        scope = [m for m in student.base_model.modules() if m is not head]
+    in_scope = {id(m) for m in scope}
+    targets = [name for name, m in student.named_modules()
+               if id(m) in in_scope and type(m) is nn.Linear and m is not head]
+    if not targets:
+        raise ValueError("--lora-rank found no linear projections to adapt in this draft's trained layers "
+                         "(use --lora-rank 0 to train the full weights)")
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or 2 * config.lora_rank, lora_dropout=0.0,
+                      target_modules=targets,
+                      bias="none")
+    inject_adapter_in_model(lora, student)
+    modules = dict(student.named_modules())
+    return {f"{t}.weight": modules[t] for t in targets}
+
+
+def _is_adapter(name: str) -> bool:
+    return ".lora_" in name
+
+
+def _merged(layer: nn.Module) -> torch.Tensor:
+    """An adapted projection's weight as served: its frozen weight plus the adapter's delta."""
+    with torch.no_grad():
+        return (layer.base_layer.weight + layer.get_delta_weight("default")).detach().clone()
+
+
+def _reset_adapter(layer: nn.Module) -> None:
+    """The adapter's delta back to zero (B = 0, peft's own initialisation of B)."""
+    with torch.no_grad():
+        layer.lora_B["default"].weight.zero_()
 
 
 def _ratio(counts: dict[int, tuple[Example, int, int]], examples: list[Example]) -> float | None:

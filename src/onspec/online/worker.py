@@ -160,9 +160,12 @@ class TrainerWorker:
         if self.store is None:
             return
         d = self.distiller
-        self.store.save(d.student, self.tokenizer, d.optimizer, d.version,
+        # with adapters the directory holds the merged (served) draft; the adapters and their
+        # optimizer moments start over on resume, so the moments are not kept
+        self.store.save(d.student, self.tokenizer, None if d.adapted else d.optimizer, d.version,
                         {"updates": d.updates, "rollbacks": d.rollbacks, "discarded": d.discarded,
-                         "requests": self.requests})
+                         "requests": self.requests, "lora_rank": self.cfg.lora_rank},
+                        state_dict=d.served_state_dict() if d.adapted else None)
         self._saved_version = d.version
 
     def _checkpoint_or_log(self, which: str) -> None:
@@ -193,9 +196,23 @@ class TrainerWorker:
         if self.store is None:
             return
         d = self.distiller
-        meta = self.store.load_into(d.student, d.optimizer)
-        if meta is None:
-            return
+        if d.adapted:  # the checkpoint is the merged draft: adopted, its adapters starting at zero
+            got = self.store.load_latest()
+            if got is None:
+                return
+            weights, meta = got
+            missing = [n for n in d.published_names if n not in weights]
+            try:
+                if missing:
+                    raise ValueError(f"{len(missing)} trained tensors missing, e.g. {missing[0]}")
+                d.adopt(weights, int(meta["version"]))  # checks the shapes before it changes anything
+            except ValueError as e:  # another model's learning: refuse, never start over and prune it away
+                raise ValueError(f"the checkpoint {self.store.loaded_from} was written for another draft model "
+                                 f"({e}); point --state-dir elsewhere or move it away") from None
+        else:
+            meta = self.store.load_into(d.student, d.optimizer)
+            if meta is None:
+                return
         d.version = int(meta["version"])
         d.updates = int(meta.get("updates", 0))
         d.rollbacks = int(meta.get("rollbacks", 0))
@@ -211,6 +228,6 @@ class TrainerWorker:
             "buffer_tokens": self.buffer.tokens, "buffer_bytes": self.buffer.nbytes, "evicted": self.buffer.evicted,
             "trainer_time_s": d.trainer_time_s, "trained_tokens": d.trained_tokens,
             "trained_parameters": sum(p.numel() for p in d.trainable.values()),
-            "train_layers": self.cfg.train_layers, "freeze_head": self.cfg.freeze_head,
+            "train_layers": self.cfg.train_layers, "freeze_head": self.cfg.freeze_head, "lora_rank": self.cfg.lora_rank,
             "boundary_bytes": d.boundary_bytes, "updating": self._running,
         }
