@@ -8,6 +8,7 @@ the trainer's memory (its own tensors: student copies not shared with the servin
 AdamW state) and bytes per buffered token. Prints a table and, last, one JSON line.
 
     .venv/bin/python benchmarks/train_cost.py --prompts 8 --layers 0,4,2 --freeze-head both
+    .venv/bin/python benchmarks/train_cost.py --prompts 8 --layers 2 --freeze-head on --lora-ranks 16
 """
 
 from __future__ import annotations
@@ -41,11 +42,15 @@ def main() -> int:
     ap.add_argument("--layers", default="0,4,2", help="train-layers values to compare (0 = every layer)")
     ap.add_argument("--freeze-head", choices=("off", "on", "both"), default="off",
                     help="each --layers value with the head trained (off), frozen (on) or both")
+    ap.add_argument("--lora-ranks", default="", help="also each --layers value trained through LoRA adapters of "
+                    "these ranks (','-list; head frozen)")
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3, help="timed steps per way (after one warm-up step)")
     args = ap.parse_args()
     heads = {"off": (False,), "on": (True,), "both": (False, True)}[args.freeze_head]
-    ways = [(int(x), frozen) for x in args.layers.split(",") for frozen in heads]
+    ranks = [int(r) for r in args.lora_ranks.split(",") if r.strip()]
+    ways = [(int(x), frozen, 0) for x in args.layers.split(",") for frozen in heads]
+    ways += [(int(x), True, r) for x in args.layers.split(",") for r in ranks]
     console = Console(stderr=True)
     target, draft = load_pair(ModelConfig(target=args.target))
     engine = make_engine(target.model, target.tokenizer, draft.model, EngineConfig(), PolicyConfig())
@@ -61,9 +66,9 @@ def main() -> int:
     batches = [examples[i: i + args.batch_size] for i in range(0, len(examples), args.batch_size)]
     distillers, first_step = {}, {}
     for way in ways:
-        m, frozen = way
-        cfg = TrainerConfig(background=False, train_layers=m, freeze_head=frozen, batch_size=args.batch_size,
-                            positions="all")
+        m, frozen, rank = way
+        cfg = TrainerConfig(background=False, train_layers=m, freeze_head=frozen, lora_rank=rank,
+                            batch_size=args.batch_size, positions="all")
         d = Distiller(draft.model, cfg)
         t = time.perf_counter()
         d.train_step(batches[0])  # warm-up; with --train-layers it also crosses the frozen layers for batch 0
@@ -92,22 +97,22 @@ def main() -> int:
         new_tokens = sum(len(batches[(r + 1) % len(batches)][i].tokens) for r in range(args.rounds)
                          for i in range(len(batches[(r + 1) % len(batches)])))
         rows[_name(m)] = {
-            "train_layers": m[0], "freeze_head": m[1], "trained_parameters": sum(p.numel() for p in d.trainable.values()),
+            "train_layers": m[0], "freeze_head": m[1], "lora_rank": m[2], "trained_parameters": sum(p.numel() for p in d.trainable.values()),
             "seconds_per_step": step, "ms_per_trained_token": 1e3 * step / tokens_per_batch,
             "boundary_ms_per_new_token": 1e3 * boundary_s[m] / new_tokens if d.boundary is not None else None,
             "trainer_bytes": _own_bytes(d, draft.model),
             "boundary_bytes_per_token": (d.boundary_bytes / max(1, sum(len(st) for _, st, _, _ in d._states.values()))
                                          if d.boundary is not None else 0),
         }
-    base = rows[_name((0, False))]["seconds_per_step"] if _name((0, False)) in rows else None
+    base = rows[_name((0, False, 0))]["seconds_per_step"] if _name((0, False, 0)) in rows else None
     table = Table(title=f"one AdamW step on {args.batch_size} served requests ({tokens_per_batch:.0f} tokens), "
                         f"{next(draft.model.parameters()).dtype} draft, trained part in float32, {torch.get_num_threads()} threads")
-    for col in ("train layers", "head", "trained params", "s / step", "vs all layers", "ms / token", "boundary ms / new token",
+    for col in ("train layers", "head", "lora", "trained params", "s / step", "vs all layers", "ms / token", "boundary ms / new token",
                 "trainer GB", "boundary B / token"):
         table.add_column(col, justify="right")
     for r in rows.values():
         table.add_row("all" if r["train_layers"] == 0 else str(r["train_layers"]),
-                      "frozen" if r["freeze_head"] else "trained", f"{r['trained_parameters'] / 1e6:.1f}M", f"{r['seconds_per_step']:.2f}",
+                      "frozen" if r["freeze_head"] else "trained", str(r["lora_rank"] or ""), f"{r['trained_parameters'] / 1e6:.1f}M", f"{r['seconds_per_step']:.2f}",
                       f"{base / r['seconds_per_step']:.1f}x faster" if base else "", f"{r['ms_per_trained_token']:.2f}",
                       "" if r["boundary_ms_per_new_token"] is None else f"{r['boundary_ms_per_new_token']:.2f}",
                       f"{r['trainer_bytes'] / 1e9:.2f}", f"{r['boundary_bytes_per_token']:.0f}")
@@ -119,9 +124,9 @@ def main() -> int:
     return 0
 
 
-def _name(way: tuple[int, bool]) -> str:
-    m, frozen = way
-    return f"{m}-frozen-head" if frozen else str(m)
+def _name(way: tuple[int, bool, int]) -> str:
+    m, frozen, rank = way
+    return (f"{m}-frozen-head" if frozen else str(m)) + (f"-lora{rank}" if rank else "")
 
 
 def _own_bytes(d: Distiller, served: torch.nn.Module) -> int:

@@ -1,0 +1,150 @@
+"""Which online-learning setting raises the draft's agreement on *new* queries: a cheap sweep
+before an hours-long `onspec replay`. The default pair serves `--prompts` queries once (static
+draft; the engine keeps the target's top-32 per token, as when serving; cached in `--cache`). Then
+each way replays those served requests in order through the real distiller and buffer, as the
+trainer would see them: before a block of `update_interval` requests joins the buffer, the current
+student's greedy agreement with the target on that block is measured (teacher-forced on the served
+text: the prequential alpha proxy; the block is new to the student), then the block is added and one
+update is taken (guard included). The static way takes no updates. Ways differ only in trainer
+options (`--ways`, ';'-separated, each a ','-list of option=value over `--base`).
+Prints a table and, last, one JSON line.
+
+    .venv/bin/python benchmarks/online_sweep.py --dataset sharegpt --prompts 96 \\
+        --ways "static;lr=1e-4;lr=2e-5;lora_rank=16,lr=2e-4"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import fields
+from itertools import islice
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from onspec.data.streams import iter_queries
+from onspec.engine.build import make_engine
+from onspec.engine.engine import EngineConfig, Request
+from onspec.engine.policy import PolicyConfig
+from onspec.engine.records import Example
+from onspec.engine.sampling import SamplingParams
+from onspec.models.pair import ModelConfig, load_pair
+from onspec.online.buffer import ReplayBuffer
+from onspec.online.distiller import Distiller, TrainerConfig
+
+BASE = "train_layers=2,freeze_head=true,lr=1e-4"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target", default="default")
+    ap.add_argument("--dataset", default="sharegpt")
+    ap.add_argument("--prompts", type=int, default=96)
+    ap.add_argument("--skip", type=int, default=0, help="queries of the stream skipped first")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--base", default=BASE, help=f"trainer options every way starts from (default: {BASE})")
+    ap.add_argument("--ways", default="static;lr=1e-4;lr=2e-5;lora_rank=16,lr=2e-4")
+    ap.add_argument("--cache", default=None, help="served requests cache (default: runs/sweep-<dataset>-<skip>-<n>.pt)")
+    args = ap.parse_args()
+    console = Console(stderr=True)
+    # every way on the base options (the same numerics: static too, it only never updates)
+    ways = {w.strip(): _options(args.base + ("" if w.strip() == "static" else "," + w.strip()))
+            for w in args.ways.split(";") if w.strip()}
+    cache = Path(args.cache or f"runs/sweep-{args.dataset}-{args.skip}-{args.prompts}-{args.max_new_tokens}.pt")
+    target, draft = load_pair(ModelConfig(target=args.target))
+    examples, serve_tok_s = _served(args, target, draft, cache, console)
+    del target
+    rows = {}
+    for name, options in ways.items():
+        cfg = TrainerConfig(**{"background": False, **options})
+        t0 = time.perf_counter()
+        rows[name] = _replay(examples, draft.model, cfg, learn=name != "static", console=console, name=name)
+        rows[name]["wall_s"] = time.perf_counter() - t0
+    static = rows.get("static")
+    table = Table(title=f"prequential greedy agreement on {len(examples)} {args.dataset} requests served once "
+                        f"(blocks of --update-interval requests; base: {args.base})")
+    for col in ("way", "all", "first half", "last half", "last 20%", "last 20% vs static", "updates", "rolled back",
+                "s / update", "trained params"):
+        table.add_column(col, justify="right")
+    for name, r in rows.items():
+        delta = "" if static is None else f"{r['last_20'] - static['last_20']:+.3f}"
+        table.add_row(name, f"{r['all']:.3f}", f"{r['first_half']:.3f}", f"{r['last_half']:.3f}", f"{r['last_20']:.3f}",
+                      delta, str(r["updates"]), str(r["rollbacks"]),
+                      "" if not r["update_s"] else f"{r['update_s']:.1f}", f"{r['trained_parameters'] / 1e6:.1f}M")
+    Console(file=sys.stdout, width=160).print(table)
+    print(json.dumps({"dataset": args.dataset, "prompts": len(examples), "base": args.base, "serve_tok_s": serve_tok_s,
+                      "ways": rows}))
+    return 0
+
+
+def _options(spec: str) -> dict:
+    known = {f.name: f.type for f in fields(TrainerConfig)}
+    out = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        key, _, value = item.partition("=")
+        if key not in known:
+            raise SystemExit(f"unknown trainer option {key!r} in --ways/--base")
+        kind = known[key] if isinstance(known[key], type) else eval(known[key])  # noqa: S307 (annotations as strings)
+        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+    return out
+
+
+def _served(args, target, draft, cache: Path, console) -> tuple[list[Example], float | None]:
+    if cache.is_file():
+        data = torch.load(cache, weights_only=False)
+        console.print(f"served requests from {cache}")
+        return [Example(**e) for e in data["examples"]], data.get("serve_tok_s")
+    engine = make_engine(target.model, target.tokenizer, draft.model, EngineConfig(), PolicyConfig())
+    engine.teacher_top_k = TrainerConfig().teacher_top_k
+    queries = list(islice(iter_queries(args.dataset), args.skip, args.skip + args.prompts))
+    examples, t0 = [], time.perf_counter()
+    params = SamplingParams(max_new_tokens=args.max_new_tokens)
+    for i, q in enumerate(queries):
+        engine.generate([Request(q.encode(target.tokenizer), params)], on_finish=lambda o: examples.append(o.example))
+        if (i + 1) % 16 == 0:
+            console.print(f"served {i + 1}/{len(queries)}")
+    serve_tok_s = sum(e.num_positions for e in examples) / (time.perf_counter() - t0)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"examples": [vars(e) for e in examples], "serve_tok_s": serve_tok_s}, cache)
+    return examples, serve_tok_s
+
+
+def _replay(examples: list[Example], draft, cfg: TrainerConfig, learn: bool, console, name: str) -> dict:
+    d = Distiller(draft, cfg)
+    buffer = ReplayBuffer(cfg.buffer_tokens, cfg.probe_every, cfg.probe_size, cfg.seed, cfg.max_buffer_records)
+    per_block = []  # (matching positions, positions) of each block before it was trained on
+    update_s = []
+    n = cfg.update_interval
+    for i in range(0, len(examples), n):
+        block = examples[i: i + n]
+        counts = d._probe_counts(block, reuse=False)
+        per_block.append((sum(c[1] for c in counts.values()), sum(c[2] for c in counts.values())))
+        for e in block:
+            buffer.add(e)
+        if learn and len(block) == n:
+            entry = d.update(buffer)
+            if entry is not None:
+                update_s.append(entry.seconds)
+        if (i // n) % 4 == 3:
+            console.print(f"{name}: {i + len(block)}/{len(examples)} requests, v{d.version}, "
+                          f"{d.rollbacks} rolled back")
+
+    def share(lo: float, hi: float) -> float:
+        part = per_block[int(lo * len(per_block)): max(int(lo * len(per_block)) + 1, int(hi * len(per_block)))]
+        return sum(m for m, _ in part) / max(1, sum(t for _, t in part))
+
+    return {"all": share(0, 1), "first_half": share(0, 0.5), "last_half": share(0.5, 1), "last_20": share(0.8, 1),
+            "per_block": [m / max(1, t) for m, t in per_block], "updates": d.updates, "rollbacks": d.rollbacks,
+            "update_s": statistics.mean(update_s) if update_s else None,
+            "trained_parameters": sum(p.numel() for p in d.trainable.values()) if learn else 0,
+            "options": {k: v for k, v in vars(cfg).items() if k != "background"}}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
