@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from safetensors import safe_open
 
 pytestmark = pytest.mark.real_model
 SMALL = ("--target", "smollm2-135m", "--dtype", "float32")
@@ -38,13 +39,17 @@ def test_replay_rejects_a_bad_dataset(tmp_path):
     assert proc.returncode == 2 and "unknown dataset" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_distill_writes_a_loadable_draft(tmp_path):
+@pytest.mark.parametrize("trained", [(), ("--train-layers", "2", "--lora-rank", "4")])
+def test_distill_writes_a_loadable_draft(trained, tmp_path):
+    """Also with adapters: the directory is the merged draft, a plain model."""
     out = tmp_path / "draft"
     proc = onspec("distill", "--dataset", "humaneval", "--limit", "6", "--holdout", "2", "--epochs", "1",
-                  "--max-new-tokens", "8", "--batch-size", "2", "--out", str(out))
+                  "--max-new-tokens", "8", "--batch-size", "2", "--out", str(out), *trained)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["responses"] == 4 and (out / "model.safetensors").is_file()
+    names = safe_open(out / "model.safetensors", "pt").keys()
+    assert "model.layers.0.self_attn.q_proj.weight" in names and not any("lora_" in n or "base_layer" in n for n in names)
     gen = onspec("generate", "--prompt", "def add(a, b):", "--max-new-tokens", "4", "--draft", str(out), "--json")
     assert gen.returncode == 0, gen.stderr
     assert len(json.loads(gen.stdout.strip().splitlines()[-1])["token_ids"]) == 4

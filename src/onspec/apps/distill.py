@@ -82,7 +82,11 @@ def run_distill(model_cfg: ModelConfig, trainer_cfg: TrainerConfig, cfg: Distill
         after = distiller.probe_alpha(holdout) if holdout else None
     meta = {"distilled_from": target.source, "dataset": cfg.dataset, "responses": len(train), "epochs": cfg.epochs,
             "loss": trainer_cfg.loss, "holdout_alpha_before": before, "holdout_alpha_after": after}
-    out = save_draft(LoadedModel(distiller.student, target.tokenizer, "distilled"), Path(cfg.out), meta)
+    student = distiller.student
+    if distiller.adapted:  # written as a plain model: the draft with its adapters merged
+        student = draft.model
+        student.load_state_dict(distiller.served_state_dict(), strict=False)
+    out = save_draft(LoadedModel(student, target.tokenizer, "distilled"), Path(cfg.out), meta)
     result = {**meta, "out": str(out), "final_loss": losses[-1] if losses else None}
     console.print(f"held-out greedy alpha {before} -> {after}; wrote {out} (use --draft {out})")
     print(json.dumps(result), file=sys.stdout)

@@ -111,8 +111,8 @@ class TrainerActor:
         d = self.worker.distiller
         g = torch.Generator().manual_seed(seed)
         dtype = self.worker.weights_dtype
-        noisy = {n: (p.detach().float() + scale * p.detach().float().std()
-                     * torch.randn(p.shape, generator=g)).to(dtype) for n, p in d.trainable.items()}
+        noisy = {n: (p + scale * p.std() * torch.randn(p.shape, generator=g)).to(dtype)
+                 for n, p in d.weights(torch.float32).items()}
         version = max(d.version, d.version_floor) + 1
         d.version_floor = version  # the bad number is never reused
         return ray.get(self.hub.publish.remote(version, noisy, None))
