@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 import time
 
@@ -240,6 +242,27 @@ def test_buffer_bounded_in_requests_too():
         assert len(buf) <= 3
     assert [e.request_id for e in buf.examples] == ["r4", "r5", "r6"]
     assert buf.evicted == 4
+
+
+def test_saved_traffic_is_owner_only_whatever_the_umask_and_reloads(tmp_path):
+    """`--persist-traffic` (serve and the cluster's trainer share it): user traffic is 0600 from its
+    first byte, even under umask 0 and over a leftover temporary file that was world-readable."""
+    buf = ReplayBuffer(capacity_tokens=100, probe_every=2, probe_size=4)
+    for i in range(4):
+        buf.add(example(3, f"r{i}"))
+    path = tmp_path / "traffic.pt"
+    leftover = tmp_path / ".traffic.pt.tmp"
+    leftover.write_bytes(b"old")
+    leftover.chmod(0o666)
+    old = os.umask(0)
+    try:
+        assert buf.save(path) == 4
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and not leftover.exists()
+    again = ReplayBuffer(capacity_tokens=100, probe_every=2, probe_size=4)
+    assert again.load(path) == 4
+    assert [e.request_id for e in again.examples] == ["r0", "r2"] and [e.request_id for e in again.probe] == ["r1", "r3"]
 
 
 def test_buffer_holds_back_every_nth_request_as_probe():

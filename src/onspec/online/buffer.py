@@ -9,13 +9,14 @@ distiller's guard can measure a new draft on data it has not seen.
 
 from __future__ import annotations
 
-import os
 import random
 import threading
 from collections import deque
+from pathlib import Path
 
 import torch
 
+from onspec.durable import replace_synced
 from onspec.engine.records import Example
 
 __all__ = ["Example", "ReplayBuffer"]
@@ -73,9 +74,7 @@ class ReplayBuffer:
         called when the operator asked for it (`--persist-traffic`). Returns examples written."""
         with self._lock:
             rows = [dict(vars(e), probe=False) for e in self.examples] + [dict(vars(e), probe=True) for e in self.probe]
-        tmp = f"{path}.tmp"
-        torch.save(rows, tmp)
-        os.replace(tmp, path)
+        replace_synced(Path(path), lambda f: torch.save(rows, f), private=True)  # owner only, durable
         return len(rows)
 
     def load(self, path) -> int:
