@@ -10,7 +10,7 @@ options (`--ways`, ';'-separated, each a ','-list of option=value over `--base`)
 Prints a table and, last, one JSON line.
 
     .venv/bin/python benchmarks/online_sweep.py --dataset sharegpt --prompts 96 \\
-        --ways "static;lr=1e-4;lr=2e-5;lora_rank=16,lr=2e-4"
+        --ways "static;lr=1e-4;lr=2e-5;lora_rank=16,lr=2e-4" --plot sweep.png
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--base", default=BASE, help=f"trainer options every way starts from (default: {BASE})")
     ap.add_argument("--ways", default="static;lr=1e-4;lr=2e-5;lora_rank=16,lr=2e-4")
+    ap.add_argument("--plot", default=None, help="write agreement per block, every way, to this PNG")
     ap.add_argument("--cache", default=None, help="served requests cache (default: runs/sweep-<dataset>-<skip>-<n>.pt)")
     args = ap.parse_args()
     console = Console(stderr=True)
@@ -78,9 +79,32 @@ def main() -> int:
                       delta, str(r["updates"]), str(r["rollbacks"]),
                       "" if not r["update_s"] else f"{r['update_s']:.1f}", f"{r['trained_parameters'] / 1e6:.1f}M")
     Console(file=sys.stdout, width=160).print(table)
-    print(json.dumps({"dataset": args.dataset, "prompts": len(examples), "base": args.base, "serve_tok_s": serve_tok_s,
-                      "ways": rows}))
+    result = {"dataset": args.dataset, "prompts": len(examples), "base": args.base, "serve_tok_s": serve_tok_s,
+              "ways": rows}
+    if args.plot:
+        plot(result, args.plot)
+    print(json.dumps(result))
     return 0
+
+
+def plot(result: dict, path: str) -> None:
+    """Agreement per block of requests (before the block is trained on), one line per way."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for name, r in result["ways"].items():
+        n = r["options"]["update_interval"]
+        ax.plot([n * (i + 1) for i in range(len(r["per_block"]))], r["per_block"], label=name,
+                lw=2.5 if name == "static" else 1.2, color="black" if name == "static" else None)
+    ax.set_xlabel("requests served")
+    ax.set_ylabel("greedy agreement on the next block (new requests)")
+    ax.set_title(f"{result['dataset']}, {result['prompts']} requests; base {result['base']}", fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 def _options(spec: str) -> dict:
