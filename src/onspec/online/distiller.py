@@ -452,8 +452,7 @@ def _add_adapters(student: nn.Module, boundary: int | None, config: TrainerConfi
         raise ValueError("--lora-rank found no linear projections to adapt in this draft's trained layers "
                          "(use --lora-rank 0 to train the full weights)")
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha or 2 * config.lora_rank, lora_dropout=0.0,
-                      target_modules=targets,
-                      bias="none")
+                      target_modules=targets, bias="none")
     inject_adapter_in_model(lora, student)
     modules = dict(student.named_modules())
     return {f"{t}.weight": modules[t] for t in targets}
