@@ -134,17 +134,25 @@ class CheckpointStore:
         got = self._load_newest_good(with_optimizer=False)
         return None if got is None else (got.weights, got.meta)
 
-    def load_into(self, model, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
-        """Load the newest good checkpoint's weights (and optimizer state) in place; returns its meta."""
-        got = self._load_newest_good(with_optimizer=optimizer is not None)
+    def load_fitting(self, own: dict[str, torch.Tensor], required=(), with_optimizer: bool = False) -> Loaded | None:
+        """The newest good checkpoint, refused (ValueError) when it was written for another model:
+        a tensor that `own` (name -> tensor) lacks or shapes otherwise, or a `required` name absent."""
+        got = self._load_newest_good(with_optimizer)
         if got is None:
             return None
-        own = model.state_dict()
         wrong = [f"{n} {tuple(t.shape)} (the model's: {tuple(own[n].shape) if n in own else 'none'})"
                  for n, t in got.weights.items() if n not in own or own[n].shape != t.shape]
+        wrong += [f"{n} missing (the model's: {tuple(own[n].shape)})" for n in required if n not in got.weights]
         if wrong:  # another model's learning: refuse, never start over and prune it away
             raise ValueError(f"the checkpoint {got.path} was written for another draft model ({len(wrong)} tensors "
                              f"differ, e.g. {wrong[0]}); point --state-dir elsewhere or move it away")
+        return got
+
+    def load_into(self, model, optimizer: torch.optim.Optimizer | None = None) -> dict | None:
+        """Load the newest good checkpoint's weights (and optimizer state) in place; returns its meta."""
+        got = self.load_fitting(model.state_dict(), with_optimizer=optimizer is not None)
+        if got is None:
+            return None
         model.load_state_dict(got.weights, strict=False)
         if optimizer is not None and got.optimizer is not None:
             try:

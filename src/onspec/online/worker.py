@@ -197,18 +197,11 @@ class TrainerWorker:
             return
         d = self.distiller
         if d.adapted:  # the checkpoint is the merged draft: adopted, its adapters starting at zero
-            got = self.store.load_latest()
+            got = self.store.load_fitting(d.served_state_dict(), required=d.published_names)
             if got is None:
                 return
-            weights, meta = got
-            missing = [n for n in d.published_names if n not in weights]
-            try:
-                if missing:
-                    raise ValueError(f"{len(missing)} trained tensors missing, e.g. {missing[0]}")
-                d.adopt(weights, int(meta["version"]))  # checks the shapes before it changes anything
-            except ValueError as e:  # another model's learning: refuse, never start over and prune it away
-                raise ValueError(f"the checkpoint {self.store.loaded_from} was written for another draft model "
-                                 f"({e}); point --state-dir elsewhere or move it away") from None
+            meta = got.meta
+            d.adopt(got.weights, int(meta["version"]))
         else:
             meta = self.store.load_into(d.student, d.optimizer)
             if meta is None:
