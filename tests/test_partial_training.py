@@ -28,6 +28,18 @@ def make(tokenizer, arch="llama", draft=None, **cfg):
     return engine, config
 
 
+def learns_on_repeats(engine, trainer, rounds=5):
+    """Serve TEXTS `rounds` + 2 times with the trainer on: alpha must rise by 0.2 from the first
+    pass to the last, over at least 10 updates."""
+    prompts = [engine.tokenizer.encode(t) for t in TEXTS]
+    first = alpha_of(serve(engine, trainer, prompts))
+    for _ in range(rounds):
+        serve(engine, trainer, prompts)
+    last = alpha_of(serve(engine, trainer, prompts))
+    assert trainer.distiller.updates >= 10
+    assert last > first + 0.2, (first, last)
+
+
 def examples(engine, tokenizer, n=4):
     engine.teacher_top_k = 8
     got = []
@@ -76,13 +88,7 @@ def test_alpha_rises_when_only_the_top_layer_learns(freeze_head, tokenizer):
     trainer = attach_trainer(engine, cfg)
     assert any(n.startswith("lm_head.") for n in trainer.distiller.trainable) != freeze_head
     frozen = {n: p.detach().clone() for n, p in engine.draft.named_parameters() if n not in trainer.distiller.trainable}
-    prompts = [tokenizer.encode(t) for t in TEXTS]
-    first = alpha_of(serve(engine, trainer, prompts))
-    for _ in range(5):
-        serve(engine, trainer, prompts)
-    last = alpha_of(serve(engine, trainer, prompts))
-    assert trainer.distiller.updates >= 10
-    assert last > first + 0.2, (first, last)
+    learns_on_repeats(engine, trainer)
     engine.apply_pending_swap()
     for n, p in engine.draft.named_parameters():  # the frozen layers never moved
         if n in frozen:
