@@ -28,6 +28,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from onspec.config import add_arguments, from_args
 from onspec.data.streams import iter_queries
 from onspec.engine.build import make_engine
 from onspec.engine.engine import EngineConfig, Request
@@ -55,15 +56,14 @@ def main() -> int:
     args = ap.parse_args()
     console = Console(stderr=True)
     # every way on the base options (the same numerics: static too, it only never updates)
-    ways = {w.strip(): _options(args.base + ("" if w.strip() == "static" else "," + w.strip()))
+    ways = {w.strip(): _config(args.base + ("" if w.strip() == "static" else "," + w.strip()))
             for w in args.ways.split(";") if w.strip()}
     cache = Path(args.cache or f"runs/sweep-{args.dataset}-{args.skip}-{args.prompts}-{args.max_new_tokens}.pt")
     target, draft = load_pair(ModelConfig(target=args.target))
     examples, serve_tok_s = _served(args, target, draft, cache, console)
     del target
     rows = {}
-    for name, options in ways.items():
-        cfg = TrainerConfig(**{"background": False, **options})
+    for name, cfg in ways.items():
         t0 = time.perf_counter()
         rows[name] = _replay(examples, draft.model, cfg, learn=name != "static", console=console, name=name)
         rows[name]["wall_s"] = time.perf_counter() - t0
@@ -107,16 +107,26 @@ def plot(result: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def _options(spec: str) -> dict:
-    known = {f.name: f.type for f in fields(TrainerConfig)}
-    out = {}
+def _config(spec: str) -> TrainerConfig:
+    """A TrainerConfig from 'option=value,...' (a later value wins), read by the CLI's own flags
+    (onspec.config: the same types, choices and range checks as `onspec replay`)."""
+    values = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         key, _, value = item.partition("=")
+        values[key] = value
+    known = {f.name: f for f in fields(TrainerConfig)}
+    argv = []
+    for key, value in values.items():
         if key not in known:
             raise SystemExit(f"unknown trainer option {key!r} in --ways/--base")
-        kind = known[key] if isinstance(known[key], type) else eval(known[key])  # noqa: S307 (annotations as strings)
-        out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-    return out
+        flag = "--" + key.replace("_", "-")
+        if isinstance(known[key].default, bool):  # a switch: given when true
+            argv += [flag] if value.lower() in ("1", "true", "yes") else []
+        else:
+            argv += [flag, value]
+    parser = argparse.ArgumentParser(prog="online_sweep.py --ways/--base")
+    add_arguments(parser, TrainerConfig)
+    return from_args(TrainerConfig, parser.parse_args(argv), background=False)
 
 
 def _served(args, target, draft, cache: Path, console) -> tuple[list[Example], float | None]:
