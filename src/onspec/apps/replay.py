@@ -12,7 +12,7 @@ A greedy online run also records `static_alpha_tf`: the *starting* draft's agree
 served tokens. Greedy serving is lossless, so the served tokens are the ones a static run would
 serve, and this is exactly the static run's `alpha_tf`, measured without decoding the stream twice
 (`--static-baseline tf`, the default; `--mode both` still decodes both, for tokens/s).
-Writes `<out>/replay_<mode>.csv`, `<out>/alpha.png` (moving averages, modes on the same axes),
+Writes `<out>/replay_<mode>.csv`, `<out>/alpha.png` (alpha and tokens/s moving averages, modes on the same axes),
 `<out>/summary.json`; with --json the last line printed is the summary.
 """
 
@@ -311,9 +311,10 @@ def _groups(rows: list[dict], column: str) -> dict:
 
 
 def plot_alpha(out_dir: Path, modes: list[str], window: int, boundaries: list[int]) -> Path:
-    """alpha over the stream (moving averages, modes on the same axes); when the stream has several
-    sources or the pool several drafts, a second panel draws each source's and each draft's own
-    moving average (over its own queries, placed at their stream positions)."""
+    """alpha over the stream (moving averages, modes on the same axes), and below it tokens/s (over
+    the same window: its tokens over its seconds); when the stream has several sources or the pool
+    several drafts, a third panel draws each source's and each draft's own alpha moving average
+    (over its own queries, placed at their stream positions)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -324,7 +325,8 @@ def plot_alpha(out_dir: Path, modes: list[str], window: int, boundaries: list[in
         with open(out_dir / f"replay_{mode}.csv") as f:
             tables[mode] = list(csv.DictReader(f))
     groups = _plot_groups(tables)
-    fig, axes = plt.subplots(2 if groups else 1, 1, figsize=(9, 8 if groups else 4.5), squeeze=False)
+    fig, axes = plt.subplots(3 if groups else 2, 1, figsize=(9, 11 if groups else 7.5), squeeze=False,
+                             height_ratios=[2, 1, 2] if groups else [2, 1])
     ax = axes[0][0]
     for mode, rows in tables.items():
         ax.plot(range(len(rows)), _moving_average(_alphas(rows), window), label=mode)
@@ -335,9 +337,19 @@ def plot_alpha(out_dir: Path, modes: list[str], window: int, boundaries: list[in
         if mode == "online":
             changes = [i for i in range(1, len(rows)) if rows[i]["draft_version"] != rows[i - 1]["draft_version"]]
             ax.plot(changes, [0.02] * len(changes), "|", color="gray", alpha=0.4, label="draft update")
+    tx = axes[1][0]
+    for mode, rows in tables.items():
+        tx.plot(range(len(rows)), _windowed_rate(rows, window), label=mode)
+    tx.set_ylabel(f"tokens/s ({window} queries)")
+    tx.set_xlabel("query (stream order)")
+    tx.set_ylim(bottom=0)
+    tx.grid(alpha=0.3)
+    tx.legend(loc="lower left", fontsize=8)
+    for b in boundaries:
+        tx.axvline(b, color="black", linestyle=":", linewidth=1)
     panels = [ax]
     if groups:
-        gx = axes[1][0]
+        gx = axes[2][0]
         for label, (xs, values) in groups.items():
             gx.plot(xs, _moving_average(values, window), label=label, linestyle="--" if " source " in f" {label}" else "-")
         gx.set_title(f"alpha per source (dashed) and per draft ({window}-query moving average within each)", fontsize=10)
@@ -383,6 +395,18 @@ def _boundaries(queries, passes: int) -> list[int]:
     n = len(queries) // passes if passes else len(queries)
     out = [i for i in range(1, len(queries)) if queries[i][0].source != queries[i - 1][0].source]
     return sorted(set(out + [n * p for p in range(1, passes)]))
+
+
+def _windowed_rate(rows: list[dict], window: int) -> list[float]:
+    """tokens/s over each query's trailing window: the window's tokens over its seconds."""
+    tokens = [float(r["tokens"]) for r in rows]
+    seconds = [float(r["seconds"]) for r in rows]
+    out = []
+    for i in range(len(rows)):
+        lo = max(0, i - window + 1)
+        s = sum(seconds[lo: i + 1])
+        out.append(sum(tokens[lo: i + 1]) / s if s > 0 else float("nan"))
+    return out
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:
