@@ -70,17 +70,20 @@ def main() -> int:
     static = rows.get("static")
     table = Table(title=f"prequential greedy agreement on {len(examples)} {args.dataset} requests served once "
                         f"(blocks of --update-interval requests; base: {args.base})")
-    for col in ("way", "all", "first half", "last half", "last 20%", "last 20% vs static", "updates", "rolled back",
-                "s / update", "trained params"):
+    for col in ("way", "all", "first half", "last half", "last 20%", "last 20% vs static",
+                "taught block before -> after", "updates", "rolled back", "s / update", "trained params"):
         table.add_column(col, justify="right")
     for name, r in rows.items():
         delta = "" if static is None else f"{r['last_20'] - static['last_20']:+.3f}"
         table.add_row(name, f"{r['all']:.3f}", f"{r['first_half']:.3f}", f"{r['last_half']:.3f}", f"{r['last_20']:.3f}",
-                      delta, str(r["updates"]), str(r["rollbacks"]),
+                      delta, "" if r["seen_after"] is None else f"{r['seen_before']:.3f} -> {r['seen_after']:.3f}",
+                      str(r["updates"]), str(r["rollbacks"]),
                       "" if not r["update_s"] else f"{r['update_s']:.1f}", f"{r['trained_parameters'] / 1e6:.1f}M")
-    Console(file=sys.stdout, width=160).print(table)
+    Console(file=sys.stdout, width=180).print(table)
+    anatomy = disagreements(examples, draft.model, _config(args.base))
+    Console(file=sys.stdout, width=180).print(anatomy_table(anatomy))
     result = {"dataset": args.dataset, "prompts": len(examples), "base": args.base, "serve_tok_s": serve_tok_s,
-              "ways": rows}
+              "ways": rows, "disagreements": anatomy}
     if args.plot:
         plot(result, args.plot)
     print(json.dumps(result))
@@ -105,6 +108,54 @@ def plot(result: dict, path: str) -> None:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+BANDS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.01)
+"""Bands of the target's top-1 probability at a position."""
+
+
+@torch.no_grad()
+def disagreements(examples: list[Example], draft, cfg: TrainerConfig) -> dict:
+    """Where the static draft's greedy choice differs from the target's, and how sure the target
+    was there: per band of the target's top-1 probability, the positions and the draft's
+    agreement; among disagreements, how often the target's choice was the draft's second, and how
+    often the target itself was at a near-tie (top-1 minus top-2 below 0.1). A position where the
+    target's own top-1 is at 0.4 is one no draft predicts reliably: this bounds what learning can add."""
+    d = Distiller(draft, cfg)
+    hits, top1, margin, second = [], [], [], []
+    for i in range(0, len(examples), 8):
+        logits, top_ids, top_probs, _ = d._student_logits(examples[i: i + 8], grad=False)
+        two = logits.topk(2, dim=-1).indices  # [M, 2]
+        hits.append(two[:, 0] == top_ids[:, 0])
+        second.append(two[:, 1] == top_ids[:, 0])
+        top1.append(top_probs[:, 0])
+        margin.append(top_probs[:, 0] - top_probs[:, 1])
+    hits, second, top1, margin = (torch.cat(x) for x in (hits, second, top1, margin))
+    wrong = ~hits
+    bands = []
+    for lo, hi in zip(BANDS, BANDS[1:]):
+        inside = (top1 >= lo) & (top1 < hi)
+        bands.append({"target_top1": f"{lo:.1f}-{min(hi, 1.0):.1f}", "positions": int(inside.sum()),
+                      "share": float(inside.float().mean()),
+                      "agreement": float(hits[inside].float().mean()) if inside.any() else None,
+                      "share_of_disagreements": float((wrong & inside).sum() / max(1, int(wrong.sum())))})
+    return {"positions": len(hits), "agreement": float(hits.float().mean()), "disagreements": int(wrong.sum()),
+            "target_was_draft_second": float(second[wrong].float().mean()) if wrong.any() else None,
+            "target_near_tie": float((margin[wrong] < 0.1).float().mean()) if wrong.any() else None,
+            "bands": bands}
+
+
+def anatomy_table(a: dict) -> Table:
+    t = Table(title=f"static draft vs target, {a['positions']} positions: agreement {a['agreement']:.3f}; of the "
+                    f"{a['disagreements']} disagreements the target's choice was the draft's 2nd in "
+                    f"{a['target_was_draft_second']:.0%}, and the target was at a near-tie (top-1 - top-2 < 0.1) "
+                    f"in {a['target_near_tie']:.0%}")
+    for col in ("target top-1 prob", "positions", "share", "draft agreement", "share of disagreements"):
+        t.add_column(col, justify="right")
+    for b in a["bands"]:
+        t.add_row(b["target_top1"], str(b["positions"]), f"{b['share']:.3f}",
+                  "" if b["agreement"] is None else f"{b['agreement']:.3f}", f"{b['share_of_disagreements']:.3f}")
+    return t
 
 
 def _config(spec: str) -> TrainerConfig:
@@ -154,17 +205,22 @@ def _replay(examples: list[Example], draft, cfg: TrainerConfig, learn: bool, con
     buffer = ReplayBuffer(cfg.buffer_tokens, cfg.probe_every, cfg.probe_size, cfg.seed, cfg.max_buffer_records)
     per_block = []  # (matching positions, positions) of each block before it was trained on
     update_s = []
+    seen = []  # per update: ((matching, positions) on its block's trained requests before, after)
     n = cfg.update_interval
     for i in range(0, len(examples), n):
         block = examples[i: i + n]
         counts = d._probe_counts(block, reuse=False)
         per_block.append((sum(c[1] for c in counts.values()), sum(c[2] for c in counts.values())))
-        for e in block:
-            buffer.add(e)
+        kept = [e for e in block if buffer.add(e) == "train"]
         if learn and len(block) == n:
             entry = d.update(buffer)
             if entry is not None:
                 update_s.append(entry.seconds)
+            # the same block's trained requests after the update that saw them: what the update
+            # learnt where it was taught (in-sample), beside what it carried to new requests
+            counts_in = d._probe_counts(kept, reuse=False)
+            before_in = sum(counts[id(e)][1] for e in kept), sum(counts[id(e)][2] for e in kept)
+            seen.append((before_in, (sum(c[1] for c in counts_in.values()), sum(c[2] for c in counts_in.values()))))
         if (i // n) % 4 == 3:
             console.print(f"{name}: {i + len(block)}/{len(examples)} requests, v{d.version}, "
                           f"{d.rollbacks} rolled back")
@@ -173,8 +229,12 @@ def _replay(examples: list[Example], draft, cfg: TrainerConfig, learn: bool, con
         part = per_block[int(lo * len(per_block)): max(int(lo * len(per_block)) + 1, int(hi * len(per_block)))]
         return sum(m for m, _ in part) / max(1, sum(t for _, t in part))
 
+    def seen_share(i: int) -> float | None:
+        return sum(x[i][0] for x in seen) / sum(x[i][1] for x in seen) if seen else None
+
     return {"all": share(0, 1), "first_half": share(0, 0.5), "last_half": share(0.5, 1), "last_20": share(0.8, 1),
-            "per_block": [m / max(1, t) for m, t in per_block], "updates": d.updates, "rollbacks": d.rollbacks,
+            "per_block": [m / max(1, t) for m, t in per_block],
+            "seen_before": seen_share(0), "seen_after": seen_share(1), "updates": d.updates, "rollbacks": d.rollbacks,
             "update_s": statistics.mean(update_s) if update_s else None,
             "trained_parameters": sum(p.numel() for p in d.trainable.values()) if learn else 0,
             "options": {k: v for k, v in vars(cfg).items() if k != "background"}}
