@@ -142,6 +142,9 @@ def disagreements(examples: list[Example], draft, cfg: TrainerConfig) -> dict:
     return {"positions": len(hits), "agreement": float(hits.float().mean()), "disagreements": int(wrong.sum()),
             "target_was_draft_second": float(second[wrong].float().mean()) if wrong.any() else None,
             "target_near_tie": float((margin[wrong] < 0.1).float().mean()) if wrong.any() else None,
+            # the agreement a draft would reach if it stopped disagreeing wherever the target's top-1 is
+            # at least t (and nowhere else): what a learner can add without predicting the target's coin flips
+            "ceiling": {f"{t:.1f}": float((hits | (top1 >= t)).float().mean()) for t in (0.9, 0.7, 0.5)},
             "bands": bands}
 
 
@@ -149,7 +152,8 @@ def anatomy_table(a: dict) -> Table:
     t = Table(title=f"static draft vs target, {a['positions']} positions: agreement {a['agreement']:.3f}; of the "
                     f"{a['disagreements']} disagreements the target's choice was the draft's 2nd in "
                     f"{a['target_was_draft_second']:.0%}, and the target was at a near-tie (top-1 - top-2 < 0.1) "
-                    f"in {a['target_near_tie']:.0%}")
+                    f"in {a['target_near_tie']:.0%}. Agreement if every disagreement where the target's top-1 >= t were "
+                    f"fixed: " + ", ".join(f"t={t}: {v:.3f}" for t, v in a["ceiling"].items()))
     for col in ("target top-1 prob", "positions", "share", "draft agreement", "share of disagreements"):
         t.add_column(col, justify="right")
     for b in a["bands"]:
