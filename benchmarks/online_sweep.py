@@ -149,10 +149,13 @@ def disagreements(examples: list[Example], draft, cfg: TrainerConfig) -> dict:
 
 
 def anatomy_table(a: dict) -> Table:
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.0%}"
+
     t = Table(title=f"static draft vs target, {a['positions']} positions: agreement {a['agreement']:.3f}; of the "
                     f"{a['disagreements']} disagreements the target's choice was the draft's 2nd in "
-                    f"{a['target_was_draft_second']:.0%}, and the target was at a near-tie (top-1 - top-2 < 0.1) "
-                    f"in {a['target_near_tie']:.0%}. Agreement if every disagreement where the target's top-1 >= t were "
+                    f"{pct(a['target_was_draft_second'])}, and the target was at a near-tie (top-1 - top-2 < 0.1) "
+                    f"in {pct(a['target_near_tie'])}. Agreement if every disagreement where the target's top-1 >= t were "
                     f"fixed: " + ", ".join(f"t={t}: {v:.3f}" for t, v in a["ceiling"].items()))
     for col in ("target top-1 prob", "positions", "share", "draft agreement", "share of disagreements"):
         t.add_column(col, justify="right")
@@ -204,6 +207,11 @@ def _served(args, target, draft, cache: Path, console) -> tuple[list[Example], f
     return examples, serve_tok_s
 
 
+def _tally(counts: dict, examples: list[Example]) -> tuple[int, int]:
+    """(matching positions, positions) of `examples` from the distiller's per-example probe counts."""
+    return sum(counts[id(e)][1] for e in examples), sum(counts[id(e)][2] for e in examples)
+
+
 def _replay(examples: list[Example], draft, cfg: TrainerConfig, learn: bool, console, name: str) -> dict:
     d = Distiller(draft, cfg)
     buffer = ReplayBuffer(cfg.buffer_tokens, cfg.probe_every, cfg.probe_size, cfg.seed, cfg.max_buffer_records)
@@ -214,7 +222,7 @@ def _replay(examples: list[Example], draft, cfg: TrainerConfig, learn: bool, con
     for i in range(0, len(examples), n):
         block = examples[i: i + n]
         counts = d._probe_counts(block, reuse=False)
-        per_block.append((sum(c[1] for c in counts.values()), sum(c[2] for c in counts.values())))
+        per_block.append(_tally(counts, block))
         kept = [e for e in block if buffer.add(e) == "train"]
         if learn and len(block) == n:
             entry = d.update(buffer)
@@ -222,9 +230,7 @@ def _replay(examples: list[Example], draft, cfg: TrainerConfig, learn: bool, con
                 update_s.append(entry.seconds)
             # the same block's trained requests after the update that saw them: what the update
             # learnt where it was taught (in-sample), beside what it carried to new requests
-            counts_in = d._probe_counts(kept, reuse=False)
-            before_in = sum(counts[id(e)][1] for e in kept), sum(counts[id(e)][2] for e in kept)
-            seen.append((before_in, (sum(c[1] for c in counts_in.values()), sum(c[2] for c in counts_in.values()))))
+            seen.append((_tally(counts, kept), _tally(d._probe_counts(kept, reuse=False), kept)))
         if (i // n) % 4 == 3:
             console.print(f"{name}: {i + len(block)}/{len(examples)} requests, v{d.version}, "
                           f"{d.rollbacks} rolled back")

@@ -34,6 +34,7 @@ def test_a_draft_equal_to_the_target_never_disagrees(tokenizer):
     a = online_sweep.disagreements(served(tokenizer, tiny_model("llama", 0)), target, CFG)
     assert a["agreement"] == 1.0 and a["disagreements"] == 0
     assert all(v == 1.0 for v in a["ceiling"].values())
+    assert "n/a" in online_sweep.anatomy_table(a).title  # no disagreements: nothing to take shares of
 
 
 def test_disagreement_bands_add_up_and_ceilings_are_ordered(tokenizer):
