@@ -8,6 +8,7 @@ from torch import nn
 from onspec.engine.drafter import Drafter
 from onspec.engine.engine import EngineConfig, SpeculativeEngine, _eos_ids
 from onspec.engine.policy import PolicyConfig, make_policy
+from onspec.engine.suffix import SuffixLearner
 from onspec.models.draft_vocab import DraftVocab, calibration_counts
 
 
@@ -18,9 +19,18 @@ def make_engine(target_model: nn.Module, tokenizer, draft_model: nn.Module | Non
     vocab = None
     if draft_model is not None and engine_cfg.draft_vocab:
         vocab = draft_vocab(target_model, tokenizer, engine_cfg.draft_vocab)
-    return SpeculativeEngine(target_model, tokenizer, draft_model, k=k,
-                             policy=make_policy(k, policy_cfg or PolicyConfig(), draft_model is not None),
-                             draft_vocab=vocab, draft_int8=draft_int8(engine_cfg.draft_quant, draft_model))
+    policy = make_policy(k, policy_cfg or PolicyConfig(), draft_model is not None)
+    return SpeculativeEngine(target_model, tokenizer, draft_model, k=k, policy=policy,
+                             draft_vocab=vocab, draft_int8=draft_int8(engine_cfg.draft_quant, draft_model),
+                             suffix=suffix_learner(engine_cfg) if policy is not None else None)
+
+
+def suffix_learner(engine_cfg: EngineConfig) -> SuffixLearner | None:
+    """The suffix learner beside the draft (None with --no-suffix). The controller prices its
+    proposals with the draft's measured costs, so it runs with adaptive k only."""
+    if engine_cfg.no_suffix:
+        return None
+    return SuffixLearner(max_tokens=engine_cfg.suffix_tokens, history=engine_cfg.suffix_history)
 
 
 def make_drafter(target_model: nn.Module, tokenizer, draft_model: nn.Module, name: str, engine_cfg: EngineConfig,

@@ -33,6 +33,8 @@ from onspec.engine.drafter import DEFAULT, Drafter
 from onspec.engine.records import Example, RequestOutput, RequestStats, StepOutput, StepRecord
 from onspec.engine.runner import ModelRunner
 from onspec.engine.policy import AdaptiveK
+from onspec.engine.controller import Controller
+from onspec.engine.suffix import SuffixIndex, SuffixLearner
 from onspec.engine.sampling import InvalidRequest, SamplingParams, gumbel_noise, process_logits, sample
 from onspec.engine.stopping import StopChecker
 from onspec.engine.verify import Verdict, greedy_verify, gumbel_verify, rejection_sample
@@ -51,10 +53,21 @@ class EngineConfig:
                               "target keeps its dtype), none, or auto (int8 on CPU, where one-position draft passes "
                               "read half the bytes; none on CUDA, where the int8 path only dequantises)",
                               choices=("auto", "int8", "none"))
+    no_suffix: bool = option(False, "the draft model alone proposes (the floor): no suffix learner beside it. By "
+                             "default a model-free suffix learner (matches in the request's prompt and output and in "
+                             "earlier outputs, engine/suffix.py) proposes instead of the draft whenever its live "
+                             "acceptance makes that the faster step (engine/controller.py); needs adaptive k")
+    suffix_tokens: int = option(16, "most tokens one suffix match proposes in a step")
+    suffix_history: int = option(4096, "earlier outputs the suffix learner keeps and matches in (0: only the "
+                                 "request's own prompt and output)")
 
     def __post_init__(self) -> None:
         if not 0 <= self.k <= 32:
             raise ValueError(f"k must be in [0, 32], got {self.k}")
+        if not 1 <= self.suffix_tokens <= 64:
+            raise ValueError(f"--suffix-tokens must be in [1, 64], got {self.suffix_tokens}")
+        if self.suffix_history < 0:
+            raise ValueError(f"--suffix-history must be >= 0, got {self.suffix_history}")
         if self.draft_vocab < 0:
             raise ValueError(f"--draft-vocab must be >= 0, got {self.draft_vocab}")
 
@@ -92,6 +105,8 @@ class _Sequence:
     error: str | None = None
     sent: int = 0
     """Characters of detok.text already handed out in StepOutputs."""
+    suffix_index: SuffixIndex | None = None
+    """The suffix learner's index of this request's own prompt and output (None: no suffix learner)."""
     teacher: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     """Per verify step, the target's top-K ids and probabilities at the emitted positions."""
     _noise: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
@@ -129,8 +144,10 @@ class _Draw:
 
     tokens: torch.Tensor  # [k] token ids
     q: torch.Tensor | None  # [k, vocab] processed draft probabilities; None for greedy rows or k = 0
-    logits: torch.Tensor | None = None  # [k, draft vocab] raw draft logits (records only)
+    logits: torch.Tensor | None = None  # [k, draft vocab] raw draft logits (records only; None for suffix proposals)
     drafter: Drafter | None = None
+    depths: list[int] | None = None
+    """A suffix learner's proposal: the matched context length of each token (None: the draft proposed)."""
 
 
 RecordCallback = Callable[[StepRecord], None]
@@ -139,7 +156,8 @@ FinishCallback = Callable[[StepOutput], None]
 
 class SpeculativeEngine:
     def __init__(self, target, tokenizer, draft=None, *, k: int = 4, policy: AdaptiveK | None = None,
-                 draft_vocab: DraftVocab | None = None, draft_int8: bool = False) -> None:
+                 draft_vocab: DraftVocab | None = None, draft_int8: bool = False,
+                 suffix: SuffixLearner | None = None) -> None:
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         self.target = target.eval()
@@ -152,6 +170,10 @@ class SpeculativeEngine:
         self.teacher_top_k = 0
         """> 0: keep the target's top-K distribution at every emitted position and hand each finished
         request's `Example` out with its last StepOutput (set by whoever trains on the traffic)."""
+        self.suffix = suffix
+        """The suffix learner beside the drafts (None: the drafts alone propose); `controller`
+        chooses per row and step which of them proposes."""
+        self.controller = Controller(suffix) if suffix is not None else None
         self.record_logits = False
         """Put full-vocabulary target and draft logits into StepRecords (analysis and tests only)."""
         self._rows: list[_Sequence] = []
@@ -308,7 +330,12 @@ class SpeculativeEngine:
             d, runner = self.drafters[name], self._draft_runners[name]
             d.before_step()
             group = [rows[r] for r in idx]
-            group_ks = self._choose_k(group, d.choose_k())
+            k_draft = d.choose_k()
+            group_ks = self._choose_k(group, k_draft)
+            if self.suffix is not None:  # rows whose suffix proposal is the better offer take it instead
+                for j, r in enumerate(idx):
+                    if (draw := self._suffix_draw(group[j], d, k_draft)) is not None:
+                        draws[r], ks[r], group_ks[j] = draw, int(draw.tokens.shape[0]), 0
             k = max(group_ks)  # the draft runs k forwards for its rows; row r uses its first ks[r] proposals
             t_start = time.perf_counter()
             if k:
@@ -320,8 +347,8 @@ class SpeculativeEngine:
                 self._sync()
                 proposals.append((idx, proposal))
                 for j, r in enumerate(idx):
-                    ks[r] = group_ks[j]
-                    if ks[r]:
+                    if group_ks[j]:
+                        ks[r] = group_ks[j]
                         draws[r] = _Draw(proposal.tokens[j, : ks[r]], proposal.probs[j],
                                          proposal.logits[j, : ks[r]], d)
             t1 = time.perf_counter()
@@ -330,19 +357,27 @@ class SpeculativeEngine:
                 rows[r].stats.draft_forwards += k
             drafted.append((d, idx, k, t1 - t0))
         t1 = time.perf_counter()
-        target_logits = self.score(self._target_runner, self._stack(proposals, len(rows), max(ks)))  # [batch, k+1, vocab]
+        target_logits = self.score(self._target_runner, self._stack(proposals, draws, max(ks)))  # [batch, k+1, vocab]
         self._sync()
         t2 = time.perf_counter()
         verdicts = [self._verify_row(s, draws[r], target_logits[r, : ks[r] + 1]) for r, s in enumerate(rows)]
         accepted = [v.num_accepted for v in verdicts]
         emitted = [v.tokens for v in verdicts]
         self._target_runner.accept(accepted, emitted)
+        suffixed = [draws[r] is not None and draws[r].depths is not None for r in range(len(rows))]
+        for r, v in enumerate(verdicts):
+            if suffixed[r]:
+                self.suffix.observe(draws[r].depths, v.num_accepted)
+                rows[r].stats.observe_suffix(ks[r], v.num_accepted)
+        # a row the suffix learner proposed for keeps none of the draft's own proposals
+        drafted_accepted = [0 if suffixed[r] else a for r, a in enumerate(accepted)]
         for d, idx, k, seconds in drafted:
-            self._draft_runners[d.name].accept([accepted[r] for r in idx], [emitted[r] for r in idx])
+            self._draft_runners[d.name].accept([drafted_accepted[r] for r in idx], [emitted[r] for r in idx])
             d.observe_emitted([emitted[r] for r in idx])
             if d.policy is not None:  # the target pass is shared: each drafter sees its time
-                d.policy.observe(k, sum(accepted[r] for r in idx), sum(verdicts[r].evaluated for r in idx),
-                                 seconds, t2 - t1)
+                mine = [r for r in idx if not suffixed[r]]
+                d.policy.observe(k, sum(accepted[r] for r in mine), sum(verdicts[r].evaluated for r in mine),
+                                 seconds, t2 - t1, width=max(ks))
         if self.teacher_top_k:
             self._keep_teacher(rows, target_logits, accepted)
         steps = []
@@ -388,6 +423,18 @@ class SpeculativeEngine:
             probs=[torch.stack(p) if p else None for p in probs],
         )
 
+    def _suffix_draw(self, seq: _Sequence, drafter: Drafter, k_draft: int) -> _Draw | None:
+        """The suffix learner's proposal for this row, if the controller prefers it to the draft's."""
+        budget = seq.params.max_new_tokens - len(seq.generated) - 1
+        if seq.error is not None or budget <= 0 or seq.suffix_index is None:
+            return None
+        proposal = self.suffix.propose(_tail(seq, self.suffix.max_depth), seq.suffix_index, budget)
+        m = self.controller.choose(drafter.policy, k_draft, proposal)
+        if not m:
+            return None
+        tokens = torch.tensor(proposal.tokens[:m], dtype=torch.long, device=self.device)
+        return _Draw(tokens, None, None, drafter, depths=proposal.depths[:m])
+
     def score(self, target: ModelRunner, proposals: torch.Tensor | None) -> torch.Tensor:
         """The target scores each row's last committed token and its proposals in one pass.
         proposals: [batch, k] (None: no row speculates) -> logits [batch, k+1, vocab]."""
@@ -403,7 +450,12 @@ class SpeculativeEngine:
         if seq.coupled:
             gumbels = torch.stack([seq.gumbel(i, p.shape[-1], p.device) for i in range(p.shape[0])])
             return gumbel_verify(draft_tokens, p, gumbels)
-        q = draw.q if draw is not None else p[:0]
+        if draw is None:
+            q = p[:0]
+        elif draw.q is None:  # a suffix proposal: deterministic, q is one-hot on each proposed token
+            q = torch.nn.functional.one_hot(draw.tokens, p.shape[-1]).to(p.dtype)
+        else:
+            q = draw.q
         return rejection_sample(draft_tokens, q, p, seq.generator)
 
     def _verify_row(self, seq: _Sequence, draw: _Draw | None, target_logits: torch.Tensor) -> Verdict:
@@ -423,16 +475,22 @@ class SpeculativeEngine:
                 groups.setdefault(s.drafter.name, []).append(r)
         return groups
 
-    def _stack(self, proposals: list[tuple[list[int], Proposal]], batch: int, k: int) -> torch.Tensor | None:
-        """Every drafter's proposals as one [batch, k] input to the target (a row with fewer
-        proposals is padded; the target's logits there are never read)."""
+    def _stack(self, proposals: list[tuple[list[int], Proposal]], draws: list[_Draw | None], k: int
+               ) -> torch.Tensor | None:
+        """Every drafter's proposals, and the suffix learner's, as one [batch, k] input to the target
+        (a row with fewer proposals is padded; the target's logits there are never read)."""
         if not k:
             return None
-        if len(proposals) == 1 and len(proposals[0][0]) == batch:
+        batch = len(draws)
+        suffixed = [(r, d.tokens) for r, d in enumerate(draws) if d is not None and d.depths is not None]
+        if not suffixed and len(proposals) == 1 and len(proposals[0][0]) == batch:
             return proposals[0][1].tokens  # one drafter drafts for every row: as proposed
         tokens = torch.zeros(batch, k, dtype=torch.long, device=self.device)
         for idx, proposal in proposals:
             tokens[torch.tensor(idx, device=self.device), : proposal.tokens.shape[1]] = proposal.tokens
+        for r, row in suffixed:  # written after the drafts': a suffix row's own draft proposals are unused
+            tokens[r] = 0
+            tokens[r, : row.shape[0]] = row
         return tokens
 
     # -- bookkeeping --------------------------------------------------------------------------
@@ -462,6 +520,8 @@ class SpeculativeEngine:
             stats=RequestStats(k=drafter.k if drafter is not None else 0),
             started=time.perf_counter(),
             detok=IncrementalDetokenizer(self.tokenizer),
+            suffix_index=(self.suffix.local_index(request.prompt_ids)
+                          if self.suffix is not None and drafter is not None else None),
         )
 
     def _choose_k(self, rows: list[_Sequence], k_max: int) -> list[int]:
@@ -480,6 +540,8 @@ class SpeculativeEngine:
             self._fail(seq, "checking stop conditions", e)
             return []
         kept = tokens[: result.keep]
+        if seq.suffix_index is not None:
+            SuffixLearner.extend(seq.suffix_index, _tail(seq, self.suffix.max_depth), kept)
         seq.generated.extend(kept)
         for key in [key for key in seq._noise if key[0] < len(seq.generated)]:
             del seq._noise[key]
@@ -487,6 +549,8 @@ class SpeculativeEngine:
         seq.stats.wall_time_s = time.perf_counter() - seq.started
         if result.reason is not None:
             seq.finish_reason = result.reason
+            if self.suffix is not None:  # a served output: the suffix learner learns it at once
+                self.suffix.learn(seq.request.prompt_ids, seq.generated)
         return kept
 
     def _fail(self, seq: _Sequence, doing: str, error: Exception) -> None:
@@ -560,7 +624,7 @@ class SpeculativeEngine:
             emitted=list(v.tokens),
             target_logits=target_logits[: n + 1].clone() if full else None,
             draft_logits=(draw.drafter.fast.to_full_logits(draw.logits[: min(n + 1, k)]).clone()
-                          if full and k else None),
+                          if full and k and draw.logits is not None else None),
             draft_version=seq.drafter.version if seq.drafter is not None else 0,
         )
 
@@ -584,6 +648,14 @@ class SpeculativeEngine:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _tail(seq: _Sequence, n: int) -> list[int]:
+    """The last n tokens of the row's prompt + output so far."""
+    g = seq.generated
+    if len(g) >= n:
+        return g[len(g) - n:]
+    return seq.request.prompt_ids[max(0, len(seq.request.prompt_ids) - (n - len(g))):] + g
 
 
 def _eos_ids(model, tokenizer) -> set[int]:

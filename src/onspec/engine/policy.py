@@ -66,6 +66,15 @@ class AdaptiveK:
     def alpha(self) -> float:
         return self._accepted / self._evaluated
 
+    @property
+    def draft_time(self) -> float | None:
+        """Seconds per draft forward (EMA of proposal passes); None until measured."""
+        return self._t_draft
+
+    def target_time(self, k: int) -> float | None:
+        """Seconds per target pass over k+1 positions (measured, else interpolated); None until any is."""
+        return self._target_time(k)
+
     def expected_speedup(self, k: int) -> float:
         if k == 0:
             return 1.0
@@ -81,15 +90,22 @@ class AdaptiveK:
             return 1
         return best
 
-    def observe(self, k: int, accepted: int, evaluated: int, draft_seconds: float, target_seconds: float) -> None:
-        """One verify step's outcome (summed over the batch's rows) and its measured times."""
+    def observe(self, k: int, accepted: int, evaluated: int, draft_seconds: float, target_seconds: float,
+                width: int | None = None) -> None:
+        """One verify step's outcome (summed over the batch's rows) and its measured times; the
+        target pass scored `width` + 1 positions (default k: wider when another speculator's row
+        shared the pass)."""
         d = self.cfg.alpha_decay
         if evaluated:
             self._accepted = d * self._accepted + accepted
             self._evaluated = d * self._evaluated + evaluated
         if k:
             self._t_draft = _ema(self._t_draft, draft_seconds / k)
-        self._t_target[k] = _ema(self._t_target.get(k), target_seconds)
+        self.observe_target(k if width is None else width, target_seconds)
+
+    def observe_target(self, width: int, seconds: float) -> None:
+        """One target pass over width + 1 positions took `seconds`."""
+        self._t_target[width] = _ema(self._t_target.get(width), seconds)
 
     def reset_alpha(self, alpha: float) -> None:
         """A new draft went live: restart the estimate from a measured hint (e.g. the trainer's probe)."""
@@ -100,8 +116,12 @@ class AdaptiveK:
             return self._t_target[k]
         if not self._t_target:
             return None
-        # unseen k: interpolate linearly from the nearest measured k values (or extrapolate flat)
+        # unseen k: interpolate linearly between the nearest measured k values
         ks = sorted(self._t_target)
+        if k > ks[-1] and len(ks) > 1:  # wider than any measured pass: extend the last measured slope
+            a, b = ks[-2], ks[-1]
+            slope = max(0.0, (self._t_target[b] - self._t_target[a]) / (b - a))
+            return self._t_target[b] + slope * (k - b)
         lower = max((x for x in ks if x < k), default=ks[0])
         upper = min((x for x in ks if x > k), default=ks[-1])
         if lower == upper:

@@ -65,6 +65,12 @@ class RequestStats:
     target_forwards: int = 0
     prefill_time_s: float = 0.0
     wall_time_s: float = 0.0
+    suffix_steps: int = 0
+    """Steps whose proposals came from the suffix learner (engine/suffix.py), not the draft model;
+    their proposed / accepted / evaluated tokens (also counted in the totals above)."""
+    suffix_proposed: int = 0
+    suffix_accepted: int = 0
+    suffix_evaluated: int = 0
 
     def observe(self, proposed: int, num_accepted: int) -> None:
         self.steps += 1
@@ -74,6 +80,13 @@ class RequestStats:
         if len(self.accepted_hist) <= num_accepted:
             self.accepted_hist.extend([0] * (num_accepted + 1 - len(self.accepted_hist)))
         self.accepted_hist[num_accepted] += 1
+
+    def observe_suffix(self, proposed: int, num_accepted: int) -> None:
+        """A step (already counted by `observe`) whose proposals the suffix learner made."""
+        self.suffix_steps += 1
+        self.suffix_proposed += proposed
+        self.suffix_accepted += num_accepted
+        self.suffix_evaluated += num_accepted + int(num_accepted < proposed)
 
     @property
     def alpha(self) -> float | None:
@@ -99,7 +112,8 @@ class RequestStats:
     def merge(self, other: "RequestStats") -> "RequestStats":
         """Sum two stats (for aggregates over many requests)."""
         out = RequestStats(k=max(self.k, other.k))
-        for name in ("steps", "accepted", "evaluated", "proposed", "generated", "draft_forwards", "target_forwards"):
+        for name in ("steps", "accepted", "evaluated", "proposed", "generated", "draft_forwards", "target_forwards",
+                     "suffix_steps", "suffix_proposed", "suffix_accepted", "suffix_evaluated"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         for name in ("draft_time_s", "target_time_s", "prefill_time_s", "wall_time_s"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
@@ -121,6 +135,10 @@ class RequestStats:
             "generated": self.generated,
             "tokens_per_s": self.tokens_per_s,
             "cost_ratio_c": self.cost_ratio,
+            "suffix_steps": self.suffix_steps,
+            "suffix_proposed": self.suffix_proposed,
+            "suffix_accepted": self.suffix_accepted,
+            "suffix_evaluated": self.suffix_evaluated,
             "wall_time_s": self.wall_time_s,
         }
 

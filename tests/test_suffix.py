@@ -1,0 +1,250 @@
+"""The suffix learner beside the draft (engine/suffix.py) and the controller that chooses between
+them per row and step (engine/controller.py): the index, learning across requests, checkpoints,
+the controller's choice on synthetic stats, and losslessness with both speculators switching
+inside one request, in a batch."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import random
+
+import pytest
+import torch
+from conftest import ARCHS, cached_draft, cached_model, reference_greedy
+
+from onspec.engine.build import make_engine
+from onspec.engine.controller import Controller
+from onspec.engine.engine import EngineConfig, Request
+from onspec.engine.policy import AdaptiveK, PolicyConfig, expected_tokens
+from onspec.engine.sampling import SamplingParams
+from onspec.engine.suffix import SuffixIndex, SuffixLearner, SuffixProposal
+from onspec.engine.verify import rejection_sample
+
+TEXTS = ("hello world", "a", "abcabcabcabc", "def f(x):\n    return x\ndef g(x):\n    return")
+
+
+# -- the index ---------------------------------------------------------------------------------
+
+def test_index_counts_next_tokens_after_every_context():
+    index = SuffixIndex(max_depth=3)
+    index.add([1, 2, 3, 1, 2, 4])
+    assert index.counts[(1, 2)] == {3: 1, 4: 1}
+    assert index.counts[(2,)] == {3: 1, 4: 1}
+    assert index.counts[(3, 1, 2)] == {4: 1}
+    assert (1, 2, 3, 1) not in index.counts  # deeper than max_depth
+
+
+def test_removing_a_sequence_leaves_the_index_as_if_never_added():
+    a, b = [5, 6, 7, 5, 6, 8, 9], [6, 7, 5, 6, 7, 1]
+    index = SuffixIndex(max_depth=4)
+    index.add(a)
+    before = copy.deepcopy(index.counts)
+    index.add(b, start=2)
+    index.add(b, start=2, sign=-1)
+    assert index.counts == before
+
+
+def test_proposal_follows_the_deepest_match_and_its_most_frequent_next_token():
+    learner = SuffixLearner(max_depth=4, min_match=2, max_tokens=5)
+    local = learner.local_index([1, 2, 3, 4, 9, 9, 1, 2, 3, 4, 7])
+    # context ends ...2, 3: the deepest match (1, 2, 3) is followed by 4 twice, then (2, 3, 4) by 9 and 7 (tie:
+    # the first seen), ...
+    p = learner.propose([0, 1, 2, 3], local, max_tokens=3)
+    assert p.tokens[0] == 4 and p.depths[0] == 3
+    assert len(p.tokens) == 3
+    assert learner.propose([42, 43], local, 8).tokens == []  # nothing matches at >= min_match tokens
+
+
+def test_the_stream_index_learns_outputs_and_forgets_the_oldest():
+    learner = SuffixLearner(max_depth=3, history=2, prompt_context=2)
+    outputs = [([1, 2], [3, 4, 5]), ([7, 8], [9, 3, 4, 6]), ([1, 1], [2, 2, 2])]
+    for prompt, out in outputs:
+        learner.learn(prompt, out)
+    assert learner.version == 3 and len(learner.history) == 2
+    expected = SuffixIndex(3)
+    for prompt, out in outputs[1:]:
+        expected.add(prompt[-2:] + out, start=2)
+    assert learner.index.counts == expected.counts
+    # what the stream taught is proposed for a new request that has never seen it itself
+    assert learner.propose([0, 9, 3], None, 2).tokens == [4, 6]
+
+
+def test_checkpoint_restores_the_learner_exactly():
+    rng = random.Random(0)
+    learner = SuffixLearner(max_depth=4, history=5)
+    for _ in range(8):
+        learner.learn([rng.randrange(20) for _ in range(6)], [rng.randrange(20) for _ in range(30)])
+    for _ in range(50):
+        learner.observe([rng.randint(1, 4) for _ in range(5)], rng.randint(0, 5))
+    restored = SuffixLearner(max_depth=4, history=5)
+    restored.load_state_dict(learner.state_dict())
+    assert restored.index.counts == learner.index.counts
+    assert list(restored.history) == list(learner.history)
+    assert restored.version == learner.version
+    assert [restored.acceptance(d) for d in range(1, 5)] == [learner.acceptance(d) for d in range(1, 5)]
+    for ctx in ([1, 2, 3], [4, 5], [rng.randrange(20) for _ in range(4)]):
+        assert restored.propose(ctx, None, 8) == learner.propose(ctx, None, 8)
+    with pytest.raises(ValueError, match="max_depth"):
+        SuffixLearner(max_depth=6).load_state_dict(learner.state_dict())
+
+
+# -- the controller ----------------------------------------------------------------------------
+
+def _policy(alpha: float, t_draft: float, t_target: dict[int, float]) -> AdaptiveK:
+    policy = AdaptiveK(4, PolicyConfig(probe_share=0.0))
+    policy.reset_alpha(alpha)
+    policy._t_draft = t_draft
+    for k, t in t_target.items():
+        policy.observe_target(k, t)
+    return policy
+
+
+def _learner(acceptance: float) -> SuffixLearner:
+    learner = SuffixLearner(max_depth=4, prior=acceptance)
+    return learner
+
+
+def test_controller_never_picks_the_lower_expected_speedup():
+    """On random synthetic stats: the chosen speculator's expected speedup is the larger one."""
+    rng = random.Random(1)
+    for _ in range(300):
+        alpha, c = rng.uniform(0.05, 0.97), rng.uniform(0.01, 0.6)
+        t0 = 0.1
+        times = {k: t0 * (1 + rng.uniform(0.0, 0.05) * k) for k in range(0, 17)}
+        policy = _policy(alpha, c * t0, times)
+        controller = Controller(_learner(rng.uniform(0.05, 0.99)), probe_share=0.0)
+        n = rng.randint(1, 16)
+        proposal = SuffixProposal([7] * n, [rng.randint(2, 4) for _ in range(n)])
+        m = controller.choose(policy, 4, proposal)
+        draft = max(policy.expected_speedup(k) for k in range(5))
+        expected = controller.learner.expected_accepted(proposal.depths)
+        suffix = max((1 + expected[j]) * t0 / times[j] for j in range(1, n + 1))
+        if m:
+            assert suffix > draft
+            assert (1 + expected[m]) * t0 / times[m] == pytest.approx(suffix)
+        else:
+            assert suffix <= draft
+
+
+def test_controller_steps_back_to_the_floor_when_the_learner_collapses_and_returns_when_it_pays():
+    policy = _policy(0.8, 0.036, {0: 0.1, 4: 0.11, 16: 0.14})
+    controller = Controller(SuffixLearner(max_depth=4, decay=0.9), probe_share=0.0)
+    proposal = SuffixProposal([1] * 12, [4] * 12)
+    for _ in range(30):  # the learner's proposals are all accepted: it proposes
+        controller.learner.observe([4] * 12, 12)
+    assert controller.choose(policy, 4, proposal) > 4
+    for _ in range(30):  # then every one is rejected at once: the draft takes over
+        controller.learner.observe([4] * 12, 0)
+    assert controller.choose(policy, 4, proposal) == 0
+    assert controller.learner.acceptance(4) < 0.1
+    for _ in range(40):  # probes (forced here) find it accepted again: the work returns to it
+        controller.learner.observe([4, 4], 2)
+    assert controller.choose(policy, 4, proposal) > 0
+
+
+def test_controller_probes_a_share_of_steps_it_would_not_give_the_learner():
+    policy = _policy(0.95, 0.01, {0: 0.1, 4: 0.1})
+    controller = Controller(_learner(0.01), probe_share=0.25, seed=3)
+    picks = [controller.choose(policy, 4, SuffixProposal([1, 2, 3], [2, 2, 2])) for _ in range(400)]
+    share = sum(1 for m in picks if m) / len(picks)
+    assert 0.15 < share < 0.35  # binomial(400, 0.25): 5 sigma either side
+    assert set(picks) <= {0, 2}
+
+
+def test_suffix_draws_are_lossless_under_rejection_sampling():
+    """A suffix proposal is deterministic: q is one-hot. The first emitted token is still distributed
+    as p (chi-square over a 6-token vocabulary, 20k draws; false-failure probability < 1e-6)."""
+    p = torch.tensor([[0.05, 0.4, 0.25, 0.1, 0.15, 0.05]] * 2)
+    x = torch.tensor([1])
+    q = torch.nn.functional.one_hot(x, 6).float()
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.zeros(6)
+    n = 20_000
+    for _ in range(n):
+        counts[rejection_sample(x, q, p, gen).tokens[0]] += 1
+    chi2 = float(((counts - n * p[0]) ** 2 / (n * p[0])).sum())
+    assert chi2 < 35.9  # chi-square, 5 degrees of freedom, p = 1e-6
+
+
+# -- in the engine -----------------------------------------------------------------------------
+
+class _Alternating(Controller):
+    """Suffix on every other decision (when it has a proposal): forces switches inside a request."""
+
+    def choose(self, policy, k_draft, proposal):
+        self._turn = not getattr(self, "_turn", False)
+        return min(len(proposal.tokens), 6) if self._turn and proposal.tokens else 0
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equality_with_both_speculators_switching_inside_a_request(arch, batch, tokenizer):
+    target, draft = cached_model(arch), copy.deepcopy(cached_draft(arch, "noisy"))
+    engine = make_engine(target, tokenizer, draft, EngineConfig(k=3, suffix_tokens=8))
+    engine.controller = _Alternating(engine.suffix)
+    ids = [tokenizer.encode(t) for t in (TEXTS if batch > 1 else TEXTS[2:3])]
+    n = 40
+    outs = engine.generate([Request(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p in ids])
+    for p, o in zip(ids, outs):
+        assert o.token_ids == reference_greedy(arch, p, n)
+    # both proposed inside one request ("abcabc..." repeats itself from its prompt on)
+    assert any(0 < o.stats.suffix_steps < o.stats.steps for o in outs)
+    # a second pass of the same prompts: the stream index proposes their whole outputs
+    again = engine.generate([Request(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p in ids])
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs]
+    assert engine.suffix.version == 2 * batch
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_default_engine_with_the_live_controller_is_lossless_and_learns(arch, tokenizer):
+    """make_engine's defaults (the suffix learner on, the real controller): greedy equality over a
+    stream that repeats itself, and fewer target passes the second time it is served."""
+    target, draft = cached_model(arch), copy.deepcopy(cached_draft(arch, "random"))
+    engine = make_engine(target, tokenizer, draft, EngineConfig(k=4))
+    assert engine.suffix is not None
+    ids = [tokenizer.encode(t) for t in TEXTS]
+    n = 48
+    first = [engine.generate([Request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))])[0] for p in ids]
+    second = [engine.generate([Request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))])[0] for p in ids]
+    for p, a, b in zip(ids, first, second):
+        assert a.token_ids == b.token_ids == reference_greedy(arch, p, n)
+    assert sum(o.stats.steps for o in second) < sum(o.stats.steps for o in first)
+    assert sum(o.stats.suffix_accepted for o in second) > 0
+
+
+def test_seeded_sampling_is_the_same_with_and_without_the_suffix_learner(tokenizer):
+    """A seeded request's output is a function of the seed and the target alone (gumbel_verify),
+    whoever proposes: the floor alone and the floor with the suffix learner agree token for token."""
+    target = cached_model("llama")
+    ids = [tokenizer.encode(t) for t in TEXTS]
+    outs = {}
+    for no_suffix in (True, False):
+        engine = make_engine(target, tokenizer, copy.deepcopy(cached_draft("llama", "noisy")),
+                             EngineConfig(k=3, no_suffix=no_suffix))
+        if not no_suffix:
+            engine.controller = _Alternating(engine.suffix)
+        params = SamplingParams(temperature=0.8, top_p=0.95, seed=11, max_new_tokens=32, ignore_eos=True)
+        outs[no_suffix] = [o.token_ids for o in engine.generate([Request(p, params) for p in ids])]
+    assert outs[True] == outs[False]
+
+
+def test_no_suffix_is_the_floor_alone(tokenizer):
+    engine = make_engine(cached_model("llama"), tokenizer, copy.deepcopy(cached_draft("llama", "noisy")),
+                         EngineConfig(k=3, no_suffix=True))
+    assert engine.suffix is None
+    out = engine.generate([Request(tokenizer.encode("abcabcabc"), SamplingParams(max_new_tokens=16))])[0]
+    assert out.stats.suffix_steps == 0
+    with pytest.raises(ValueError, match="suffix-tokens"):
+        EngineConfig(suffix_tokens=0)
+
+
+def test_expected_accepted_is_the_running_product():
+    learner = SuffixLearner(max_depth=3)
+    learner._accepted = {1: 1.0, 2: 2.0, 3: 3.0}
+    learner._evaluated = {1: 4.0, 2: 4.0, 3: 4.0}
+    got = learner.expected_accepted([3, 2, 1])
+    a = [0.75, 0.5, 0.25]
+    want = [0.0] + list(itertools.accumulate(itertools.accumulate(a, lambda x, y: x * y)))
+    assert got == pytest.approx(want)
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
