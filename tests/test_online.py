@@ -384,7 +384,8 @@ def test_replay_static_baseline_tf_equals_a_static_run(tmp_path, mode):
     summary = run_replay(ModelConfig(target=str(tmp_path / "target"), draft=str(tmp_path / "draft")),
                          EngineConfig(k=2), PolicyConfig(), TrainerConfig(update_interval=2, steps=2, lr=1e-2,
                                                                           background=False, probe_every=0),
-                         ReplayConfig(dataset=str(stream), limit=12, max_new_tokens=8, mode=mode, out=str(tmp_path / "o")))
+                         ReplayConfig(dataset=str(stream), limit=12, max_new_tokens=8, mode=mode, out=str(tmp_path / "o"),
+                                      learn="draft"))
     static = list(csv.DictReader(open(tmp_path / "o" / "replay_static.csv")))
     online = list(csv.DictReader(open(tmp_path / "o" / "replay_online.csv")))
     assert [float(r["static_alpha_tf"]) for r in online] == pytest.approx([float(r["alpha_tf"]) for r in static])
@@ -392,3 +393,36 @@ def test_replay_static_baseline_tf_equals_a_static_run(tmp_path, mode):
     assert summary["modes"]["online"]["static_tf"]["alpha_last"] == pytest.approx(summary["static_alpha_last"])
     assert summary["interleaved"] == (mode == "interleaved") and summary["tokens_per_s_last_20pct_ratio_online_vs_static"] > 0
     assert [r["query"] for r in online] == [r["query"] for r in static] == [str(i) for i in range(12)]
+
+
+def test_replay_learning_system_beside_the_floor(tmp_path):
+    """`replay --mode interleaved` on its defaults: static is the floor alone (no suffix learner, no
+    trainer), online the learning system (the floor frozen, the suffix learner learning every served
+    output). On a stream that repeats its queries both serve the same tokens (greedy is lossless)
+    and the learning system needs fewer target passes per token once it has seen them."""
+    import csv
+    import json
+
+    from conftest import save_tiny_pair
+
+    from onspec.engine.engine import EngineConfig
+    from onspec.engine.policy import PolicyConfig
+    from onspec.models.pair import ModelConfig
+    from onspec.apps.replay import ReplayConfig, run_replay
+
+    save_tiny_pair(tmp_path, noise=0.3)
+    stream = tmp_path / "s.jsonl"
+    stream.write_text("".join(json.dumps({"prompt": f"query {i % 3} says hello"}) + "\n" for i in range(15)))
+    summary = run_replay(ModelConfig(target=str(tmp_path / "target"), draft=str(tmp_path / "draft")),
+                         EngineConfig(k=2), PolicyConfig(), TrainerConfig(),
+                         ReplayConfig(dataset=str(stream), limit=15, max_new_tokens=16, mode="interleaved",
+                                      out=str(tmp_path / "o")))
+    static = list(csv.DictReader(open(tmp_path / "o" / "replay_static.csv")))
+    online = list(csv.DictReader(open(tmp_path / "o" / "replay_online.csv")))
+    assert all(int(r["suffix_steps"]) == 0 for r in static) and "learner" not in summary["modes"]["static"]
+    assert summary["modes"]["online"]["updates"] == 0 and summary["modes"]["online"]["learner"]["version"] == 15
+    assert [r["tokens"] for r in online] == [r["tokens"] for r in static]
+    on, st = summary["modes"]["online"], summary["modes"]["static"]
+    assert on["tokens_per_pass_last_20pct"] > st["tokens_per_pass_last_20pct"]
+    assert on["learner"]["last_20pct"]["share_of_steps"] > 0
+    assert (tmp_path / "o" / "alpha.png").is_file()

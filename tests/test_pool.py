@@ -243,7 +243,7 @@ def test_replay_with_field_and_cluster_routers(tmp_path):
     for router in ("field", "cluster"):
         out = tmp_path / router
         summary = run_replay(models, EngineConfig(k=2), PolicyConfig(), trainer,
-                             ReplayConfig(dataset=str(stream), limit=24, max_new_tokens=8, out=str(out)),
+                             ReplayConfig(dataset=str(stream), limit=24, max_new_tokens=8, out=str(out), learn="draft"),
                              PoolConfig(drafts=3, router=router, open_after=2, cluster_min_size=4,
                                         cluster_threshold=0.3))
         rows = list(csv.DictReader(open(out / "replay_online.csv")))
@@ -281,7 +281,8 @@ def test_replay_reports_alpha_per_segment_of_a_shift_stream(tmp_path):
     models = ModelConfig(target=str(tmp_path / "target"), draft=str(tmp_path / "draft"))
     trainer = TrainerConfig(update_interval=4, steps=1, batch_size=2, background=False)
     shift = run_replay(models, EngineConfig(k=2), PolicyConfig(), trainer,
-                       ReplayConfig(dataset=f"{code}+{chat}+{code}", limit=100, max_new_tokens=6, out=str(tmp_path / "s")))
+                       ReplayConfig(dataset=f"{code}+{chat}+{code}", limit=100, max_new_tokens=6, out=str(tmp_path / "s"),
+                                    learn="draft"))
     segments = shift["per_segment"]
     assert [(s["source"], s["start"], s["queries"]) for s in segments] == [("code", 0, 4), ("chat", 4, 6), ("code", 10, 4)]
     rows = list(csv.DictReader(open(tmp_path / "s" / "replay_online.csv")))
@@ -289,7 +290,8 @@ def test_replay_reports_alpha_per_segment_of_a_shift_stream(tmp_path):
     assert segments[1]["alpha_last"] == pytest.approx(sum(last_chat) / len(last_chat))
     assert all(s["static_tf"]["alpha_mean"] is not None for s in segments)
     mixed = run_replay(models, EngineConfig(k=2), PolicyConfig(), trainer,
-                       ReplayConfig(dataset=f"{code}|{chat}", limit=100, max_new_tokens=6, out=str(tmp_path / "m")))
+                       ReplayConfig(dataset=f"{code}|{chat}", limit=100, max_new_tokens=6, out=str(tmp_path / "m"),
+                                    learn="draft"))
     assert "per_segment" not in mixed
 
 

@@ -69,6 +69,10 @@ class ReplayConfig:
     out: str = option("runs/replay", "output directory (CSV, PNG, summary.json, checkpoints)")
     json: bool = option(False, "print the summary as one JSON object on the last line")
     plot_window: int = option(25, "moving-average window of the alpha plot (queries)")
+    learn: str = option("suffix", "what the online mode learns: suffix (the default system: the draft is the frozen floor, "
+                        "the suffix learner learns every served output, the controller picks per step), draft (the "
+                        "draft model distils from the target in the background, no suffix learner), or both",
+                        choices=("suffix", "draft", "both"))
     static_baseline: str = option("tf", "greedy online runs: also measure the starting (static) draft teacher-forced on "
                                   "the same served tokens ('tf', one extra draft pass per query) or not ('none')",
                                   choices=("tf", "none"))
@@ -149,6 +153,11 @@ def run_replay(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Pol
         summary["tokens_per_s_last_20pct_ratio_online_vs_static"] = _ratio(
             results["online"]["tokens_per_s_last_20pct"], results["static"]["tokens_per_s_last_20pct"])
         summary["interleaved"] = cfg.mode == "interleaved"
+        segs = [results[m].get("per_segment") for m in ("static", "online")]
+        if all(segs):
+            summary["per_segment_tokens_per_s_ratio_online_vs_static"] = [
+                {"source": a["source"], "start": a["start"], "ratio": _ratio(b["tokens_per_s"], a["tokens_per_s"])}
+                for a, b in zip(*segs)]
     if "static_tf" in results.get("online", {}):
         summary["static_tf_alpha_last"] = results["online"]["static_tf"]["alpha_last"]
     summary["plot"] = str(out_dir / "alpha.png")
@@ -169,14 +178,19 @@ class _Run:
         self.out_dir = out_dir
         self.ckpt_root = out_dir / "checkpoints"
         online = mode == "online"
+        learn_draft = online and cfg.learn in ("draft", "both")
+        # static: the floor alone; online: the learning system (--learn)
+        engine_cfg = dataclasses.replace(engine_cfg, no_suffix=engine_cfg.no_suffix or not online
+                                         or cfg.learn == "draft")
         self.pool, self.router = build_pool(target.model, target.tokenizer, draft_model, engine_cfg, policy_cfg,
-                                            pool_cfg, trainer_cfg=trainer_cfg if online else None,
-                                            checkpoints=self.ckpt_root if online else None)
+                                            pool_cfg, trainer_cfg=trainer_cfg if learn_draft else None,
+                                            checkpoints=self.ckpt_root if learn_draft else None)
+        self.suffix = self.pool.general.engine.suffix
         self.params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=0)
         # the starting draft, frozen: its agreement with the (lossless, hence identical) served tokens
         # is the static run's alpha_tf, without decoding the stream a second time
         self.static_draft = (copy.deepcopy(draft_model).eval()
-                             if online and self.params.greedy and cfg.static_baseline == "tf" else None)
+                             if learn_draft and self.params.greedy and cfg.static_baseline == "tf" else None)
         self.rows: list[dict] = []
         self.tokens, self.decode_s, self.route_s = 0, 0.0, 0.0
 
@@ -206,6 +220,14 @@ class _Run:
             "draft_version": member.version,
             "updates": sum(m.trainer.distiller.updates for m in members if m.trainer),
             "rollbacks": sum(m.trainer.distiller.rollbacks for m in members if m.trainer),
+            # the suffix learner's share of this query's steps and its own acceptance there
+            "suffix_steps": s.suffix_steps, "suffix_proposed": s.suffix_proposed,
+            "suffix_accepted": s.suffix_accepted, "suffix_evaluated": s.suffix_evaluated,
+            "suffix_share": s.suffix_steps / s.steps if s.steps else 0.0,
+            "suffix_alpha": s.suffix_accepted / s.suffix_evaluated if s.suffix_evaluated else None,
+            "draft_alpha": _ratio(s.accepted - s.suffix_accepted, s.evaluated - s.suffix_evaluated),
+            "tokens_per_pass": (s.accepted + s.steps) / s.steps if s.steps else None,
+            "learner_version": self.suffix.version if self.suffix is not None else 0,
         }
         self.rows.append(row)
         return row
@@ -246,7 +268,14 @@ class _Run:
                                  if m.drafter is not None and m.drafter.policy),
             "per_source": _groups(rows, "source"),
             "trainer": trainer,
+            "tokens_per_pass": _ratio(sum(r["tokens"] for r in rows), sum(r["steps"] for r in rows)),
+            "tokens_per_pass_last_20pct": _ratio(sum(r["tokens"] for r in fifth), sum(r["steps"] for r in fifth)),
         }
+        if self.suffix is not None:
+            summary["learner"] = {**_suffix_summary(rows), "last_20pct": _suffix_summary(fifth),
+                                  "first_20pct": _suffix_summary(rows[: max(1, len(rows) // 5)]),
+                                  **{k: v for k, v in self.suffix.stats().items()
+                                     if k in ("version", "history", "contexts", "acceptance_by_depth")}}
         if self.static_draft is not None:
             static = _alpha_summary(_static_rows(rows))
             summary["static_tf"] = static
@@ -256,7 +285,8 @@ class _Run:
             summary["per_segment"] = [
                 {"source": seg[0]["source"], "start": seg[0]["query"], **_alpha_summary(seg),
                  "tokens_per_s": _ratio(sum(r["tokens"] for r in seg), sum(r["seconds"] for r in seg)),
-                 **({"static_tf": _alpha_summary(_static_rows(seg))} if self.static_draft is not None else {})}
+                 **({"static_tf": _alpha_summary(_static_rows(seg))} if self.static_draft is not None else {}),
+                 **({"learner": _suffix_summary(seg)} if self.suffix is not None else {})}
                 for seg in segments
             ]
         if router is not None:
@@ -285,6 +315,14 @@ def _serve_stream(runs: list[_Run], queries, console) -> None:
                         _write_csv(r.out_dir / f"replay_{r.mode}.partial.csv", r.rows)
                 if not console.is_terminal:  # a log file gets no live bar: a plain line instead
                     console.print(f"{i + 1}/{len(queries)} {status}")
+
+
+def _suffix_summary(rows: list[dict]) -> dict:
+    """The suffix learner over these queries: its share of steps, its alpha, tokens per target pass."""
+    steps = sum(r["steps"] for r in rows)
+    return {"share_of_steps": _ratio(sum(r["suffix_steps"] for r in rows), steps),
+            "alpha": _ratio(sum(r["suffix_accepted"] for r in rows), sum(r["suffix_evaluated"] for r in rows)),
+            "accepted_per_step": _ratio(sum(r["suffix_accepted"] for r in rows), sum(r["suffix_steps"] for r in rows))}
 
 
 def _alpha_summary(rows: list[dict]) -> dict:
@@ -325,8 +363,10 @@ def plot_alpha(out_dir: Path, modes: list[str], window: int, boundaries: list[in
         with open(out_dir / f"replay_{mode}.csv") as f:
             tables[mode] = list(csv.DictReader(f))
     groups = _plot_groups(tables)
-    fig, axes = plt.subplots(3 if groups else 2, 1, figsize=(9, 11 if groups else 7.5), squeeze=False,
-                             height_ratios=[2, 1, 2] if groups else [2, 1])
+    learner = {mode: rows for mode, rows in tables.items() if any(float(r.get("suffix_steps") or 0) for r in rows)}
+    heights = [2, 1] + ([2] if groups else []) + ([2] if learner else [])
+    fig, axes = plt.subplots(len(heights), 1, figsize=(9, 3.8 * sum(heights) / 2 + 0.5), squeeze=False,
+                             height_ratios=heights)
     ax = axes[0][0]
     for mode, rows in tables.items():
         ax.plot(range(len(rows)), _moving_average(_alphas(rows), window), label=mode)
@@ -348,6 +388,16 @@ def plot_alpha(out_dir: Path, modes: list[str], window: int, boundaries: list[in
     for b in boundaries:
         tx.axvline(b, color="black", linestyle=":", linewidth=1)
     panels = [ax]
+    if learner:  # each speculator's own alpha, and the share of steps the suffix learner proposed
+        lx = axes[-1][0]
+        for mode, rows in learner.items():
+            col = lambda name: [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]  # noqa: E731
+            lx.plot(range(len(rows)), _moving_average(col("suffix_alpha"), window), label=f"{mode}: suffix learner alpha")
+            lx.plot(range(len(rows)), _moving_average(col("draft_alpha"), window), label=f"{mode}: draft (floor) alpha")
+            lx.plot(range(len(rows)), _moving_average(col("suffix_share"), window), linestyle="--",
+                    label=f"{mode}: share of steps the suffix learner proposed")
+        lx.set_title(f"speculators ({window}-query moving averages)", fontsize=10)
+        panels.append(lx)
     if groups:
         gx = axes[2][0]
         for label, (xs, values) in groups.items():
