@@ -17,11 +17,13 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from conftest import cached_draft, cached_model, full_logits, noisy_copy
 
 from onspec.engine.engine import Request, SpeculativeEngine
 from onspec.engine.policy import AdaptiveK, PolicyConfig
-from onspec.engine.sampling import SamplingParams, gumbel_noise, process_logits
+from onspec.engine.sampling import InvalidRequest, SamplingParams, gumbel_noise, process_logits, sample
 from onspec.engine.verify import greedy_verify, gumbel_verify, rejection_sample
 
 P_THRESHOLD = 1e-4
@@ -447,3 +449,94 @@ def test_tiny_temperatures_in_a_batch_fail_no_request(tokenizer):
     assert all(o.finish_reason in ("stop", "length") for o in outs)
     for o in outs[len(tiny):]:
         assert o.token_ids == reference_greedy(arch, prompt, 12)
+
+
+# -- sampling parameters at their extremes (issue 26) ---------------------------------------------
+
+# Python floats that float32 cannot hold (1e-300, 5e-324 and 1e-46 round to 0 there), the smallest
+# it can, and ordinary ones: each is a valid top_p, so each must keep at least the most likely token.
+TINY_TOP_P = [5e-324, 1e-300, 1e-46, 1e-45, 1e-40, 1e-30, 1e-7]
+
+
+@pytest.mark.parametrize("top_p", TINY_TOP_P)
+def test_a_tiny_top_p_keeps_the_most_likely_token(logits, top_p):
+    """top_p 1e-300 became 0 in float32, the nucleus test `mass before >= 0` dropped every token and
+    the request failed with 'probability tensor contains either inf, nan or element < 0' (a 500).
+    Any top_p in (0, 1] keeps the most likely token; one this small keeps it alone."""
+    probs = process_logits(logits, SamplingParams(temperature=1.0, top_p=top_p))
+    assert torch.isfinite(probs).all()
+    assert torch.equal(probs, torch.nn.functional.one_hot(logits.argmax(-1), 50).float())
+
+
+_FINITE32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
+_LOGITS = st.lists(st.one_of(_FINITE32, st.floats(-20, 20, width=32), st.just(float("-inf"))), min_size=1, max_size=12) \
+    .filter(lambda row: any(math.isfinite(x) for x in row))
+_TEMPERATURE = st.one_of(st.just(0.0), st.sampled_from([5e-324, 1e-300, 1e-38, 1e-20, 1.0, 100.0, 1e38, 1e300]),
+                         st.floats(min_value=0.0, max_value=1e308, exclude_min=True))
+_TOP_P = st.one_of(st.sampled_from([*TINY_TOP_P, 0.5, 1 - 1e-12, 1.0]),
+                   st.floats(min_value=0.0, max_value=1.0, exclude_min=True))
+_TOP_K = st.integers(0, 15)
+
+
+@settings(max_examples=400, deadline=None, derandomize=True)
+@given(row=_LOGITS, temperature=_TEMPERATURE, top_p=_TOP_P, top_k=_TOP_K, seed=st.integers(0, 2**63 - 1))
+def test_every_valid_sampling_parameter_gives_a_distribution(row, temperature, top_p, top_k, seed):
+    """Property (hypothesis, derandomized: the same 400 cases on every run): for any logits a model
+    can produce (finite float32 of any size, some -inf) and any valid temperature, top_p and top_k,
+    alone or together, process_logits gives a distribution both samplers can draw from: finite,
+    >= 0, summing to 1, keeping a most likely token, inside the top-k set, and a prefix of the
+    tokens sorted by logit (no kept token is less likely than a dropped one)."""
+    logits = torch.tensor(row, dtype=torch.float32)
+    params = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    probs = process_logits(logits, params)  # [vocab]
+    assert torch.isfinite(probs).all() and (probs >= 0).all(), probs
+    assert float(probs.sum()) == pytest.approx(1.0, abs=1e-5)
+    best = logits == logits.max()
+    assert float(probs[best].sum()) > 0, "no most likely token kept"
+    kept = probs > 0
+    if (~kept).any():
+        assert float(logits[kept].min()) >= float(logits[~kept].max()), "a dropped token is likelier than a kept one"
+    if 0 < top_k < len(row):
+        assert int(kept.sum()) <= top_k or float(logits[kept].min()) == float(logits.topk(top_k).values[-1])
+    # both samplers take it: multinomial (rejection_sample) and Gumbel-max (gumbel_verify)
+    drawn = int(sample(probs[None], torch.Generator().manual_seed(seed % 2**62))[0])
+    assert kept[drawn]
+    assert kept[int((probs.log() + gumbel_noise(seed, 0, len(row))).argmax())]
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), -1e-300])
+def test_a_temperature_that_is_not_a_finite_number_ge_0_is_refused(temperature):
+    with pytest.raises(InvalidRequest, match="temperature"):
+        SamplingParams(temperature=temperature)
+
+
+EXTREMES = {  # each keeps only the most likely token, so the output is the target's greedy output
+    "top_p 1e-300": dict(temperature=1.0, top_p=1e-300),
+    "top_p 5e-324": dict(temperature=1.0, top_p=5e-324),
+    "top_p 5e-324, temperature 1e38": dict(temperature=1e38, top_p=5e-324),
+    "top_k 1": dict(temperature=1.0, top_k=1),
+    "top_k 1, top_p 1e-300, temperature 1e300": dict(temperature=1e300, top_k=1, top_p=1e-300),
+    "temperature 5e-324, top_p 1e-46": dict(temperature=5e-324, top_p=1e-46),
+}
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["rejection", "gumbel"])
+@pytest.mark.parametrize("draft_kind", ["none", "noisy"])
+def test_extreme_sampling_parameters_decode_through_draft_and_target(draft_kind, seeded, tokenizer):
+    """The engine end to end, in one batch: each extreme above samples from the draft (when there is
+    one) and verifies against the target without failing, and gives the target's greedy tokens."""
+    from conftest import reference_greedy
+
+    target = cached_model("llama")
+    draft = None if draft_kind == "none" else cached_draft("llama", "noisy")
+    engine = SpeculativeEngine(target, tokenizer, draft, k=3)
+    prompt = tokenizer.encode("the quick brown fox")
+    requests = [Request(prompt, SamplingParams(max_new_tokens=12, ignore_eos=True, seed=7 if seeded else None, **kw))
+                for kw in EXTREMES.values()]
+    outs = engine.generate(requests)
+    reference = reference_greedy("llama", prompt, 12)
+    for name, o in zip(EXTREMES, outs):
+        assert o.finish_reason == "length", f"{name}: {o.finish_reason} {getattr(o, 'error', '')}"
+        assert o.token_ids == reference, name
+    if draft is not None:
+        assert sum(o.stats.draft_forwards for o in outs) > 0  # the draft path was taken

@@ -7,6 +7,7 @@ logits into probabilities before the accept test; temperature 0 means greedy.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,8 +39,8 @@ class SamplingParams:
     ignore_eos: bool = option(False, "keep generating past the end-of-sequence token")
 
     def __post_init__(self) -> None:
-        if not (self.temperature >= 0.0):
-            raise InvalidRequest(f"temperature must be >= 0, got {self.temperature}", "temperature")
+        if not (0.0 <= self.temperature < math.inf):  # inf / inf = NaN where a logit is -inf
+            raise InvalidRequest(f"temperature must be a finite number >= 0, got {self.temperature}", "temperature")
         if not (0.0 < self.top_p <= 1.0):
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", "top_p")
         if self.top_k < 0:
@@ -65,22 +66,29 @@ def process_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor
     For greedy params the result is one-hot at the argmax, so the same verifier code
     reduces exactly to greedy verification.
     """
-    logits = logits.float()
+    raw = logits.float()  # [..., vocab]
     if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        return torch.nn.functional.one_hot(raw.argmax(-1), raw.shape[-1]).float()
     # shifted so the largest logit is 0 first, and t no smaller than 1e-20: a tiny temperature sends
     # the others to -inf (never inf - inf, nor 0 / 0 where t underflows float32, = NaN, which failed
-    # the request). Below 1e-20 the result is the same in float32: the argmax, ties shared.
-    logits = (logits - logits.amax(-1, keepdim=True)) / max(params.temperature, 1e-20)
-    if params.top_k > 0 and params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    # the request). Below 1e-20 the result is the same in float32: the argmax, ties shared. A t
+    # beyond float32 (1e300) is inf there, and a -inf logit stays -inf rather than -inf / inf = NaN.
+    shifted = raw - raw.amax(-1, keepdim=True)
+    logits = torch.where(shifted == float("-inf"), shifted, shifted / max(params.temperature, 1e-20))
+    # The filters rank tokens by the raw logits: the order of their probabilities, without the ties a
+    # huge t makes in float32 (where every logit / t rounds to 0 and any token could pass for the top).
+    if params.top_k > 0 and params.top_k < raw.shape[-1]:
+        kth = torch.topk(raw, params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(raw < kth, float("-inf"))
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(-1)
-        # drop a token when the mass strictly before it already reaches top_p (always keeps one)
+        order = torch.argsort(raw, dim=-1, descending=True)
+        sorted_probs = logits.softmax(-1).gather(-1, order)
+        # drop a token when the mass strictly before it already reaches top_p. The most likely token
+        # has none before it and is always kept: said outright, because a top_p below float32's
+        # smallest (1e-300, 5e-324) is 0 there, and `0 >= 0` dropped every token (NaN, a failed request)
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
         drop_sorted = mass_before >= params.top_p
+        drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits.softmax(-1)
