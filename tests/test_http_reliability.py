@@ -349,6 +349,9 @@ def test_max_queue_answers_429_with_retry_after(app_client):
     r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 4})
     err = openai_error(r, 429, "queue_full")
     assert err["type"] == "rate_limit_error" and r.headers["retry-after"] == "1"
+    # what the limit counts: "3 requests are waiting ... (--max-queue 2)" read as a broken limit
+    assert "3 requests are waiting, 1 for the decoding slots free now (of --max-batch 1) and 2 beyond them, " \
+        "the most that --max-queue 2 allows" in err["message"], err
     for t in threads:
         t.join(timeout=30)
     for r in out:
@@ -413,3 +416,90 @@ def test_connection_limit(models, tmp_path):
         assert httpx.get(server.url + "/health", timeout=10).status_code == 200
     finally:
         server.stop()
+
+
+# -- sampling parameters at their extremes, fields the server does not implement (issue 26) --------------
+
+
+def test_a_tiny_top_p_decodes_over_http(app_client):
+    """top_p 1e-300 and 5e-324 (0 in float32) were a 500, and a stream a 200 ending in an error
+    event: any top_p in (0, 1] keeps the most likely token, so each gives the greedy text. top_k 1
+    (vLLM's extension, taken now) does too."""
+    c, _ = app_client()
+    base = {"prompt": "Hi", "max_tokens": 8, "ignore_eos": True}
+    greedy = c.post("/v1/completions", json=base | {"temperature": 0})
+    assert greedy.status_code == 200, greedy.text
+    want = greedy.json()["choices"][0]["text"]
+    for extreme in ({"top_p": 1e-300}, {"top_p": 5e-324}, {"top_k": 1}, {"top_p": 5e-324, "top_k": 1, "temperature": 100.0}):
+        body = base | {"temperature": 1.0} | extreme
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want, (extreme, r.text)
+        events = sse(c.post("/v1/completions", json=body | {"stream": True}).text.splitlines())
+        assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1]), (extreme, events)
+        assert "".join(e["choices"][0]["text"] for e in events[:-1]) == want, extreme
+    openai_error(c.post("/v1/completions", json=base | {"top_k": -2}), 400)
+
+
+# a value each field refused when it is set; what "set" means is protocol.UNSUPPORTED
+SET = {
+    "logit_bias": {"999999999": 100}, "logprobs": 0, "top_logprobs": 2, "echo": True, "suffix": " end", "best_of": 2,
+    "presence_penalty": 0.5, "frequency_penalty": -1, "response_format": {"type": "json_object"},
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}], "tool_choice": "required",
+    "functions": [{"name": "f"}], "function_call": {"name": "f"}, "audio": {"voice": "alloy", "format": "wav"},
+    "modalities": ["text", "audio"], "reasoning_effort": "high", "verbosity": "low", "web_search_options": {},
+    "min_p": 0.1, "repetition_penalty": 1.2, "min_tokens": 4, "stop_token_ids": [3], "use_beam_search": True,
+    "length_penalty": 0.5, "guided_json": {"type": "object"}, "guided_regex": "a+", "guided_choice": ["a"],
+    "guided_grammar": "root ::= 'a'",
+}
+
+
+def test_fields_the_server_does_not_implement_are_refused_by_name(app_client):
+    """logit_bias was accepted and ignored ({"logit_bias": {"999999999": 100}} gave 200 and the usual
+    text). Every OpenAI (or vLLM) field the server does not implement is a 400 naming it when set,
+    on both endpoints; left at a value that means "not used" it is accepted, and the text is the
+    same as without it."""
+    from onspec.serve.protocol import UNSUPPORTED
+
+    assert set(SET) == set(UNSUPPORTED), "a refused field without a test value, or the other way"
+    c, _ = app_client()
+    completion = {"prompt": "Hi", "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    chat = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    for path, base in (("/v1/completions", completion), ("/v1/chat/completions", chat)):
+        for name, value in SET.items():
+            err = openai_error(c.post(path, json=base | {name: value}), 400, "unsupported_parameter")
+            assert err["param"] == name and err["message"].startswith(f"{name} is not supported"), (path, err)
+        plain = c.post(path, json=base)
+        assert plain.status_code == 200, plain.text
+        for i in range(3):  # every "not used" value of every field, all in one request
+            off = {name: offs[min(i, len(offs) - 1)] for name, offs in UNSUPPORTED.items()}
+            r = c.post(path, json=base | off)
+            assert r.status_code == 200, (off, r.text)
+            assert r.json()["choices"] == plain.json()["choices"]
+    err = openai_error(c.post("/v1/completions", json=completion | {"logit_bias": {"999999999": 100}}), 400)
+    assert "logit_bias" in err["message"] and "999999999" in err["message"]
+    # in a message: an assistant turn's tool calls would be dropped from the prompt
+    turn = {"role": "assistant", "content": None,
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}
+    err = openai_error(c.post("/v1/chat/completions", json=chat | {"messages": [chat["messages"][0], turn]}),
+                       400, "unsupported_parameter")
+    assert err["param"] == "messages" and err["message"].startswith("messages[1].tool_calls is not supported"), err
+
+
+def test_fields_that_change_nothing_are_accepted_and_ignored(app_client):
+    """What protocol.IGNORED lists changes nothing the server returns: accepted, same text."""
+    from onspec.serve.protocol import IGNORED
+
+    c, _ = app_client()
+    harmless = {"user": "u-1", "metadata": {"k": "v"}, "store": True, "service_tier": "auto",
+                "parallel_tool_calls": False, "prediction": {"type": "content", "content": "Hi there"},
+                "prompt_cache_key": "k", "safety_identifier": "s"}
+    assert set(harmless) | {"messages[].name", "messages[].tool_call_id", "stream_options.continuous_usage_stats"} \
+        == set(IGNORED)
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "tool", "content": "1"}]
+    chat = {"messages": turns, "max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    plain = c.post("/v1/chat/completions", json=chat)
+    assert plain.status_code == 200, plain.text
+    named = [turns[0] | {"name": "ann"}, turns[1] | {"name": "bot"}, turns[2] | {"tool_call_id": "c1"}]
+    body = chat | harmless | {"messages": named, "stream_options": {"include_usage": False, "continuous_usage_stats": True}}
+    r = c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200 and r.json()["choices"] == plain.json()["choices"], r.text

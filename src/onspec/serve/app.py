@@ -224,6 +224,9 @@ def _request(body, state: ServerState, kind: str, prompt_ids: list[int]) -> Requ
     if body.model is not None and body.model != state.model_name:
         raise OpenAIError(404, f"the model {body.model!r} does not exist; this server serves {state.model_name!r}",
                           param="model", code="model_not_found")
+    refused = body.unsupported()  # a field this server does not implement, set: never decoded without it
+    if refused is not None:
+        raise OpenAIError(400, refused[0], param=refused[1], code="unsupported_parameter")
     if body.n != 1:
         raise OpenAIError(400, f"n={body.n} is not supported (only n=1)", param="n")
     max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_MAX_TOKENS[kind]
@@ -234,8 +237,8 @@ def _request(body, state: ServerState, kind: str, prompt_ids: list[int]) -> Requ
     if len(stop) > 8:
         raise OpenAIError(400, f"at most 8 stop strings, got {len(stop)}", param="stop")
     try:  # the engine's own checks, mapped to a 400 (they are not repeated here)
-        params = SamplingParams(temperature=body.temperature, top_p=body.top_p, max_new_tokens=max_tokens, stop=stop,
-                                seed=body.seed, ignore_eos=body.ignore_eos)
+        params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
+                                max_new_tokens=max_tokens, stop=stop, seed=body.seed, ignore_eos=body.ignore_eos)
         request = Request(prompt_ids, params)
         state.engine.check(request)
     except InvalidRequest as e:

@@ -27,7 +27,8 @@ class ServerConfig:
     max_batch: int = option(8, "most requests decoding together; more wait in a queue")
     max_tokens_limit: int = option(1024, "largest max_tokens a request may ask for")
     max_body_bytes: int = option(1 << 20, "largest request body accepted (413 beyond)")
-    max_queue: int = option(64, "most requests waiting for a decoding slot; beyond, 429 with Retry-After")
+    max_queue: int = option(64, "most requests waiting beyond the decoding slots free now (of --max-batch); "
+                            "beyond, 429 with Retry-After")
     request_timeout: float | None = option(None, "seconds a request may take from arrival to its last token; then it "
                                            "is stopped with a 504 error (a stream: an error event, then [DONE])")
     shutdown_timeout: float = option(30.0, "on SIGTERM/SIGINT: seconds running requests may take to finish (new ones "

@@ -100,8 +100,9 @@ class Scheduler:
                 free = max(0, self.max_batch - self.running)  # queued requests that join at the next step
                 waiting = len(self._queue) + len(self._parked)
                 if waiting >= self.max_queue + free:
-                    raise QueueFull(f"{waiting} requests are waiting for a decoding slot (--max-queue "
-                                    f"{self.max_queue}); retry later")
+                    raise QueueFull(f"the queue is full: {waiting} requests are waiting, {free} for the decoding slots "
+                                    f"free now (of --max-batch {self.max_batch}) and {waiting - free} beyond them, the "
+                                    f"most that --max-queue {self.max_queue} allows; retry later")
             self._queue.append(_Ticket(request, sink, query))
             self._cond.notify()
 
