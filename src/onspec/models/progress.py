@@ -35,8 +35,10 @@ def note(message: str) -> None:
 class StepProgress:
     """`with StepProgress("hashing x.gguf", total_bytes) as p: ... p.advance(n) ...`"""
 
-    def __init__(self, what: str, total: int) -> None:
+    def __init__(self, what: str, total: int, label: str | None = None) -> None:
         self.what, self.total = what, max(int(total), 1)
+        self.label = label or what.split(" ", 1)[0]
+        """The bar's short name (80 columns hold it); `what` is printed in full above the bar."""
         self.done = 0
         self.t0 = self.last_line = time.monotonic()
         self.shown = False
@@ -71,9 +73,10 @@ class StepProgress:
         self.shown = True
         console = Console(file=sys.stderr)
         if console.is_terminal:
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+            note(f"{self.what}, {human_size(self.total)}")
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=24), DownloadColumn(),
                                 TransferSpeedColumn(), TimeRemainingColumn(), console=console)
-            self.task = self.bar.add_task(self.what, total=self.total, completed=self.done)
+            self.task = self.bar.add_task(self.label, total=self.total, completed=self.done)
             self.bar.start()
         else:
             self._line(time.monotonic())
