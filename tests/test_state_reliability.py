@@ -6,6 +6,7 @@ path; a final checkpoint that cannot be written is logged, not raised."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -152,7 +153,9 @@ store = CheckpointStore({root!r})
 model = tiny_model("llama", 1, layers=1)
 store.save(model, None, None, 1, {{}})
 def stuck(obj, f, *a, **k):  # half an optimizer file on disk, then SIGKILL arrives
-    open(f, "wb").write(b"PK" * 1000)
+    f = f if hasattr(f, "write") else open(f, "wb")  # a path or a file object
+    f.write(b"PK" * 1000)
+    f.flush()
     print("writing", flush=True)
     time.sleep(600)
 torch.save = stuck
@@ -291,6 +294,58 @@ def test_close_with_an_unwritable_state_dir_logs_and_returns(tmp_path, caplog):
     with caplog.at_level(logging.ERROR, logger="onspec.trainer"):
         worker.close()  # does not raise
     assert str(root) in caplog.text and "v3" in caplog.text
+
+
+@contextlib.contextmanager
+def _disk_full_beyond(nbytes: int):
+    """Writes past `nbytes` in one file fail as on a full disk (RLIMIT_FSIZE: EFBIG, which reaches
+    Python as safetensors' or torch.save's own error type, as ENOSPC does), in this process only."""
+    resource = pytest.importorskip("resource")
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails instead of killing us
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+@pytest.mark.parametrize("cause", ["full disk at the weights", "full disk at the optimizer state", "read-only"])
+def test_a_failed_checkpoint_write_logs_one_line_naming_the_file_and_the_error(tmp_path, caplog, cause):
+    """A full disk logged a whole traceback for every failed checkpoint write (safetensors and
+    torch.save raise their own error types, not OSError) where a read-only directory logged one
+    line: each failed write is now one line, naming the file and the error."""
+    worker = TrainerWorker(Distiller(tiny_model("llama", 1, layers=1), CFG), CFG, lambda v, w, a: None,
+                           store=CheckpointStore(tmp_path / "probe"))
+    d = worker.distiller
+    d.student(torch.tensor([[1, 2, 3]])).logits.sum().backward()
+    d.optimizer.step()  # its moments exist: the optimizer state is the largest file
+    d.version, d.updates = 3, 3
+    worker.checkpoint()
+    sizes = {f.name: f.stat().st_size for f in (tmp_path / "probe" / "v000003").iterdir()}
+    assert sizes["optimizer.pt"] > sizes["model.safetensors"] > sizes["config.json"]
+    if cause == "read-only":
+        (tmp_path / "not-a-dir").write_text("")
+        root, limit = tmp_path / "not-a-dir" / "checkpoints", None  # mkdir fails, whoever runs the test
+        file, error = str(root), "Not a directory"
+    else:
+        root = tmp_path / "checkpoints"
+        name = "model.safetensors" if cause.endswith("weights") else "optimizer.pt"
+        limit = sizes["config.json"] + 512 if name == "model.safetensors" else sizes["model.safetensors"] + 4096
+        file, error = name, "too large"
+    worker.store = CheckpointStore(root)
+    with caplog.at_level(logging.ERROR, logger="onspec.trainer"), \
+            (_disk_full_beyond(limit) if limit else contextlib.nullcontext()):
+        worker._checkpoint_or_log("scheduled")
+        worker._checkpoint_or_log("scheduled")
+    records = [r for r in caplog.records if r.name == "onspec.trainer"]
+    assert len(records) == 2, [r.getMessage() for r in records]
+    for r in records:
+        line = r.getMessage()
+        assert r.exc_info is None and r.exc_text is None and "\n" not in line, line
+        assert file in line and error in line and "v3" in line, line
+    assert not root.is_dir() or not [p for p in root.iterdir() if p.name != "LATEST"]  # no leftover, no version
 
 
 def test_a_specialists_traffic_file_stays_in_the_state_dir(tmp_path):
