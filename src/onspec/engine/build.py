@@ -20,9 +20,11 @@ def make_engine(target_model: nn.Module, tokenizer, draft_model: nn.Module | Non
     if draft_model is not None and engine_cfg.draft_vocab:
         vocab = draft_vocab(target_model, tokenizer, engine_cfg.draft_vocab)
     policy = make_policy(k, policy_cfg or PolicyConfig(), draft_model is not None)
-    return SpeculativeEngine(target_model, tokenizer, draft_model, k=k, policy=policy,
-                             draft_vocab=vocab, draft_int8=draft_int8(engine_cfg.draft_quant, draft_model),
-                             suffix=suffix_learner(engine_cfg) if policy is not None else None)
+    engine = SpeculativeEngine(target_model, tokenizer, draft_model, k=k, policy=policy,
+                               draft_vocab=vocab, draft_int8=draft_int8(engine_cfg.draft_quant, draft_model),
+                               suffix=suffix_learner(engine_cfg) if policy is not None else None)
+    engine.prefill_chunk = engine_cfg.prefill_chunk
+    return engine
 
 
 def suffix_learner(engine_cfg: EngineConfig) -> SuffixLearner | None:

@@ -10,11 +10,13 @@ the rows of every drafter are verified in one target pass per step. A row whose 
 (its sampling, verification, stopping or detokenising) leaves the batch with finish reason
 'error'; the other rows go on.
 
-The interface a server drives (vLLM's LLMEngine shape): `add(request)` prefills it and it joins
-the running batch between steps; `step()` runs one verify step for every running request and
-returns a `StepOutput` per request (its new tokens and new text, and on the last one the whole
-output and, when a trainer listens, the request's lesson as one `Example`); `cancel(id)` drops a
-request at once. `generate` is add-then-step-until-done, for offline use.
+The interface a server drives (vLLM's LLMEngine shape): `add(request)` admits it; `step()` first
+caches the next chunk of every admitted prompt (chunked prefill, `prefill_chunk` tokens each, so a
+long prompt never stalls the batch) and a request joins the running batch once its prompt is
+cached; then it runs one verify step for every running request and returns a `StepOutput` per
+request (its new tokens and new text, and on the last one the whole output and, when a trainer
+listens, the request's lesson as one `Example`); `cancel(id)` drops a request at once.
+`generate` is add-then-step-until-done, for offline use.
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ class EngineConfig:
     """Speculative decoding engine."""
 
     k: int = option(4, "draft tokens proposed per verify step, at most (0 = target-only decoding)")
+    prefill_chunk: int = option(512, "prompt tokens of each joining request cached per step (chunked prefill: "
+                                "running requests keep streaming beside a long prompt); 0 = a whole prompt at once")
     draft_vocab: int = option(0, "the draft proposes only from the N most frequent target tokens (a reduced head, "
                               "FR-Spec style; verification stays over the full vocabulary); 0 = the full head")
     draft_quant: str = option("auto", "the running draft's weights: int8 (weight-only, per-channel scales; the "
@@ -70,6 +74,8 @@ class EngineConfig:
             raise ValueError(f"--suffix-history must be >= 0, got {self.suffix_history}")
         if self.draft_vocab < 0:
             raise ValueError(f"--draft-vocab must be >= 0, got {self.draft_vocab}")
+        if self.prefill_chunk < 0:
+            raise ValueError(f"--prefill-chunk must be >= 0, got {self.prefill_chunk}")
 
 
 @dataclass
@@ -150,6 +156,41 @@ class _Draw:
     """A suffix learner's proposal: the matched context length of each token (None: the draft proposed)."""
 
 
+@dataclass(eq=False)  # compared by identity (removed from the engine's list)
+class _Prefill:
+    """Requests whose prompts are being cached, a chunk per step, before they join the batch: their
+    own KV caches (the target's, and their drafter's) and how far into their prompts they are."""
+
+    seqs: list[_Sequence]
+    drafter: Drafter | None
+    target: ModelRunner
+    draft: ModelRunner | None
+    cached: int = 0
+    """Prompt tokens cached so far, in the longest prompt (all but its last token are cached)."""
+    done: bool = False
+    """Every prompt is cached: the rows may join the batch."""
+
+    @property
+    def prompts(self) -> list[list[int]]:
+        return [s.request.prompt_ids for s in self.seqs]
+
+    def advance(self, chunk: int) -> None:
+        """Cache the next `chunk` tokens of every row's prompt (0: all the rest), target and draft."""
+        start, prompts = self.cached, self.prompts
+        self.cached = self.target.prefill(prompts, start, chunk)
+        if self.draft is not None:
+            self.draft.prefill(prompts, start, chunk)
+        self.done = self.cached >= max(len(p) for p in prompts) - 1
+
+    def drop(self, row: int) -> None:
+        keep = [r for r in range(len(self.seqs)) if r != row]
+        self.seqs = [self.seqs[r] for r in keep]
+        if keep:
+            for runner in (self.target, self.draft):
+                if runner is not None:
+                    runner.select(keep)
+
+
 RecordCallback = Callable[[StepRecord], None]
 FinishCallback = Callable[[StepOutput], None]
 
@@ -177,6 +218,10 @@ class SpeculativeEngine:
         self.record_logits = False
         """Put full-vocabulary target and draft logits into StepRecords (analysis and tests only)."""
         self._rows: list[_Sequence] = []
+        self.prefill_chunk = 512
+        """Prompt tokens of each joining request cached per step (0: a whole prompt at once)."""
+        self._prefilling: list[_Prefill] = []
+        """Admitted requests whose prompts are being cached, a chunk per step, before they join `_rows`."""
         self._target_runner: ModelRunner | None = None
         self._draft_runners: dict[str, ModelRunner] = {}
         """Per drafter, the KV cache of its rows, in the order they have in `_rows`."""
@@ -223,31 +268,29 @@ class SpeculativeEngine:
         self.drafters[drafter.name] = drafter
 
     def add(self, requests: Request | list[Request], drafter: str | None = None) -> None:
-        """Admit and prefill requests, drafted by `drafter` (a name in `drafters`; None: the
-        default); they join the running batch before the next step. Raises ValueError (and admits
-        none of them) if one is invalid."""
+        """Admit requests, drafted by `drafter` (a name in `drafters`; None: the default). Each
+        following step first caches the next `prefill_chunk` tokens of their prompts; they join the
+        running batch in the step that caches the rest (prompts that fit in one chunk: the next
+        step, prefilled together; a longer prompt is prefilled alone). Raises ValueError (and
+        admits none of them) if one is invalid."""
         d = self.drafters[drafter] if drafter is not None else self.drafter
         seqs = [self._admit(r, d) for r in ([requests] if isinstance(requests, Request) else requests)]
         if not seqs:
             return
         if d is not None:
             d.apply_pending_swap()
-        target, draft = self._prefill(seqs, d)
-        if self._target_runner is None:
-            self._target_runner = target
-        else:
-            self._target_runner.extend(target)
-        if draft is not None:
-            if d.name in self._draft_runners:
-                self._draft_runners[d.name].extend(draft)
-            else:
-                self._draft_runners[d.name] = draft
-        self._rows += seqs
+        fits = [not self.prefill_chunk or len(s.request.prompt_ids) - 1 <= self.prefill_chunk for s in seqs]
+        short = [s for s, f in zip(seqs, fits) if f]
+        for group in ([short] if short else []) + [[s] for s, f in zip(seqs, fits) if not f]:
+            self._prefilling.append(_Prefill(group, d, ModelRunner(self.target, len(group)),
+                                             ModelRunner(d.fast.model, len(group)) if d is not None else None))
 
     def step(self, on_record: RecordCallback | None = None) -> list[StepOutput]:
-        """One verify step for every running request; one StepOutput per request, in batch order.
-        Finished requests (their `finished` is True) have left the batch. `on_record` gets each
-        request's StepRecord."""
+        """Cache the next chunk of every prompt being prefilled (requests whose prompts are now
+        cached join the batch), then one verify step for every running request; one StepOutput
+        per running request, in batch order. Finished requests (their `finished` is True) have left
+        the batch. `on_record` gets each request's StepRecord."""
+        self._prefill_step()
         if not self._rows:
             return []
         rows = self._rows
@@ -264,18 +307,32 @@ class SpeculativeEngine:
         return outputs
 
     def cancel(self, request_id: str) -> StepOutput | None:
-        """Drop a running request at once (e.g. its client went away); its slot is freed.
-        Returns its last StepOutput (finish reason 'abort'), or None if it is not running."""
+        """Drop a running request at once (e.g. its client went away), in the batch or still
+        prefilling; its slot is freed. Returns its last StepOutput (finish reason 'abort'), or
+        None if it is not running."""
         for r, s in enumerate(self._rows):
             if s.request.request_id == request_id:
                 s.finish_reason = "abort"
                 self._keep([i for i in range(len(self._rows)) if i != r])
                 return self._step_output(s, [], 0, None)
+        for p in self._prefilling:
+            for r, s in enumerate(p.seqs):
+                if s.request.request_id == request_id:
+                    s.finish_reason = "abort"
+                    p.drop(r)
+                    if not p.seqs:
+                        self._prefilling.remove(p)
+                    return self._step_output(s, [], 0, None)
         return None
 
     @property
     def num_running(self) -> int:
-        return len(self._rows)
+        """Requests holding a slot: in the batch, and still prefilling (they will join it)."""
+        return len(self._rows) + self.num_prefilling
+
+    @property
+    def num_prefilling(self) -> int:
+        return sum(len(p.seqs) for p in self._prefilling)
 
     def generate(
         self,
@@ -304,19 +361,34 @@ class SpeculativeEngine:
 
     # -- one verify step ---------------------------------------------------------------------
 
-    def _prefill(self, seqs: list[_Sequence], drafter: Drafter | None) -> tuple[ModelRunner, ModelRunner | None]:
-        prompts = [s.request.prompt_ids for s in seqs]
-        t0 = time.perf_counter()
-        target = ModelRunner(self.target, len(seqs))
-        target.prefill(prompts)
-        draft = None
-        if drafter is not None:
-            draft = ModelRunner(drafter.fast.model, len(seqs))
-            draft.prefill(prompts)
-        self._sync()
-        for s in seqs:
-            s.stats.prefill_time_s = time.perf_counter() - t0
-        return target, draft
+    def _prefill_step(self) -> None:
+        """One chunk of every prompt being prefilled; the requests whose prompts are cached join
+        the batch. A step's prefill work is at most `prefill_chunk` tokens per prefilling request,
+        so running requests keep getting tokens beside a long prompt (vLLM's chunked prefill)."""
+        # NOTE: vLLM caps a step's prefill tokens over all requests; here each prefilling request
+        # takes one chunk per step, so several long prompts at once (at most --max-batch) slow a step more
+        for p in list(self._prefilling):
+            t0 = time.perf_counter()
+            p.advance(self.prefill_chunk)
+            self._sync()
+            for s in p.seqs:
+                s.stats.prefill_time_s += time.perf_counter() - t0
+            if p.done:
+                self._join(p)
+                self._prefilling.remove(p)  # after joining: num_running (read by other threads) never dips
+
+    def _join(self, p: _Prefill) -> None:
+        """Prefilled rows join the running batch (between steps), each cache beside its own."""
+        if self._target_runner is None:
+            self._target_runner = p.target
+        else:
+            self._target_runner.extend(p.target)
+        if p.draft is not None:
+            if p.drafter.name in self._draft_runners:
+                self._draft_runners[p.drafter.name].extend(p.draft)
+            else:
+                self._draft_runners[p.drafter.name] = p.draft
+        self._rows += p.seqs
 
     def _verify_step(self, rows: list[_Sequence], on_record: RecordCallback | None
                      ) -> list[tuple[list[int], int, Verdict]]:

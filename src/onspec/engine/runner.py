@@ -23,14 +23,21 @@ class ModelRunner:
         """Tokens fed with `feed(extra=...)` since the last `accept` (speculative, may be rolled back)."""
 
     @torch.no_grad()
-    def prefill(self, prompts: list[list[int]]) -> None:
-        """Cache all prompt tokens but the last, which stays pending (its logits start decoding)."""
-        self.pending = [[p[-1]] for p in prompts]
+    def prefill(self, prompts: list[list[int]], start: int = 0, size: int = 0) -> int:
+        """Cache all prompt tokens but the last, which then stays pending (its logits start
+        decoding). Chunked: cache only tokens [start, start + size) of each row's head (size 0: all
+        from `start`), one call per chunk; the last token is pending once the whole head is cached.
+        Returns where the next chunk starts (the longest head's length when all are cached)."""
         heads = [p[:-1] for p in prompts]
-        if not any(heads):
-            return
-        ids, valid = right_aligned(heads, self.device)
-        self.kv.forward(self.model, ids, valid, logits_to_keep=1)
+        width = max(len(h) for h in heads)
+        stop = width if size <= 0 else min(width, start + size)
+        chunk = [h[start:stop] for h in heads]
+        if any(chunk):
+            ids, valid = right_aligned(chunk, self.device)
+            self.kv.forward(self.model, ids, valid, logits_to_keep=1)
+        if stop >= width:
+            self.pending = [[p[-1]] for p in prompts]
+        return stop
 
     @torch.no_grad()
     def feed(self, extra: torch.Tensor | None = None) -> torch.Tensor:

@@ -248,6 +248,11 @@ def _request(body, state: ServerState, kind: str, prompt_ids: list[int]) -> Requ
 
 
 DISCONNECTED = 499  # nginx's "client closed request": nobody reads it
+ENDED_BY = {  # a Stop's code -> what the scheduler's log says ended the request
+    "client_disconnected": "cancelled by its client",
+    "request_timeout": "ended by --request-timeout",
+    "server_shutting_down": "ended by the shutdown",
+}
 
 
 class _Listener:
@@ -259,6 +264,7 @@ class _Listener:
         self.state, self.request = state, request
         self.queue: asyncio.Queue[Event] = asyncio.Queue()
         self.ended = False  # the scheduler sent its last event: nothing to cancel
+        self.stop: Stop | None = None  # the server's own end of the request, if it gave one
         loop = asyncio.get_running_loop()
         rid = request.request_id
         state.gate.register(rid, self.queue.put_nowait)
@@ -277,7 +283,9 @@ class _Listener:
 
     async def next(self) -> Event:
         ev = await self.queue.get()
-        if ev.last and not isinstance(ev, Stop):
+        if isinstance(ev, Stop):
+            self.stop = self.stop or ev
+        elif ev.last:
             self.ended = True
         return ev
 
@@ -294,7 +302,8 @@ class _Listener:
             self._watcher.cancel()
         self.state.gate.unregister(self.request.request_id)
         if not self.ended:  # the client went away, the deadline passed or the server is stopping: free the slot now
-            self.state.scheduler.cancel(self.request.request_id)
+            code = self.stop.code if self.stop is not None else "client_disconnected"
+            self.state.scheduler.cancel(self.request.request_id, ENDED_BY.get(code, f"ended ({code})"))
 
 
 class _EventStream(StreamingResponse):

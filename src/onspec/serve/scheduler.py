@@ -1,7 +1,8 @@
 """One thread owns the engine (one for the whole draft pool; a single draft is a pool of one).
-Between verify steps it routes and admits queued requests (`Member.add`: they join the running
-batch with their draft), drops cancelled ones (`engine.cancel`: the slot is freed at once), runs
-one engine step (`engine.step`: the rows of every draft verify in one target pass), and hands
+Between verify steps it routes and admits queued requests (`Member.add`: their prompts are cached a
+chunk per step, then they join the running batch with their draft), drops cancelled ones, whether
+decoding or still prefilling (`engine.cancel`: the slot is freed at once), runs one engine step
+(`engine.step`: a chunk of each prefill, then the rows of every draft verify in one target pass), and hands
 each request's new text (the engine's `StepOutput`) to its sink; a finished request's output goes
 to its draft's trainer, and a request that failed alone gets its own error. The HTTP
 side only submits, cancels and listens. Routers and the pool are touched by this thread only."""
@@ -76,7 +77,8 @@ class Scheduler:
         self._queue: list[_Ticket] = []
         self._parked: list[_Ticket] = []
         """Routed to a specialist that is still being built (off this thread); they join once it is."""
-        self._cancelled: set[str] = set()
+        self._cancelled: dict[str, str] = {}
+        """Request id -> what ended it (for the log), to be dropped before the next step."""
         self._chores: list[Callable[[], None]] = []
         self._tickets: dict[str, _Ticket] = {}
         self._drafts = {m.name for m in pool.all_members}
@@ -106,10 +108,11 @@ class Scheduler:
             self._queue.append(_Ticket(request, sink, query))
             self._cond.notify()
 
-    def cancel(self, request_id: str) -> None:
-        """The client went away: drop the request before the next step, wherever it is."""
+    def cancel(self, request_id: str, why: str = "cancelled by its client") -> None:
+        """The client went away (or the server ended the request: `why` says which, for the log):
+        drop the request before the next step, wherever it is (queued, prefilling or decoding)."""
         with self._cond:
-            self._cancelled.add(request_id)
+            self._cancelled[request_id] = why
             self._cond.notify()
 
     def call_soon(self, chore: Callable[[], None]) -> None:
@@ -152,7 +155,7 @@ class Scheduler:
                     break
                 self._opened = False
                 chores, self._chores = self._chores, []
-                cancelled, self._cancelled = self._cancelled, set()
+                cancelled, self._cancelled = self._cancelled, {}
                 self._queue = [t for t in self._queue if t.request.request_id not in cancelled]
                 self._parked = [t for t in self._parked if t.request.request_id not in cancelled]
                 self._queue = self._unpark() + self._queue
@@ -172,13 +175,13 @@ class Scheduler:
                 self._fail_all(f"internal error while decoding: {type(e).__name__}: {e}")
         self._fail_all("the server is shutting down")
 
-    def _cancel(self, request_ids: set[str]) -> None:
-        for rid in request_ids:
+    def _cancel(self, cancelled: dict[str, str]) -> None:
+        for rid, why in cancelled.items():
             t = self._tickets.pop(rid, None)
             if t is None:
                 continue
             t.member.engine.cancel(rid)
-            log.info("request %s cancelled by its client; slot freed", rid)
+            log.info("request %s %s; slot freed", rid, why)
 
     def _unpark(self) -> list[_Ticket]:
         """Parked tickets whose draft is built now (or failed: the general draft), in order."""
