@@ -248,3 +248,56 @@ def test_expected_accepted_is_the_running_product():
     want = [0.0] + list(itertools.accumulate(itertools.accumulate(a, lambda x, y: x * y)))
     assert got == pytest.approx(want)
     assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+
+
+# -- serving: state across restarts, metrics ------------------------------------------------------
+
+def test_serve_keeps_the_suffix_learner_across_a_restart(tmp_path):
+    """`onspec serve` writes the learner at shutdown and resumes it exactly; `--no-online` serves
+    it as saved and learns nothing more; a corrupt file is set aside and the learner starts empty."""
+    from conftest import save_tiny_pair
+
+    from onspec.apps.serve import SUFFIX_FILE, build_state, shutdown
+    from onspec.models.pair import ModelConfig
+    from onspec.online.distiller import TrainerConfig
+    from onspec.serve.config import ServerConfig
+
+    target, draft = save_tiny_pair(tmp_path)
+    models = ModelConfig(target=str(target), draft=str(draft), dtype="float32")
+
+    def state(**server):
+        return build_state(models, EngineConfig(k=2), PolicyConfig(), TrainerConfig(),
+                           ServerConfig(state_dir=str(tmp_path / "state"), **server))
+
+    first = state()
+    first.engine.generate([Request([65, 66, 67, 65, 66], SamplingParams(max_new_tokens=12))] * 2)
+    learned = first.engine.suffix.state_dict()
+    assert int(learned["version"]) == 2
+    shutdown(first)
+    path = tmp_path / "state" / SUFFIX_FILE
+    assert path.is_file() and (path.stat().st_mode & 0o077) == 0  # user traffic: owner only
+
+    second = state(no_online=True)
+    got = second.engine.suffix.state_dict()
+    assert all(torch.equal(got[k], learned[k]) for k in learned)
+    second.engine.generate([Request([70, 71, 72], SamplingParams(max_new_tokens=8))])
+    assert second.engine.suffix.version == 2  # frozen: served, not learned
+    shutdown(second)
+
+    path.write_bytes(b"not a safetensors file")
+    third = state()
+    assert third.engine.suffix.version == 0 and (tmp_path / "state" / (SUFFIX_FILE + ".corrupt")).is_file()
+    shutdown(third)
+
+
+def test_metrics_count_the_suffix_learners_steps_apart():
+    from onspec.engine.records import StepOutput
+    from onspec.serve.metrics import ServerMetrics
+
+    m = ServerMetrics(k=4)
+    m.observe_step(StepOutput("a", [1, 2, 3], "", proposed=6, accepted=2, speculator="suffix"))
+    m.observe_step(StepOutput("a", [1], "", proposed=3, accepted=0, speculator="draft"))
+    text = m.exposition().decode()
+    assert 'onspec:suffix_num_draft_tokens_total 6.0' in text
+    assert 'onspec:suffix_num_accepted_tokens_total 2.0' in text
+    assert 'onspec:spec_decode_num_draft_tokens_total{draft="general"} 9.0' in text

@@ -1,23 +1,28 @@
 """`onspec serve`: load the pair, resume the draft from the state directory, start the scheduler
 and (unless --no-online) the online trainer, and run uvicorn until SIGINT/SIGTERM; then drain
 (new requests get 503, running ones get --shutdown-timeout seconds, the rest an error of their
-own), write the final checkpoint (and, only with --persist-traffic, the buffered traffic) and exit 0.
+own), write the final checkpoint and the suffix learner's state (and, only with --persist-traffic, the
+buffered traffic) and exit 0.
 The state directory is created 0700 and the traffic file written 0600: both hold user traffic."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import stat
 import sys
 from pathlib import Path
 
+import safetensors.torch
 import uvicorn
 
+from onspec.durable import replace_synced
 from onspec.engine.engine import EngineConfig
 from onspec.engine.policy import PolicyConfig
+from onspec.engine.suffix import SuffixLearner
 from onspec.models.pair import ModelConfig, load_pair
 from onspec.online.distiller import TrainerConfig
 from onspec.pool.pool import GENERAL, Member, PoolConfig
@@ -47,6 +52,10 @@ def build_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Po
     pool, router = build_pool(target.model, target.tokenizer, draft.model if draft else None, engine_cfg, policy_cfg,
                               pool_cfg, trainer_cfg=None if cfg.no_online else trainer_cfg,
                               checkpoints=state_dir / "checkpoints", on_member=reload_traffic)
+    suffix = pool.general.engine.suffix
+    if suffix is not None:
+        load_suffix(suffix, state_dir / SUFFIX_FILE)
+        suffix.frozen = cfg.no_online  # served as it was saved, learning nothing more
     metrics = ServerMetrics(pool.general.engine.k)
     for m in pool.all_members:
         metrics.add_draft(m.name)
@@ -58,6 +67,8 @@ def build_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Po
 
 def shutdown(state: ServerState) -> None:
     state.scheduler.close()
+    if state.engine.suffix is not None and not state.engine.suffix.frozen:
+        save_suffix(state.engine.suffix, Path(state.cfg.state_dir) / SUFFIX_FILE)
     for m in state.pool.all_members:
         if m.trainer is None:
             continue
@@ -68,6 +79,38 @@ def shutdown(state: ServerState) -> None:
             log.info("wrote %d buffered requests to %s", written, path)
     if state.router is not None:
         state.pool.save_manifest(Path(state.cfg.state_dir) / "checkpoints", state.router.state_dict())
+
+
+SUFFIX_FILE = "suffix.safetensors"
+"""The suffix learner's state in the state directory: the served outputs it learned (user traffic:
+owner-only) and its acceptance estimates."""
+
+
+def load_suffix(suffix: SuffixLearner, path: Path) -> None:
+    """Resume the suffix learner from `path` if it is there; one that cannot be read is set aside
+    (renamed `.corrupt`) with one log line, and the learner starts empty."""
+    if not path.is_file():
+        return
+    try:
+        suffix.load_state_dict(safetensors.torch.load_file(str(path)))
+        log.info("resumed the suffix learner from %s (%d outputs, version %d)", path, len(suffix.history),
+                 suffix.version)
+    except Exception as e:  # a torn or foreign file must not stop the server
+        aside = path.with_name(path.name + ".corrupt")
+        os.replace(path, aside)
+        log.warning("could not resume the suffix learner from %s (%s: %s); set aside as %s, starting empty",
+                    path, type(e).__name__, e, aside)
+        suffix.load_state_dict(SuffixLearner(suffix.max_depth).state_dict())
+
+
+def save_suffix(suffix: SuffixLearner, path: Path) -> None:
+    """Durably (temporary file, fsync, rename) and owner-only; a failed write is one log line."""
+    try:
+        data = safetensors.torch.save(suffix.state_dict())
+        replace_synced(path, lambda f: f.write(data), private=True)
+        log.info("wrote the suffix learner (%d outputs, version %d) to %s", len(suffix.history), suffix.version, path)
+    except OSError as e:
+        log.error("could not write the suffix learner to %s: %s", path, e)
 
 
 def _traffic_file(state_dir: Path, name: str) -> Path:

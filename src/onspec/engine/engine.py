@@ -113,6 +113,8 @@ class _Sequence:
     """Characters of detok.text already handed out in StepOutputs."""
     suffix_index: SuffixIndex | None = None
     """The suffix learner's index of this request's own prompt and output (None: no suffix learner)."""
+    suffix_step: bool = False
+    """The last verify step's proposals came from the suffix learner (not the draft model)."""
     teacher: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     """Per verify step, the target's top-K ids and probabilities at the emitted positions."""
     _noise: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
@@ -438,6 +440,7 @@ class SpeculativeEngine:
         self._target_runner.accept(accepted, emitted)
         suffixed = [draws[r] is not None and draws[r].depths is not None for r in range(len(rows))]
         for r, v in enumerate(verdicts):
+            rows[r].suffix_step = suffixed[r]
             if suffixed[r]:
                 self.suffix.observe(draws[r].depths, v.num_accepted)
                 rows[r].stats.observe_suffix(ks[r], v.num_accepted)
@@ -656,6 +659,7 @@ class SpeculativeEngine:
             accepted=verdict.num_accepted if verdict else 0,
             draft_version=seq.drafter.version if seq.drafter is not None else 0,
             drafter=seq.drafter.name if seq.drafter is not None else None,
+            speculator=("suffix" if seq.suffix_step else "draft") if k else None,
             output=output, example=self._example(seq) if learn else None,
         )
 

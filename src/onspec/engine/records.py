@@ -212,6 +212,9 @@ class StepOutput:
     draft_version: int = 0
     """The draft version that proposed them, and the drafter it belongs to."""
     drafter: str | None = None
+    speculator: str | None = None
+    """Who proposed this step's tokens: 'draft' (the draft model), 'suffix' (the suffix learner,
+    engine/suffix.py), or None (nothing was proposed)."""
     output: RequestOutput | None = None
     """On the last step: the whole output with its stats."""
     example: Example | None = None

@@ -80,6 +80,8 @@ class SuffixLearner:
         """(tokens, start) of each earlier output in the index, oldest first: what a checkpoint keeps."""
         self.version = 0
         """Outputs learned so far (the learner's version: it changes with every finished request)."""
+        self.frozen = False
+        """True: proposes from what it has learned, learns nothing more (`serve --no-online`)."""
         self._lock = threading.Lock()
         # decayed accepted / evaluated counts per matched depth, from a prior of 4 pseudo-observations
         self._accepted = {d: prior * 4.0 for d in range(1, max_depth + 1)}
@@ -91,7 +93,7 @@ class SuffixLearner:
 
     def learn(self, prompt_ids: list[int], output_ids: list[int]) -> None:
         """A finished request's output joins the stream's index (the oldest leaves past `history`)."""
-        if self.history_size <= 0 or not output_ids:
+        if self.frozen or self.history_size <= 0 or not output_ids:
             return
         head = list(prompt_ids[-self.prompt_context:]) if self.prompt_context else []
         seq = head + list(output_ids)

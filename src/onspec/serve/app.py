@@ -404,12 +404,16 @@ def _spec(out: RequestOutput, ev: Event) -> dict:
     return {"accepted_tokens": s.accepted, "evaluated_tokens": s.evaluated, "proposed_tokens": s.proposed,
             "alpha": s.alpha, "mean_accepted_length": s.mean_accepted_length, "verify_steps": s.steps,
             "draft_version": ev.draft_versions[-1] if ev.draft_versions else None,
-            "draft_versions": ev.draft_versions, "draft": ev.draft, "route": ev.route}
+            "draft_versions": ev.draft_versions, "draft": ev.draft, "route": ev.route,
+            "suffix_steps": s.suffix_steps, "suffix_proposed_tokens": s.suffix_proposed,
+            "suffix_accepted_tokens": s.suffix_accepted}
 
 
 def refresh_metrics(state: ServerState) -> None:
     """The gauges that are read, not counted (versions, trainer stats, running/waiting), brought up to date."""
     state.metrics.refresh(state.drafts(), state.scheduler.running, state.scheduler.waiting)
+    if state.engine.suffix is not None:
+        state.metrics.refresh_suffix(state.engine.suffix.stats())
 
 
 def _finite(value):

@@ -44,6 +44,16 @@ class ServerMetrics:
         self.buffer_tokens = Gauge(f"{PREFIX}buffer_tokens", "generated tokens held in the training buffer", d,
                                    registry=r)
         self.buffer_bytes = Gauge(f"{PREFIX}buffer_bytes", "bytes held in the training buffer", d, registry=r)
+        # the suffix learner beside the draft (engine/suffix.py): its share of the counters above
+        self.suffix_drafts = Counter(f"{PREFIX}suffix_num_drafts", "verify steps whose proposals came from the suffix "
+                                     "learner (included in spec_decode_num_drafts)", registry=r)
+        self.suffix_draft_tokens = Counter(f"{PREFIX}suffix_num_draft_tokens", "tokens the suffix learner proposed",
+                                           registry=r)
+        self.suffix_accepted_tokens = Counter(f"{PREFIX}suffix_num_accepted_tokens",
+                                              "tokens the suffix learner proposed that were accepted", registry=r)
+        self.suffix_version = Gauge(f"{PREFIX}suffix_learner_outputs", "served outputs the suffix learner has learned "
+                                    "(its version)", registry=r)
+        self.suffix_history = Gauge(f"{PREFIX}suffix_learner_history", "earlier outputs it matches in now", registry=r)
         self.running = Gauge(f"{PREFIX}num_requests_running", "requests in the decoding batch", registry=r)
         self.waiting = Gauge(f"{PREFIX}num_requests_waiting", "requests queued for the batch", registry=r)
         self.requests = Counter(f"{PREFIX}request_success", "finished requests by finish reason", ["finished_reason"],
@@ -81,6 +91,10 @@ class ServerMetrics:
                 counts = self.by_version.setdefault(out.draft_version, [0, 0])
                 counts[0] += out.accepted
                 counts[1] += k
+        if out.speculator == "suffix":
+            self.suffix_drafts.inc()
+            self.suffix_draft_tokens.inc(k)
+            self.suffix_accepted_tokens.inc(out.accepted)
         self.num_drafts.labels(draft=draft).inc()
         self.num_draft_tokens.labels(draft=draft).inc(k)
         if out.accepted:
@@ -112,6 +126,11 @@ class ServerMetrics:
                 "tokens": len(out.token_ids), "tokens_per_s": len(out.token_ids) / latency_s if latency_s > 0 else None,
                 "draft_version": draft_version, "finish_reason": out.finish_reason, "draft": draft, "route": route,
             })
+
+    def refresh_suffix(self, stats: dict) -> None:
+        """The suffix learner's `stats()`."""
+        self.suffix_version.set(stats["version"])
+        self.suffix_history.set(stats["history"])
 
     def refresh(self, drafts: dict[str, tuple[int, dict | None]], running: int, waiting: int) -> None:
         """drafts: name -> (serving version, trainer stats or None)."""
