@@ -504,7 +504,7 @@ class SpeculativeEngine:
         if seq.error is not None or budget <= 0 or seq.suffix_index is None:
             return None
         proposal = self.suffix.propose(_tail(seq, self.suffix.max_depth), seq.suffix_index, budget)
-        m = self.controller.choose(drafter.policy, k_draft, proposal)
+        m = self.controller.choose(drafter.policy, k_draft, proposal, switch=not seq.suffix_step)
         if not m:
             return None
         tokens = torch.tensor(proposal.tokens[:m], dtype=torch.long, device=self.device)
