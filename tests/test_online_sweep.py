@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import tiny_model
 from test_online import PARAMS, TEXTS
 
@@ -59,3 +60,30 @@ def test_replay_measures_the_taught_block_before_and_after_its_update(tokenizer)
     assert learnt["updates"] >= 2 and static["updates"] == 0 and static["seen_after"] is None
     assert learnt["seen_after"] > learnt["seen_before"] + 0.05
     assert len(learnt["per_block"]) == len(static["per_block"]) == len(examples) // CFG.update_interval
+
+
+def test_truncated_draft_is_the_first_layers_with_the_drafts_own_norm_and_head():
+    draft = tiny_model("qwen2", 7, layers=3)
+    ids = torch.randint(0, 200, (1, 12))
+    with torch.no_grad():
+        full = draft(ids, output_hidden_states=True)
+        short = online_sweep.truncated(draft, 2)
+        # hidden_states[2]: layer 2's output before the final norm
+        expected = draft.lm_head(draft.model.norm(full.hidden_states[2]))
+        assert torch.allclose(short(ids).logits, expected, atol=1e-5)
+        assert len(draft.model.layers) == draft.config.num_hidden_layers == 3  # the draft is untouched
+        assert torch.equal(draft(ids).logits, full.logits)
+    assert short.config.num_hidden_layers == 2 and short.lm_head.weight is draft.lm_head.weight  # shared, not copied
+    with pytest.raises(SystemExit):
+        online_sweep.truncated(draft, 4)
+
+
+def test_a_truncated_draft_trained_whole_learns_its_taught_block(tokenizer):
+    draft = tiny_model("llama", 7, layers=3)
+    examples = served(tokenizer, draft) * 2
+    student = online_sweep.truncated(draft, 1)
+    cfg = online_sweep._config("train_layers=1,lr=3e-3,steps=8,positions=all,update_interval=4,probe_every=0")
+    got = online_sweep._replay(examples, student, cfg, learn=True, console=online_sweep.Console(quiet=True), name="m1")
+    assert got["seen_after"] > got["seen_before"] + 0.05
+    assert got["trained_tokens"] > 0 and got["s_per_trained_token"] > 0
+    assert got["trained_parameters"] < sum(p.numel() for p in draft.parameters())
