@@ -89,9 +89,9 @@ class Scripted(AdaptiveK):
     def choose(self) -> int:
         return self.script.pop(0) if self.script else 0
 
-    def observe(self, k, accepted, evaluated, draft_seconds, target_seconds) -> None:
+    def observe(self, k, accepted, evaluated, draft_seconds, target_seconds, width=None) -> None:
         self.seen.append((k, draft_seconds))
-        super().observe(k, accepted, evaluated, draft_seconds, target_seconds)
+        super().observe(k, accepted, evaluated, draft_seconds, target_seconds, width)
 
 
 def test_backlog_of_target_only_steps_is_cached_apart_from_the_proposal(tokenizer, monkeypatch):
@@ -124,3 +124,20 @@ def test_backlog_of_target_only_steps_is_cached_apart_from_the_proposal(tokenize
     assert set(widths) <= {1, 2}  # every draft pass while proposing sees at most two new positions
     assert 6 in catch_ups  # five target-only steps (plus the token emitted before them) were caught up
     assert [k for k, _ in engine.policy.seen[: len(script)]] == script
+
+
+def test_one_slow_pass_does_not_price_a_width_for_good():
+    """T(k) is a line fitted to every pass: after one slow pass at k = 4, the passes at k = 2 that
+    follow bring the price of k = 4 back (per-k averages kept it until k = 4 was chosen again,
+    which the stale price prevented)."""
+    policy = AdaptiveK(4, PolicyConfig(probe_share=0.0))
+    for _ in range(20):
+        policy.observe_target(4, 1.0)
+        policy.observe_target(2, 1.0)
+    policy.observe_target(4, 5.0)
+    for _ in range(200):
+        policy.observe_target(2, 1.0)
+    assert policy.target_time(4) < 1.2
+    for w in range(0, 17):  # a line through fresh passes of several widths
+        policy.observe_target(w, 1.0 + 0.01 * w)
+    assert policy.target_time(16) > policy.target_time(0)

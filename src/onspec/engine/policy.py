@@ -3,7 +3,10 @@
 The speedup model of OSD.md section 2, with both costs measured live:
     speedup(k) = tokens(alpha, k) * T(0) / (k * t_draft + T(k)),  tokens = (1 - alpha^(k+1)) / (1 - alpha)
 where t_draft is one draft forward and T(k) one target pass over k+1 positions (T(k) grows a
-little with k; with T(k) = T(0) this is the paper's formula with c = t_draft / T(0)).
+little with k; with T(k) = T(0) this is the paper's formula with c = t_draft / T(0)). T(k) is a line
+fitted to every target pass's width and time (decayed least squares), so a width the policy has
+not chosen lately is still priced from fresh passes (per-k averages went stale: one slow pass at
+k = 4 kept a run at k = 2 for ten requests).
 t_draft is measured on proposal passes only: the backlog a draft builds up over steps that did
 not speculate is cached in a pass of its own (`ModelRunner.catch_up`), else a probe after a long
 k = 0 stretch would charge that backlog to proposing and keep k at 0.
@@ -18,6 +21,10 @@ import random
 from dataclasses import dataclass
 
 from onspec.config import option
+
+
+TARGET_FIT_DECAY = 0.99
+"""Per target pass: the weight of older passes in the fit of T(k) (a memory of ~100 passes)."""
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -58,7 +65,10 @@ class AdaptiveK:
         self._accepted = prior_alpha * 4.0  # decayed counts, with 4 pseudo-observations of the prior
         self._evaluated = 4.0
         self._t_draft: float | None = None  # seconds per draft forward (EMA)
-        self._t_target: dict[int, float] = {}  # seconds per target pass, by k (EMA)
+        # T(k), seconds per target pass over k+1 positions: a line a + b*k fitted by decayed least
+        # squares over every pass (sums of w, w*k, w*k^2, w*t, w*k*t), so each pass updates the
+        # cost of every width, one the policy has not chosen for a while included
+        self._fit = [0.0] * 5
         self._rng = random.Random(seed)
         self.probing_steps = 0
 
@@ -105,29 +115,22 @@ class AdaptiveK:
 
     def observe_target(self, width: int, seconds: float) -> None:
         """One target pass over width + 1 positions took `seconds`."""
-        self._t_target[width] = _ema(self._t_target.get(width), seconds)
+        d = TARGET_FIT_DECAY
+        for i, x in enumerate((1.0, width, width * width, seconds, width * seconds)):
+            self._fit[i] = d * self._fit[i] + x
 
     def reset_alpha(self, alpha: float) -> None:
         """A new draft went live: restart the estimate from a measured hint (e.g. the trainer's probe)."""
         self._accepted, self._evaluated = alpha * 4.0, 4.0
 
     def _target_time(self, k: int) -> float | None:
-        if k in self._t_target:
-            return self._t_target[k]
-        if not self._t_target:
+        n, sk, skk, st, skt = self._fit
+        if n <= 0:
             return None
-        # unseen k: interpolate linearly between the nearest measured k values
-        ks = sorted(self._t_target)
-        if k > ks[-1] and len(ks) > 1:  # wider than any measured pass: extend the last measured slope
-            a, b = ks[-2], ks[-1]
-            slope = max(0.0, (self._t_target[b] - self._t_target[a]) / (b - a))
-            return self._t_target[b] + slope * (k - b)
-        lower = max((x for x in ks if x < k), default=ks[0])
-        upper = min((x for x in ks if x > k), default=ks[-1])
-        if lower == upper:
-            return self._t_target[lower]
-        w = (k - lower) / (upper - lower)
-        return (1 - w) * self._t_target[lower] + w * self._t_target[upper]
+        var = skk / n - (sk / n) ** 2
+        # slope only where the recent passes had different widths (else flat: memory-bound); never < 0
+        slope = max(0.0, (skt / n - (sk / n) * (st / n)) / var) if var > 0.25 else 0.0
+        return st / n + slope * (k - sk / n)
 
 
 def _ema(old: float | None, new: float, weight: float = 0.1) -> float:
