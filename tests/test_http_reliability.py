@@ -49,7 +49,7 @@ def models(tmp_path_factory):
 def make_state(models, tmp_path: Path, start: bool = True, **server):
     target, draft = models
     cfg = ServerConfig(state_dir=str(tmp_path / "state"), max_tokens_limit=5000, **server)
-    state = build_state(ModelConfig(target=str(target), draft=str(draft), dtype="float32"), EngineConfig(k=3),
+    state = build_state(ModelConfig(target=str(target), draft=str(draft), dtype="float32"), EngineConfig(k=3, no_suffix=True),
                         PolicyConfig(), TrainerConfig(), cfg)
     if start:
         state.scheduler.start()
@@ -96,6 +96,12 @@ def openai_error(r: httpx.Response, status: int, code: str | None = None) -> dic
     return err
 
 
+# The tiny random pair repeats itself, so the suffix learner would decode a 4000-token request in 16-token
+# steps within a second or two; these tests need requests that run for seconds, so their servers go
+# without it (NO_SUFFIX).
+NO_SUFFIX = "--no-suffix"
+
+
 def long_body(n: int = 4000, **kw) -> dict:
     return {"prompt": "hello", "max_tokens": n, "temperature": 0, "ignore_eos": True, **kw}
 
@@ -110,7 +116,7 @@ def running(url: str) -> float:
 
 @pytest.mark.server
 def test_nonstreaming_client_that_leaves_is_cancelled_while_tokens_flow(models, tmp_path):
-    server = Server(models, tmp_path / "state", "--no-online", "--max-tokens-limit", "5000")
+    server = Server(models, tmp_path / "state", "--no-online", NO_SUFFIX, "--max-tokens-limit", "5000")
     try:
         url = httpx.URL(server.url)
         sock = socket.create_connection((url.host, url.port))
@@ -137,7 +143,8 @@ def test_nonstreaming_client_that_leaves_is_cancelled_while_tokens_flow(models, 
 
 @pytest.mark.server
 def test_sigterm_drains_then_ends_the_rest_cleanly_and_exits_0(models, tmp_path):
-    server = Server(models, tmp_path / "state", "--no-online", "--max-tokens-limit", "5000", "--shutdown-timeout", "3")
+    server = Server(models, tmp_path / "state", "--no-online", NO_SUFFIX, "--max-tokens-limit", "5000",
+                    "--shutdown-timeout", "3")
     results: dict = {}
 
     def stream():

@@ -20,7 +20,7 @@ def onspec(*args: str) -> subprocess.CompletedProcess:
 
 def test_replay_both_modes_writes_csv_plot_and_json(tmp_path):
     proc = onspec("replay", "--dataset", "humaneval", "--limit", "4", "--max-new-tokens", "8", "--mode", "both",
-                  "--update-interval", "2", "--steps", "1", "--probe-every", "0", "--out", str(tmp_path), "--json")
+                  "--learn", "both", "--update-interval", "2", "--steps", "1", "--probe-every", "0", "--out", str(tmp_path), "--json")
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("queries", "tokens", "alpha_first", "alpha_last", "alpha_mean", "updates", "rollbacks", "tokens_per_s"):
