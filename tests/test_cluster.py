@@ -39,7 +39,7 @@ def start(models, state_dir, trainer: TrainerConfig, replicas: int = 2, **cluste
     target, draft = models
     model_cfg = ModelConfig(target=str(target), draft=str(draft), dtype="float32")
     return start_cluster(model_cfg, EngineConfig(k=3), PolicyConfig(fixed_k=True), trainer,
-                         ServerConfig(port=0, state_dir=str(state_dir), max_batch=4),
+                         ServerConfig(port=0, state_dir=str(state_dir), max_batch=4, learn="both"),
                          ClusterConfig(replicas=replicas, replica_threads=1, **cluster))
 
 

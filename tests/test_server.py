@@ -62,7 +62,7 @@ class Server:
 def server(models, tmp_path_factory):
     # --fixed-k: every step drafts, so the drafting metrics move on every request (adaptive k may
     # step aside on these tiny models, where a draft pass costs as much as a target pass)
-    s = Server(models, tmp_path_factory.mktemp("state") / "main", "--api-key", KEY, "--update-interval", "2",
+    s = Server(models, tmp_path_factory.mktemp("state") / "main", "--api-key", KEY, "--learn", "both", "--update-interval", "2",
                "--steps", "1", "--batch-size", "2", "--max-batch", "4", "--fixed-k")
     yield s
     s.stop()
@@ -303,7 +303,7 @@ def test_dashboard_renders_in_headless_chromium(server, tmp_path):
 
 def test_restart_resumes_the_draft_version(models, tmp_path):
     state = tmp_path / "state"
-    first = Server(models, state, "--update-interval", "2", "--steps", "1", "--batch-size", "2")
+    first = Server(models, state, "--learn", "both", "--update-interval", "2", "--steps", "1", "--batch-size", "2")
     for p in PROMPTS[:4]:
         r = httpx.post(first.url + "/v1/completions", json={"prompt": p, "max_tokens": 16, "temperature": 0,
                                                               "ignore_eos": True}, timeout=120)
@@ -324,7 +324,7 @@ def test_restart_resumes_the_draft_version(models, tmp_path):
 
 
 def test_field_routing_serves_each_domain_with_its_own_draft(models, tmp_path):
-    server = Server(models, tmp_path / "state", "--drafts", "3", "--router", "field", "--open-after", "1",
+    server = Server(models, tmp_path / "state", "--learn", "draft", "--drafts", "3", "--router", "field", "--open-after", "1",
                     "--general-share", "0", "--update-interval", "2", "--steps", "1", "--batch-size", "2")
     try:
         served = {}
@@ -343,7 +343,7 @@ def test_field_routing_serves_each_domain_with_its_own_draft(models, tmp_path):
     finally:
         server.stop()
     assert (tmp_path / "state" / "checkpoints" / "pool.json").is_file()
-    again = Server(models, tmp_path / "state", "--drafts", "3", "--router", "field", "--no-online")
+    again = Server(models, tmp_path / "state", "--learn", "draft", "--drafts", "3", "--router", "field", "--no-online")
     try:  # the pool comes back with its specialists
         assert set(httpx.get(again.url + "/health").json()["drafts"]) == {"general", "code", "chat"}
     finally:
@@ -352,13 +352,13 @@ def test_field_routing_serves_each_domain_with_its_own_draft(models, tmp_path):
 
 def test_persist_traffic_round_trip(models, tmp_path):
     state = tmp_path / "state"
-    first = Server(models, state, "--persist-traffic", "--update-interval", "100")
+    first = Server(models, state, "--learn", "both", "--persist-traffic", "--update-interval", "100")
     for p in PROMPTS[:3]:
         httpx.post(first.url + "/v1/completions", json={"prompt": p, "max_tokens": 8, "temperature": 0,
                                                         "ignore_eos": True}, timeout=120)
     first.stop()
     assert (state / "traffic.pt").is_file()
-    second = Server(models, state, "--persist-traffic", "--update-interval", "100")
+    second = Server(models, state, "--learn", "both", "--persist-traffic", "--update-interval", "100")
     try:
         data = httpx.get(second.url + "/dashboard/data").json()
         assert data["trainer"]["buffer_requests"] == 3

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.server
 def test_mixed_traffic_while_learning(tmp_path):
     save_tiny_pair(tmp_path)
     result = soak(["--target", str(tmp_path / "target"), "--draft", str(tmp_path / "draft"), "--dtype", "float32",
-                   "--k", "3", "--update-interval", "2", "--steps", "1", "--lr", "1e-3", "--probe-every", "0"],
+                   "--k", "3", "--learn", "both", "--update-interval", "2", "--steps", "1", "--lr", "1e-3", "--probe-every", "0"],
                   seconds=45, concurrency=4, max_tokens=24)
     assert result["server_errors"] == 0, result["errors"]
     assert result["bad_not_4xx"] == 0

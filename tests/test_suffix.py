@@ -293,6 +293,36 @@ def test_serve_keeps_the_suffix_learner_across_a_restart(tmp_path):
     shutdown(third)
 
 
+def test_serve_learns_with_the_suffix_learner_by_default_and_the_floor_stays_frozen(tmp_path):
+    """The default server: the suffix learner learns, no trainer touches the draft (the floor); --learn
+    draft is the draft's trainer alone, both is both; --drafts > 1 without a trainer is refused."""
+    from conftest import save_tiny_pair
+
+    from onspec.apps.serve import build_state, shutdown
+    from onspec.models.pair import ModelConfig
+    from onspec.online.distiller import TrainerConfig
+    from onspec.pool.pool import PoolConfig
+    from onspec.serve.app import learning
+    from onspec.serve.config import ServerConfig
+
+    target, draft = save_tiny_pair(tmp_path)
+    models = ModelConfig(target=str(target), draft=str(draft), dtype="float32")
+    seen = {}
+    for learn in ("suffix", "draft", "both"):
+        state = build_state(models, EngineConfig(k=2), PolicyConfig(), TrainerConfig(),
+                            ServerConfig(state_dir=str(tmp_path / learn), learn=learn))
+        seen[learn] = (learning(state), state.trainer is not None, state.engine.suffix is not None)
+        shutdown(state)
+    assert seen == {"suffix": ("suffix", False, True), "draft": ("draft", True, False),
+                    "both": ("suffix+draft", True, True)}
+    assert ServerConfig().learn == "suffix"
+    with pytest.raises(ValueError, match="--learn draft"):
+        build_state(models, EngineConfig(k=2), PolicyConfig(), TrainerConfig(),
+                    ServerConfig(state_dir=str(tmp_path / "pool")), PoolConfig(drafts=3))
+    with pytest.raises(ValueError, match="--learn"):
+        ServerConfig(learn="everything")
+
+
 def test_metrics_count_the_suffix_learners_steps_apart():
     from onspec.engine.records import StepOutput
     from onspec.serve.metrics import ServerMetrics

@@ -14,6 +14,7 @@ import signal
 import socket
 import stat
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import safetensors.torch
@@ -27,7 +28,7 @@ from onspec.models.pair import ModelConfig, load_pair
 from onspec.online.distiller import TrainerConfig
 from onspec.pool.pool import GENERAL, Member, PoolConfig
 from onspec.wiring import build_pool, member_dir
-from onspec.serve.app import ServerState, create_app
+from onspec.serve.app import ServerState, create_app, learning
 from onspec.serve.config import ServerConfig
 from onspec.serve.guard import Gate, is_loopback
 from onspec.serve.metrics import ServerMetrics
@@ -39,6 +40,10 @@ log = logging.getLogger("onspec.serve")
 def build_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: PolicyConfig,
                 trainer_cfg: TrainerConfig, cfg: ServerConfig, pool_cfg: PoolConfig | None = None) -> ServerState:
     pool_cfg = pool_cfg or PoolConfig()
+    if pool_cfg.drafts > 1 and cfg.learn == "suffix":
+        raise ValueError("--drafts > 1 trains a draft per kind of traffic: add --learn draft (or both)")
+    if cfg.learn == "draft":
+        engine_cfg = replace(engine_cfg, no_suffix=True)  # the draft model alone, as before the suffix learner
     target, draft = load_pair(model_cfg)
     state_dir = Path(cfg.state_dir)
     _private_dir(state_dir)
@@ -50,12 +55,12 @@ def build_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Po
             log.info("reloaded %d buffered requests from %s", member.trainer.buffer.load(traffic), traffic)
 
     pool, router = build_pool(target.model, target.tokenizer, draft.model if draft else None, engine_cfg, policy_cfg,
-                              pool_cfg, trainer_cfg=None if cfg.no_online else trainer_cfg,
+                              pool_cfg, trainer_cfg=trainer_cfg if cfg.learns_draft else None,
                               checkpoints=state_dir / "checkpoints", on_member=reload_traffic)
     suffix = pool.general.engine.suffix
     if suffix is not None:
         load_suffix(suffix, state_dir / SUFFIX_FILE)
-        suffix.frozen = cfg.no_online  # served as it was saved, learning nothing more
+        suffix.frozen = not cfg.learns_suffix  # served as it was saved, learning nothing more
     metrics = ServerMetrics(pool.general.engine.k)
     for m in pool.all_members:
         metrics.add_draft(m.name)
@@ -143,7 +148,7 @@ def run_serve(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Poli
     state.scheduler.start()
     host, port = sock.getsockname()[:2]
     print(f"onspec serve: {state.model_name} (draft v{state.engine.draft_version}, "
-          f"online {'off' if state.trainer is None else 'on'}, drafts {len(state.pool.all_members)}"
+          f"learning {learning(state)}, drafts {len(state.pool.all_members)}"
           f"{'' if state.router is None else ' max ' + str(state.pool.cfg.drafts) + ', router ' + state.router.name}) on http://{host}:{port}  "
           f"(dashboard: /dashboard, metrics: /metrics)", file=sys.stderr, flush=True)
     config = uvicorn.Config(create_app(state), log_level="warning", http=_h11_with_read_timeout(cfg.read_timeout),

@@ -74,8 +74,8 @@ def start_cluster(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: 
         raise ValueError("a cluster needs --replicas >= 1")
     if pool_cfg is not None and pool_cfg.drafts > 1:
         raise ValueError("--replicas does not combine with --drafts > 1 (one general draft per cluster for now)")
-    if model_cfg.no_draft and not server_cfg.no_online:
-        raise ValueError("--no-draft has nothing to learn: add --no-online")
+    if model_cfg.no_draft and server_cfg.learns_draft:
+        raise ValueError("--no-draft has no draft to train: drop --learn draft/both (or add --no-online)")
     t0 = time.perf_counter()
     times: dict[str, float] = {}
     port = server_cfg.port or _free_port(server_cfg.host)  # Serve's proxy needs a fixed port
@@ -89,7 +89,7 @@ def start_cluster(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: 
     gpus = cluster_cfg.replica_gpus
     if gpus < 0:
         gpus = 1.0 if resolve_device(model_cfg.device).type == "cuda" else 0.0
-    online = not server_cfg.no_online and not model_cfg.no_draft
+    online = server_cfg.learns_draft and not model_cfg.no_draft
     try:
         hub = ray.remote(Hub).options(name=HUB, namespace=NAMESPACE, num_cpus=0, max_restarts=-1).remote(
             cluster_cfg.rollback_tolerance, cluster_cfg.rollback_min_tokens)

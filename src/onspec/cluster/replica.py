@@ -63,6 +63,14 @@ class ReplicaSpec:
     threads: int
 
 
+def _local(server: ServerConfig) -> ServerConfig:
+    """This replica's own learning: its suffix learner takes in what it serves (unless --no-online or
+    --learn draft); the draft's trainer is the cluster's one actor, never a local one."""
+    if server.learn == "draft":
+        return replace(server, no_online=True)
+    return replace(server, learn="suffix")
+
+
 class EngineReplica:
     def __init__(self, spec: ReplicaSpec) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -72,7 +80,7 @@ class EngineReplica:
         self.hub = ray.get_actor(spec.hub_name, namespace=spec.namespace)
         # this process holds no trainer: the drafter loads the newest checkpoint, the hub brings the rest
         self.state = build_state(spec.model, spec.engine, spec.policy, spec.trainer or TrainerConfig(),
-                                 replace(spec.server, no_online=True))
+                                 _local(spec.server))
         self.state.cluster = self
         member = self.state.pool.general
         self.drafter = member.drafter

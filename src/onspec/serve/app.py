@@ -154,7 +154,7 @@ def create_app(state: ServerState) -> FastAPI:
                           for h in list(m.trainer.history)[-20:]), key=lambda nh: nh[1].at)[-20:]
         return JSONResponse(_finite({  # a discarded update's loss is NaN: JSON has no NaN, it goes out as null
             "model": state.model_name, "draft_version": state.engine.draft_version, "online": state.trainer is not None,
-            "alpha_recent": state.metrics.recent_alpha(), "started": state.metrics.started,
+            "learning": learning(state), "alpha_recent": state.metrics.recent_alpha(), "started": state.metrics.started,
             "running": state.scheduler.running, "waiting": state.scheduler.waiting, "trainer": trainer,
             "timeline": state.metrics.timeline_since(500),
             "drafts": {name: {"version": v, "updates": t["updates"] if t else 0, "rollbacks": t["rollbacks"] if t else 0}
@@ -165,6 +165,13 @@ def create_app(state: ServerState) -> FastAPI:
         }))
 
     return app
+
+
+def learning(state: ServerState) -> str:
+    """What learns from the traffic now: "suffix", "draft", "suffix+draft" or "nothing"."""
+    parts = [name for name, on in (("suffix", state.engine.suffix is not None and not state.engine.suffix.frozen),
+                                   ("draft", state.trainer is not None)) if on]
+    return "+".join(parts) or "nothing"
 
 
 # -- request handling ---------------------------------------------------------------------------------

@@ -21,7 +21,12 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = option((), "a Host header value to accept (repeatable; '*' any, '*.example.com' "
                                             "a domain); default: loopback names when bound to loopback, any otherwise")
     state_dir: str = option("onspec-state", "draft checkpoints live here; a restarted server resumes the last good version")
-    no_online: bool = option(False, "do not learn from the served traffic (the draft stays as loaded or resumed)")
+    no_online: bool = option(False, "do not learn from the served traffic (the draft and the suffix learner stay as "
+                             "loaded or resumed)")
+    learn: str = option("suffix", "what learns from the served traffic: suffix (the default: the draft is the frozen "
+                        "floor, the suffix learner learns every served output, the controller picks per step), draft "
+                        "(the draft model distils from the target in the background, no suffix learner), or both",
+                        choices=("suffix", "draft", "both"))
     persist_traffic: bool = option(False, "also write the training buffer (user traffic) to the state directory at "
                                    "shutdown and reload it at start; off: traffic is held in memory only")
     max_batch: int = option(8, "most requests decoding together; more wait in a queue")
@@ -38,7 +43,19 @@ class ServerConfig:
     max_connections: int = option(512, "most open connections plus running requests; beyond, uvicorn answers 503")
     served_model_name: str | None = option(None, "model name in /v1/models and responses (default: the target's name)")
 
+    @property
+    def learns_draft(self) -> bool:
+        """A trainer distils the draft from the served traffic."""
+        return not self.no_online and self.learn in ("draft", "both")
+
+    @property
+    def learns_suffix(self) -> bool:
+        """The suffix learner takes in every served output (without it, it serves as resumed)."""
+        return not self.no_online and self.learn in ("suffix", "both")
+
     def __post_init__(self) -> None:
+        if self.learn not in ("suffix", "draft", "both"):
+            raise ValueError(f"--learn must be suffix, draft or both, got {self.learn!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
         for name in ("max_batch", "max_tokens_limit", "max_body_bytes", "max_connections"):
