@@ -1,0 +1,88 @@
+"""Weight-only quantized linear layers for a CPU target (issue 25: what a verify pass costs when
+the target reads fewer bytes).
+
+- int8: `Int8Linear` (fast_draft.py): one scale per output channel, symmetric;
+  `torch.ops.aten._weight_int8pack_mm`.
+- int4: `Int4Linear`: groups of `group_size` input channels share a scale and a zero point
+  (asymmetric, 16 levels); `torch.ops.aten._weight_int4pack_mm_for_cpu`, whose kernel
+  dequantises w = (q - 8) * scale + zero.
+
+Activations stay in the model's dtype (bf16 here) and the kernels accumulate in float32. Both are
+inference-only: the quantized weights are buffers, not parameters. The losslessness of speculation
+is against the quantized target (as llama.cpp's is against its 4-bit target): what quantization
+changes against the bf16 target is measured, not hidden (benchmarks/target_quant.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from onspec.models.fast_draft import Int8Linear
+
+KINDS = ("none", "int8", "int4")
+
+
+class Int4Linear(nn.Module):
+    """nn.Linear with 4-bit weights, a (scale, zero) pair per `group_size` input channels per
+    output channel."""
+
+    def __init__(self, source: nn.Linear, group_size: int = 128) -> None:
+        super().__init__()
+        out_f, in_f = source.out_features, source.in_features
+        if in_f % group_size or out_f % 8:
+            raise ValueError(f"int4 needs in_features divisible by {group_size} and out_features by 8, "
+                             f"got {in_f} x {out_f}")
+        self.in_features, self.out_features, self.group_size = in_f, out_f, group_size
+        dtype = source.weight.dtype
+        w = source.weight.detach().float().reshape(out_f, in_f // group_size, group_size)
+        lo, hi = w.amin(-1), w.amax(-1)  # [out, groups]
+        scale = ((hi - lo) / 15.0).clamp_min(1e-8)
+        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+        zero = lo + 8.0 * scale  # the kernel's w = (q - 8) * scale + zero gives back lo + q * scale
+        self.register_buffer("packed", torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.reshape(out_f, in_f), 1))
+        # scale_and_zero: [groups, out, 2], in the activations' dtype
+        self.register_buffer("scale_and_zero", torch.stack([scale.t(), zero.t()], -1).to(dtype).contiguous())
+        self.register_buffer("bias", None if source.bias is None else source.bias.detach().clone())
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight the kernel multiplies by, in float32: [out, in] (for tests and measurement)."""
+        eye = torch.eye(self.in_features, dtype=self.scale_and_zero.dtype)
+        no_bias = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scale_and_zero)
+        return no_bias.float().t()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()  # [tokens, in]
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_and_zero)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)  # [..., out]
+
+
+def quantize_linears(model: nn.Module, kind: str, group_size: int = 128, skip_head: bool = True) -> int:
+    """Replace the decoder's nn.Linear layers of an inference-only CPU model by int8 or int4 ones
+    (the LM head stays as it is unless skip_head is False); returns how many were replaced."""
+    if kind not in KINDS:
+        raise ValueError(f"quantization must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind == "none":
+        return 0
+    head = model.get_output_embeddings() if skip_head else None
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        linear = getattr(owner, child)
+        setattr(owner, child, Int8Linear(linear) if kind == "int8" else Int4Linear(linear, group_size))
+    return len(names)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (what one decode step reads, roughly, for a dense model)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
