@@ -48,6 +48,7 @@ def models(tmp_path_factory):
 
 def make_state(models, tmp_path: Path, start: bool = True, **server):
     target, draft = models
+    server.setdefault("learn", "draft")  # the trainer these tests probe; the draft alone proposes (no_suffix)
     cfg = ServerConfig(state_dir=str(tmp_path / "state"), max_tokens_limit=5000, **server)
     state = build_state(ModelConfig(target=str(target), draft=str(draft), dtype="float32"), EngineConfig(k=3, no_suffix=True),
                         PolicyConfig(), TrainerConfig(), cfg)
