@@ -2,8 +2,9 @@
 positions (n = 1..9) and what quantization changes against the bf16 target (issue 25).
 
 Ways: `bf16` (today's packed target: oneDNN blocked layout), `int8` (per-channel int8 weights,
-`_weight_int8pack_mm`), `int4` (groups of 128, `_weight_int4pack_mm_for_cpu`); the LM head stays
-packed bf16 in every way. Timings are medians of cached forward passes after a real prompt, the
+`_weight_int8pack_mm`), `int4` (groups of 128, `_weight_int4pack_mm_for_cpu`), `int4|bf16` (both
+copies: int4 up to SWITCH_ROWS positions, packed bf16 beyond); the LM head stays packed bf16 in
+every way. Timings are medians of cached forward passes after a real prompt, the
 ways taking turns round by round (drift hits all alike). Quality: the bf16 target decodes each
 prompt greedily; every way is then scored teacher-forced on those tokens: top-1 agreement with
 them and the mean float32 log-probability it gives them.
@@ -32,15 +33,25 @@ from onspec.engine.engine import EngineConfig, Request  # noqa: E402
 from onspec.engine.sampling import SamplingParams  # noqa: E402
 from onspec.models.loading import load_model  # noqa: E402
 from onspec.models.precision import PackedLinear, pack_linears  # noqa: E402
-from onspec.models.quant import quantize_linears, weight_bytes  # noqa: E402
+from onspec.models.quant import WidthSwitch, quantize_linears, weight_bytes  # noqa: E402
 
 WIDTHS = list(range(1, 10))
+SWITCH_ROWS = 4  # int4 measured cheaper than packed bf16 up to 4 positions (docs/results/target-quant)
 
 
 def build(base: torch.nn.Module, kind: str) -> torch.nn.Module:
     model = copy.deepcopy(base).eval()
     if kind == "bf16":
         pack_linears(model)
+    elif "|" in kind:  # e.g. int4|bf16: int4 up to SWITCH_ROWS positions, packed bf16 beyond
+        narrow = build(base, kind.split("|")[0])
+        wide = build(base, "bf16")
+        for name, module in list(wide.named_modules()):
+            if isinstance(module, PackedLinear) and module is not wide.get_output_embeddings():
+                parent, _, child = name.rpartition(".")
+                setattr(wide.get_submodule(parent), child,
+                        WidthSwitch(narrow.get_submodule(name), module, SWITCH_ROWS))
+        model = wide
     else:
         quantize_linears(model, kind)
         head = model.get_output_embeddings()
@@ -82,7 +93,7 @@ def main() -> int:
                for _, p in prompts]
     print(f"reference outputs: {sum(map(len, outputs))} tokens", file=sys.stderr)
 
-    quality = {}
+    quality = {}  # teacher-forced passes are wide: a `narrow|wide` way is scored on its wide kernel here
     for k, model in models.items():
         agree = positions = 0
         logp = 0.0

@@ -15,7 +15,7 @@ from torch import nn
 from onspec.engine.engine import Request, SpeculativeEngine
 from onspec.engine.sampling import SamplingParams
 from onspec.models.fast_draft import Int8Linear
-from onspec.models.quant import Int4Linear, quantize_linears, weight_bytes
+from onspec.models.quant import Int4Linear, WidthSwitch, quantize_linears, weight_bytes
 
 
 def _dequantized(q: nn.Module) -> torch.Tensor:
@@ -78,3 +78,13 @@ def test_speculation_is_lossless_against_the_quantized_target(kind, k, tokenizer
         assert o.token_ids == plain_greedy(target, p, 40)
     accepted = sum(o.stats.accepted for o in outs)
     assert 0 < accepted < sum(o.stats.evaluated for o in outs)  # mixed steps: both paths of verify ran
+
+
+def test_width_switch_runs_the_narrow_kernel_up_to_its_rows_and_the_wide_one_beyond():
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    switch = WidthSwitch(Int4Linear(lin, group_size=32), lin, max_rows=4)
+    x = torch.randn(2, 3, 64)  # 6 rows: wide
+    assert torch.equal(switch(x), lin(x))
+    assert torch.equal(switch(x[:1, :3]), switch.narrow(x[:1, :3]))  # 3 rows: narrow
+    assert not torch.equal(switch(x[:1, :3]), lin(x[:1, :3]))

@@ -60,6 +60,22 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)  # [..., out]
 
 
+class WidthSwitch(nn.Module):
+    """Two implementations of one linear layer, chosen per pass by its number of rows: `narrow`
+    (e.g. int4, cheapest at one position) up to `max_rows` rows, `wide` (e.g. packed bf16, nearly
+    flat from 1 to ~9 positions) beyond. Costs both copies' memory. Not lossless across widths: a
+    row's result depends on which kernel its pass used (measure, as for any width-dependent kernel)."""
+
+    def __init__(self, narrow: nn.Module, wide: nn.Module, max_rows: int) -> None:
+        super().__init__()
+        self.narrow, self.wide, self.max_rows = narrow, wide, max_rows
+        self.in_features, self.out_features = wide.in_features, wide.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        return self.narrow(x) if rows <= self.max_rows else self.wide(x)
+
+
 def quantize_linears(model: nn.Module, kind: str, group_size: int = 128, skip_head: bool = True) -> int:
     """Replace the decoder's nn.Linear layers of an inference-only CPU model by int8 or int4 ones
     (the LM head stays as it is unless skip_head is False); returns how many were replaced."""
