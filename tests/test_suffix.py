@@ -315,7 +315,8 @@ def test_serve_learns_with_the_suffix_learner_by_default_and_the_floor_stays_fro
         shutdown(state)
     assert seen == {"suffix": ("suffix", False, True), "draft": ("draft", True, False),
                     "both": ("suffix+draft", True, True)}
-    assert ServerConfig().learn == "suffix"
+    assert ServerConfig().resolved().learn == "suffix" and ServerConfig().resolved("vllm").learn == "draft"
+    assert ServerConfig(learn="both").resolved("vllm").learn == "both"  # said outright, it stays
     with pytest.raises(ValueError, match="--learn draft"):
         build_state(models, EngineConfig(k=2), PolicyConfig(), TrainerConfig(),
                     ServerConfig(state_dir=str(tmp_path / "pool")), PoolConfig(drafts=3))

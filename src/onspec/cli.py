@@ -63,7 +63,21 @@ def build_parser() -> argparse.ArgumentParser:
     from onspec.cluster.config import ClusterConfig
     from onspec.serve.config import ServerConfig
 
-    def run_serve(model, engine, policy, trainer, server, pool, cluster):
+    from onspec.engine.vllm_engine import VllmConfig
+
+    def run_serve(model, engine, policy, trainer, server, pool, cluster, backend):
+        server = server.resolved(backend.engine)
+        if backend.engine == "vllm":
+            if cluster.replicas:
+                raise ValueError("--replicas with --engine vllm is not built: run one `onspec serve --engine vllm` per "
+                                 "machine (docs/design.md says how one trainer would feed several)")
+            if pool.drafts > 1:
+                raise ValueError("--engine vllm serves one draft: drop --drafts")
+            from onspec.apps.serve import run_serve as serve
+
+            serve(model, engine, policy, trainer, server, pool, backend,
+                  (cluster.rollback_tolerance, cluster.rollback_min_tokens))
+            return
         if cluster.replicas:  # Ray is imported only here
             try:
                 from onspec.cluster.launch import run_cluster_serve
@@ -80,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _config_command(sub, "serve", "OpenAI-compatible server; the draft keeps learning from the served traffic",
                     run_serve, [models, (EngineConfig, ()), (PolicyConfig, ()), (TrainerConfig, ()), (ServerConfig, ()),
-                                (PoolConfig, ()), (ClusterConfig, ())])
+                                (PoolConfig, ()), (ClusterConfig, ()), (VllmConfig, ())])
 
     derive = sub.add_parser("derive-draft", help="write the derived draft (first N target layers) as safetensors")
     derive.add_argument("--out", required=True, type=Path, help="output directory")

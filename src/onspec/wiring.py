@@ -109,3 +109,57 @@ def build_pool(target: nn.Module, tokenizer, draft: nn.Module | None, engine_cfg
         if state:
             router.load_state_dict(state)
     return pool, router
+
+
+def build_vllm_pool(model_cfg, engine_cfg: EngineConfig, vllm_cfg, trainer_cfg: TrainerConfig | None = None,
+                    checkpoints: Path | None = None, *, rollback_tolerance: float = 0.05,
+                    rollback_min_tokens: int = 512) -> DraftPool:
+    """vLLM as the engine (engine/vllm_engine.py) with onspec's draft as its speculator, as a pool
+    of one for the scheduler. With `trainer_cfg` the draft learns online: the trainer keeps its own
+    copy of the draft (loaded here from the same directory vLLM loads), learns from the examples
+    built of vLLM's log-probabilities, and each accepted version is written into the running vLLM
+    between two steps; vLLM's counters judge it live (rollback). Without it a checkpoint in
+    `checkpoints` is still served. vLLM is imported only here."""
+    from onspec.engine.vllm_engine import VllmEngine
+    from onspec.models.loading import load_model, resolve_device, resolve_dtype, resolve_spec
+
+    device = resolve_device(model_cfg.device)
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    target_dir = resolve_spec(model_cfg.target_name, dtype)
+    draft_dir = None
+    if not model_cfg.no_draft and engine_cfg.k:
+        if model_cfg.draft_spec is None:
+            raise ValueError("--engine vllm serves a draft model from a directory: this target has no paired draft; "
+                             "write a derived one with `onspec derive-draft --out DIR` and pass --draft DIR")
+        draft_dir = resolve_spec(model_cfg.draft_spec, dtype)
+    if trainer_cfg is not None and trainer_cfg.data_source != "teacher":
+        raise ValueError("--engine vllm learns from the served outputs (--data-source teacher): student-sampled data "
+                         "needs the target's logits on the draft's own samples, which vLLM does not expose")
+    engine = VllmEngine(target_dir, draft_dir, k=engine_cfg.k, dtype=str(dtype).removeprefix("torch."),
+                        teacher_top_k=trainer_cfg.teacher_top_k if trainer_cfg is not None and draft_dir else 0,
+                        cfg=vllm_cfg, rollback_tolerance=rollback_tolerance, rollback_min_tokens=rollback_min_tokens)
+    drafter, trainer = engine.drafter, None
+    if drafter is not None and trainer_cfg is not None:
+        reference = load_model(draft_dir, device=device, dtype=model_cfg.dtype).model  # the trainer's own copy
+        drafter.draft = reference
+        distiller = Distiller(reference, trainer_cfg)
+
+        def publish(version: int, weights: dict, alpha_hint: float | None) -> None:
+            drafter.offer(weights, version, alpha_hint)
+
+        trainer = TrainerWorker(distiller, trainer_cfg, publish, weights_dtype=dtype,
+                                store=CheckpointStore(checkpoints) if checkpoints is not None else None,
+                                tokenizer=engine.tokenizer)
+        drafter.on_rollback = lambda weights, version: trainer.adopt(weights, version,
+                                                                     floor=max(trainer.published, default=0))
+        drafter.apply_pending_swap()  # a resumed version is live before serving starts
+    elif drafter is not None and checkpoints is not None and (
+            latest := CheckpointStore(checkpoints, writer=False).load_latest()):
+        state, meta = latest
+        drafter.offer(state, int(meta["version"]))
+        drafter.apply_pending_swap()
+
+    def no_specialists(name: str, model) -> Member:
+        raise ValueError("--engine vllm serves one draft (--drafts 1)")
+
+    return DraftPool(PoolConfig(), Member(GENERAL, engine, drafter, trainer), no_specialists)

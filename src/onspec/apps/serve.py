@@ -40,6 +40,7 @@ log = logging.getLogger("onspec.serve")
 def build_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: PolicyConfig,
                 trainer_cfg: TrainerConfig, cfg: ServerConfig, pool_cfg: PoolConfig | None = None) -> ServerState:
     pool_cfg = pool_cfg or PoolConfig()
+    cfg = cfg.resolved("onspec")
     if pool_cfg.drafts > 1 and cfg.learn == "suffix":
         raise ValueError("--drafts > 1 trains a draft per kind of traffic: add --learn draft (or both)")
     if cfg.learn == "draft":
@@ -70,6 +71,35 @@ def build_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Po
                        pool=pool, router=router)
 
 
+def build_vllm_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, trainer_cfg: TrainerConfig, cfg: ServerConfig,
+                     vllm_cfg, rollback_tolerance: float = 0.05, rollback_min_tokens: int = 512) -> ServerState:
+    """`--engine vllm`: vLLM decodes behind onspec's server (the same scheduler, guard, metrics and
+    dashboard); the trainer learns the draft from what it served and writes each version into it."""
+    from onspec.wiring import build_vllm_pool
+
+    cfg = cfg.resolved("vllm")
+    if cfg.learns_suffix:
+        raise ValueError("--engine vllm learns the draft model (--learn draft): vLLM runs one speculative method per "
+                         "engine, and onspec's suffix learner and its controller are not one it can run beside the "
+                         "draft; use onspec's own engine for --learn suffix or both")
+    state_dir = Path(cfg.state_dir)
+    _private_dir(state_dir)
+    pool = build_vllm_pool(model_cfg, engine_cfg, vllm_cfg, trainer_cfg if cfg.learns_draft else None,
+                           state_dir / "checkpoints", rollback_tolerance=rollback_tolerance,
+                           rollback_min_tokens=rollback_min_tokens)
+    member = pool.general
+    traffic = _traffic_file(state_dir, member.name)
+    if member.trainer is not None and cfg.persist_traffic and traffic.is_file():
+        _private_file(traffic)
+        log.info("reloaded %d buffered requests from %s", member.trainer.buffer.load(traffic), traffic)
+    metrics = ServerMetrics(member.engine.k)
+    metrics.add_draft(member.name)
+    scheduler = Scheduler(pool, metrics, None, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
+    name = cfg.served_model_name or model_cfg.target_name
+    return ServerState(engine=member.engine, scheduler=scheduler, metrics=metrics, cfg=cfg, model_name=name,
+                       pool=pool, router=None)
+
+
 def shutdown(state: ServerState) -> None:
     state.scheduler.close()
     if state.engine.suffix is not None and not state.engine.suffix.frozen:
@@ -84,6 +114,9 @@ def shutdown(state: ServerState) -> None:
             log.info("wrote %d buffered requests to %s", written, path)
     if state.router is not None:
         state.pool.save_manifest(Path(state.cfg.state_dir) / "checkpoints", state.router.state_dict())
+    close = getattr(state.engine, "close", None)  # vLLM's engine core; onspec's engine holds nothing to release
+    if close is not None:
+        close()
 
 
 SUFFIX_FILE = "suffix.safetensors"
@@ -137,17 +170,22 @@ def _private_file(path: Path) -> None:
 
 
 def run_serve(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: PolicyConfig,
-              trainer_cfg: TrainerConfig, cfg: ServerConfig, pool_cfg: PoolConfig | None = None) -> None:
+              trainer_cfg: TrainerConfig, cfg: ServerConfig, pool_cfg: PoolConfig | None = None,
+              vllm_cfg=None, rollback: tuple[float, int] = (0.05, 512)) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sock = _bind(cfg.host, cfg.port)  # before loading: a taken port fails fast
     warning = exposure_warning(cfg)
     if warning:
         log.warning(warning)
     print(f"onspec serve: loading models ({model_cfg.target}) ...", file=sys.stderr, flush=True)
-    state = build_state(model_cfg, engine_cfg, policy_cfg, trainer_cfg, cfg, pool_cfg)
+    if vllm_cfg is not None and vllm_cfg.engine == "vllm":
+        state = build_vllm_state(model_cfg, engine_cfg, trainer_cfg, cfg, vllm_cfg, *rollback)
+    else:
+        state = build_state(model_cfg, engine_cfg, policy_cfg, trainer_cfg, cfg, pool_cfg)
     state.scheduler.start()
     host, port = sock.getsockname()[:2]
-    print(f"onspec serve: {state.model_name} (draft v{state.engine.draft_version}, "
+    engine = "vLLM" if vllm_cfg is not None and vllm_cfg.engine == "vllm" else "onspec"
+    print(f"onspec serve: {state.model_name} ({engine} engine, draft v{state.engine.draft_version}, "
           f"learning {learning(state)}, drafts {len(state.pool.all_members)}"
           f"{'' if state.router is None else ' max ' + str(state.pool.cfg.drafts) + ', router ' + state.router.name}) on http://{host}:{port}  "
           f"(dashboard: /dashboard, metrics: /metrics)", file=sys.stderr, flush=True)

@@ -22,7 +22,8 @@ class ClusterConfig:
     max_pending_sends: int = option(4, "batches of verify records a replica may have in flight to the trainer; beyond, "
                                     "new records are dropped and counted (decoding never waits for the trainer)")
     rollback_tolerance: float = option(0.05, "global rollback: every replica returns to the last good draft when the "
-                                       "live alpha under a new version is this far below the last good version's")
+                                       "live alpha under a new version is this far below the last good version's "
+                                       "(with --engine vllm: the live guard on vLLM's own counters)")
     rollback_min_tokens: int = option(512, "draft tokens proposed under a version (all replicas) before its live "
                                       "alpha is judged")
 

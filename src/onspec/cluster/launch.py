@@ -74,6 +74,7 @@ def start_cluster(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: 
         raise ValueError("a cluster needs --replicas >= 1")
     if pool_cfg is not None and pool_cfg.drafts > 1:
         raise ValueError("--replicas does not combine with --drafts > 1 (one general draft per cluster for now)")
+    server_cfg = server_cfg.resolved("onspec")
     if model_cfg.no_draft and server_cfg.learns_draft:
         raise ValueError("--no-draft has no draft to train: drop --learn draft/both (or add --no-online)")
     t0 = time.perf_counter()

@@ -113,6 +113,8 @@ def create_app(state: ServerState) -> FastAPI:
                 "latest_draft_version": latest, "drafts": {name: version for name, (version, _) in state.drafts().items()}}
         if state.cluster is not None:
             body.update(await state.cluster.health())
+        if (engine_health := getattr(state.engine, "health", None)) is not None:  # vLLM: its live guard
+            body.update(engine_health())
         return JSONResponse(body, status_code=503 if state.gate.draining else 200)  # draining: take it out of rotation
 
     @app.get("/v1/models")

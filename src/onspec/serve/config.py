@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from onspec.config import option
 
@@ -23,10 +23,11 @@ class ServerConfig:
     state_dir: str = option("onspec-state", "draft checkpoints live here; a restarted server resumes the last good version")
     no_online: bool = option(False, "do not learn from the served traffic (the draft and the suffix learner stay as "
                              "loaded or resumed)")
-    learn: str = option("suffix", "what learns from the served traffic: suffix (the default: the draft is the frozen "
-                        "floor, the suffix learner learns every served output, the controller picks per step), draft "
-                        "(the draft model distils from the target in the background, no suffix learner), or both",
-                        choices=("suffix", "draft", "both"))
+    learn: str | None = option(None, "what learns from the served traffic: suffix (the suffix learner learns every "
+                               "served output beside the frozen draft, the controller picks per step), draft (the "
+                               "draft model distils from the target in the background, no suffix learner), or both; "
+                               "default: suffix on onspec's engine, draft under --engine vllm",
+                               choices=("suffix", "draft", "both"))
     persist_traffic: bool = option(False, "also write the training buffer (user traffic) to the state directory at "
                                    "shutdown and reload it at start; off: traffic is held in memory only")
     max_batch: int = option(8, "most requests decoding together; more wait in a queue")
@@ -43,6 +44,13 @@ class ServerConfig:
     max_connections: int = option(512, "most open connections plus running requests; beyond, uvicorn answers 503")
     served_model_name: str | None = option(None, "model name in /v1/models and responses (default: the target's name)")
 
+    def resolved(self, engine: str = "onspec") -> "ServerConfig":
+        """With --learn left out: what the engine learns by default (suffix on onspec's, the draft
+        under vLLM, which runs one speculator per engine and has no place for onspec's suffix learner)."""
+        if self.learn is not None:
+            return self
+        return replace(self, learn="draft" if engine == "vllm" else "suffix")
+
     @property
     def learns_draft(self) -> bool:
         """A trainer distils the draft from the served traffic."""
@@ -51,10 +59,10 @@ class ServerConfig:
     @property
     def learns_suffix(self) -> bool:
         """The suffix learner takes in every served output (without it, it serves as resumed)."""
-        return not self.no_online and self.learn in ("suffix", "both")
+        return not self.no_online and self.learn in (None, "suffix", "both")
 
     def __post_init__(self) -> None:
-        if self.learn not in ("suffix", "draft", "both"):
+        if self.learn not in (None, "suffix", "draft", "both"):
             raise ValueError(f"--learn must be suffix, draft or both, got {self.learn!r}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
