@@ -54,16 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     models = (ModelConfig, ("no_draft",))
     _config_command(sub, "bench", "the same prompts decoded target-only, by onspec (adaptive and fixed k), transformers assisted generation and llama.cpp, interleaved",
                     run_bench, [models, (EngineConfig, ()), (PolicyConfig, ()), (BenchConfig, ())])
+    from onspec.engine.vllm_engine import VllmConfig
+
     _config_command(sub, "replay", "serve a query stream in order, online (learning) and/or static; plot alpha",
                     run_replay, [models, (EngineConfig, ()), (PolicyConfig, ()), (TrainerConfig, ()), (ReplayConfig, ()),
-                                 (PoolConfig, ())])
+                                 (PoolConfig, ()), (VllmConfig, ())])
     _config_command(sub, "distill", "offline: the target answers a dataset, the draft distills from it",
                     run_distill, [models, (TrainerConfig, ()), (DistillConfig, ())])
 
     from onspec.cluster.config import ClusterConfig
     from onspec.serve.config import ServerConfig
-
-    from onspec.engine.vllm_engine import VllmConfig
 
     def run_serve(model, engine, policy, trainer, server, pool, cluster, backend):
         server = server.resolved(backend.engine)

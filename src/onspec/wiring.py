@@ -139,10 +139,10 @@ def build_vllm_pool(model_cfg, engine_cfg: EngineConfig, vllm_cfg, trainer_cfg: 
                         teacher_top_k=trainer_cfg.teacher_top_k if trainer_cfg is not None and draft_dir else 0,
                         cfg=vllm_cfg, rollback_tolerance=rollback_tolerance, rollback_min_tokens=rollback_min_tokens)
     drafter, trainer = engine.drafter, None
+    if drafter is not None:  # onspec's mirror of the draft vLLM serves (the trainer starts from it)
+        drafter.draft = load_model(draft_dir, device=device, dtype=model_cfg.dtype).model
     if drafter is not None and trainer_cfg is not None:
-        reference = load_model(draft_dir, device=device, dtype=model_cfg.dtype).model  # the trainer's own copy
-        drafter.draft = reference
-        distiller = Distiller(reference, trainer_cfg)
+        distiller = Distiller(drafter.draft, trainer_cfg)
 
         def publish(version: int, weights: dict, alpha_hint: float | None) -> None:
             drafter.offer(weights, version, alpha_hint)

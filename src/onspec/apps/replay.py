@@ -40,7 +40,7 @@ from onspec.models.pair import ModelConfig, load_pair
 from onspec.online.distiller import TrainerConfig
 from onspec.online.forward import greedy_agreement
 from onspec.pool.pool import GENERAL, PoolConfig
-from onspec.wiring import build_pool
+from onspec.wiring import build_pool, build_vllm_pool
 
 STREAM_ALIASES = {
     # code, then chat, then the same code again: adaptation at each boundary, and forgetting
@@ -69,10 +69,11 @@ class ReplayConfig:
     out: str = option("runs/replay", "output directory (CSV, PNG, summary.json, checkpoints)")
     json: bool = option(False, "print the summary as one JSON object on the last line")
     plot_window: int = option(25, "moving-average window of the alpha plot (queries)")
-    learn: str = option("suffix", "what the online mode learns: suffix (the default system: the draft is the frozen floor, "
-                        "the suffix learner learns every served output, the controller picks per step), draft (the "
-                        "draft model distils from the target in the background, no suffix learner), or both",
-                        choices=("suffix", "draft", "both"))
+    learn: str | None = option(None, "what the online mode learns: suffix (the draft is the frozen floor, the suffix "
+                               "learner learns every served output, the controller picks per step), draft (the draft "
+                               "model distils from the target in the background, no suffix learner), or both; "
+                               "default: suffix on onspec's engine, draft under --engine vllm",
+                               choices=("suffix", "draft", "both"))
     static_baseline: str = option("tf", "greedy online runs: also measure the starting (static) draft teacher-forced on "
                                   "the same served tokens ('tf', one extra draft pass per query) or not ('none')",
                                   choices=("tf", "none"))
@@ -113,15 +114,31 @@ def _segment(segment: str) -> list[Query]:
 
 
 def run_replay(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: PolicyConfig,
-               trainer_cfg: TrainerConfig, cfg: ReplayConfig, pool_cfg: PoolConfig | None = None) -> dict:
+               trainer_cfg: TrainerConfig, cfg: ReplayConfig, pool_cfg: PoolConfig | None = None,
+               vllm_cfg=None) -> dict:
     pool_cfg = pool_cfg or PoolConfig()
     console = Console(stderr=True)
     if model_cfg.no_draft:
         raise ValueError("replay measures a draft: --no-draft makes no sense here")
+    vllm = vllm_cfg if vllm_cfg is not None and vllm_cfg.engine == "vllm" else None
+    cfg = dataclasses.replace(cfg, learn=cfg.learn or ("draft" if vllm else "suffix"))
+    if vllm is not None and (cfg.learn != "draft" or pool_cfg.drafts > 1):
+        raise ValueError("--engine vllm replays one draft model learning (--learn draft, --drafts 1): vLLM runs one "
+                         "speculative method per engine, with no place for onspec's suffix learner")
     queries = load_stream(cfg)
-    console.print(f"loading models ({model_cfg.target}) ...")
-    target, draft = load_pair(model_cfg)
-    encoded = [(q, q.encode(target.tokenizer)) for q in queries]
+    console.print(f"loading models ({model_cfg.target}{', vLLM engine' if vllm else ''}) ...")
+    if vllm is None:
+        target, draft = load_pair(model_cfg)
+        tokenizer = target.tokenizer
+    else:  # vLLM loads the pair itself (per mode); onspec needs only the tokenizer here
+        from transformers import AutoTokenizer
+
+        from onspec.models.loading import resolve_device, resolve_dtype, resolve_spec
+
+        target = draft = None
+        dtype = resolve_dtype(model_cfg.dtype, resolve_device(model_cfg.device))
+        tokenizer = AutoTokenizer.from_pretrained(resolve_spec(model_cfg.target_name, dtype))
+    encoded = [(q, q.encode(tokenizer)) for q in queries]
     kept = [(q, ids) for q, ids in encoded if len(ids) <= cfg.max_prompt_tokens]
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -129,6 +146,9 @@ def run_replay(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Pol
     results = {}
 
     def run(mode: str) -> _Run:
+        if vllm is not None:
+            return _Run(mode, None, None, engine_cfg, policy_cfg, trainer_cfg, pool_cfg, cfg, out_dir,
+                        vllm=(model_cfg, vllm))
         return _Run(mode, target, copy.deepcopy(draft.model), engine_cfg, policy_cfg, trainer_cfg, pool_cfg, cfg,
                     out_dir)
 
@@ -173,7 +193,8 @@ class _Run:
     and records its row, `finish` closes the trainer and summarises. Two runs can take turns on the
     same stream (`--mode interleaved`)."""
 
-    def __init__(self, mode, target, draft_model, engine_cfg, policy_cfg, trainer_cfg, pool_cfg, cfg, out_dir) -> None:
+    def __init__(self, mode, target, draft_model, engine_cfg, policy_cfg, trainer_cfg, pool_cfg, cfg, out_dir,
+                 vllm=None) -> None:
         self.mode, self.cfg, self.pool_cfg = mode, cfg, pool_cfg
         self.out_dir = out_dir
         self.ckpt_root = out_dir / "checkpoints"
@@ -182,9 +203,16 @@ class _Run:
         # static: the floor alone; online: the learning system (--learn)
         engine_cfg = dataclasses.replace(engine_cfg, no_suffix=engine_cfg.no_suffix or not online
                                          or cfg.learn == "draft")
-        self.pool, self.router = build_pool(target.model, target.tokenizer, draft_model, engine_cfg, policy_cfg,
-                                            pool_cfg, trainer_cfg=trainer_cfg if learn_draft else None,
-                                            checkpoints=self.ckpt_root if learn_draft else None)
+        if vllm is not None:  # vLLM decodes (its own pair, from the same directories); onspec learns
+            model_cfg, vllm_cfg = vllm
+            self.pool, self.router = build_vllm_pool(model_cfg, engine_cfg, vllm_cfg,
+                                                     trainer_cfg if learn_draft else None,
+                                                     self.ckpt_root if learn_draft else None), None
+            draft_model = self.pool.general.draft
+        else:
+            self.pool, self.router = build_pool(target.model, target.tokenizer, draft_model, engine_cfg, policy_cfg,
+                                                pool_cfg, trainer_cfg=trainer_cfg if learn_draft else None,
+                                                checkpoints=self.ckpt_root if learn_draft else None)
         self.suffix = self.pool.general.engine.suffix
         self.params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=0)
         # the starting draft, frozen: its agreement with the (lossless, hence identical) served tokens
@@ -292,6 +320,12 @@ class _Run:
         if router is not None:
             summary.update(router=self.pool_cfg.router, router_stats=router.stats(), per_draft=_groups(rows, "draft"),
                            pool=pool.stats(), router_us_per_request=1e6 * self.route_s / max(1, len(rows)))
+        if hasattr(pool.engine, "alpha_by_version"):  # vLLM: its own counters, per draft version, and the swaps
+            d = pool.engine.drafter
+            summary["vllm"] = {"startup_s": pool.engine.startup_s, "alpha_by_version": pool.engine.alpha_by_version(),
+                               "publish_to_live_s": list(d.publish_to_live) if d else [],
+                               "live_rollbacks": list(d.rollbacks) if d else []}
+            pool.engine.close()
         return summary
 
 

@@ -30,10 +30,11 @@ from onspec.engine.sampling import SamplingParams
 from onspec.models.pair import ModelConfig, load_pair
 
 ALL_WAYS = ("target", "adaptive", "fixed", "hf-assisted", "hf-assisted-native", "hf-greedy", "llamacpp-target",
-            "llamacpp")
+            "llamacpp", "vllm-target", "vllm-spec")
 BASELINE = {"target": "target", "adaptive": "target", "fixed": "target", "hf-assisted": "hf-greedy",
             "hf-assisted-native": "hf-greedy",
-            "hf-greedy": "hf-greedy", "llamacpp": "llamacpp-target", "llamacpp-target": "llamacpp-target"}
+            "hf-greedy": "hf-greedy", "llamacpp": "llamacpp-target", "llamacpp-target": "llamacpp-target",
+            "vllm-target": "vllm-target", "vllm-spec": "vllm-target"}
 
 
 @dataclass
@@ -85,6 +86,8 @@ class WayResult:
     draft_accepted: int | None = None
     weight_bytes: int | None = None
     """Bytes of weights one target-only decode step reads (for bandwidth_fraction)."""
+    startup_s: float | None = None
+    """vLLM: seconds its engine took to start."""
 
     @property
     def tok_s(self) -> float:
@@ -216,7 +219,40 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
             decoders[name] = _llamacpp_decode(server, cfg.max_new_tokens)
             ways[name] = WayResult(name, "llama.cpp, draft" if name == "llamacpp" else "llama.cpp, target only",
                                    weight_bytes=server.model_bytes if name == "llamacpp-target" else None)
+        elif name in ("vllm-target", "vllm-spec"):
+            engine = _vllm_engine(name, model_cfg, engine_cfg, dtype=next(target.model.parameters()).dtype, log=log)
+            if engine is None:
+                continue
+            servers.append(engine)
+            decoders[name] = onspec_way(engine, cfg.max_new_tokens)
+            ways[name] = WayResult(name, "vLLM, target only" if name == "vllm-target"
+                                   else f"vLLM, draft_model k = {engine.k}",
+                                   weight_bytes=tbytes if name == "vllm-target" else None)
+            ways[name].startup_s = engine.startup_s
     return ways, decoders, servers
+
+
+def _vllm_engine(name: str, model_cfg: ModelConfig, engine_cfg: EngineConfig, dtype: torch.dtype, log):
+    """vLLM in this process on the same converted model directories onspec loads (a `close`-able
+    peer, ended with the llama.cpp servers)."""
+    try:
+        from onspec.engine.vllm_engine import VllmConfig, VllmEngine
+    except ImportError as e:
+        log(f"skipping {name}: vLLM is not installed ({e})")
+        return None
+    from onspec.models.loading import resolve_spec
+
+    draft = None
+    if name == "vllm-spec":
+        if model_cfg.draft_spec is None:
+            log(f"skipping {name}: vLLM's draft_model needs a draft directory (this target has no paired draft)")
+            return None
+        draft = resolve_spec(model_cfg.draft_spec, dtype)
+    log(f"starting vLLM ({name}) ...")
+    engine = VllmEngine(resolve_spec(model_cfg.target_name, dtype), draft, k=engine_cfg.k or 4,
+                        dtype=str(dtype).removeprefix("torch."), cfg=VllmConfig(vllm_kv_cache_gib=1))
+    log(f"vLLM ({name}) started in {engine.startup_s:.0f} s")
+    return engine
 
 
 def _gguf_for(spec: str | None) -> Path | None:
@@ -279,6 +315,8 @@ def _summarise(cfg, ways, prompts, bandwidth, k, device, dtype, curve, model_cfg
             "mean_k": (st.proposed / st.steps) if st and st.steps else None,
             "outputs_differing_from_own_target_only": sum(a != b for a, b in zip(w.outputs, base.outputs)),
         }
+        if w.startup_s is not None:
+            entry["startup_s"] = round(w.startup_s, 1)
         if w.weight_bytes:
             entry["weight_bytes"] = w.weight_bytes
             entry["bandwidth_fraction"] = w.tok_s * w.weight_bytes / bandwidth

@@ -136,8 +136,11 @@ class VllmDraft:
         self.last_swap_s: float | None = None
         """Seconds the last write into vLLM took (between two steps: decoding waits for it)."""
         self.draft = None
-        """The trainer's reference copy of the draft as loaded (an nn.Module, set by the wiring): the
-        weights of version 0, for a rollback to it."""
+        """onspec's mirror of the live draft (an nn.Module, set by the wiring): loaded from the same
+        directory as vLLM's, and every version written into vLLM is written here too. The trainer
+        starts from it, replay measures teacher-forced agreement with it, and a version's first
+        write remembers the values it replaces (for a rollback to version 0)."""
+        self.policy = None
         self.on_rollback = None
         self.rollbacks: list[dict] = []
         self.publish_to_live: list[float] = []
@@ -174,6 +177,9 @@ class VllmDraft:
         t0 = time.perf_counter()
         self.engine.load_draft(state_dict)
         self.last_swap_s = time.perf_counter() - t0
+        if self.draft is not None:
+            with torch.no_grad():
+                self.draft.load_state_dict(state_dict, strict=False)
         self.version, self.swapped_at = version, time.time()
         self.marks.append((version, self.engine.spec_counters()))
         log.info("draft v%d live in vLLM (%d tensors, %.3f s)", version, len(state_dict), self.last_swap_s)
@@ -442,6 +448,12 @@ class VllmEngine:
             body["publish_to_live_s"] = ({"p50": lat[len(lat) // 2], "p95": lat[min(len(lat) - 1, int(len(lat) * 0.95))],
                                           "n": len(lat)} if lat else None)
         return body
+
+    def __enter__(self) -> "VllmEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def close(self) -> None:
         for rid in list(self._live):
