@@ -250,7 +250,8 @@ def _vllm_engine(name: str, model_cfg: ModelConfig, engine_cfg: EngineConfig, dt
         draft = resolve_spec(model_cfg.draft_spec, dtype)
     log(f"starting vLLM ({name}) ...")
     engine = VllmEngine(resolve_spec(model_cfg.target_name, dtype), draft, k=engine_cfg.k or 4,
-                        dtype=str(dtype).removeprefix("torch."), cfg=VllmConfig(vllm_kv_cache_gib=1))
+                        dtype=str(dtype).removeprefix("torch."),
+                        cfg=VllmConfig(vllm_kv_cache_gib=1, vllm_max_model_len=4096))
     log(f"vLLM ({name}) started in {engine.startup_s:.0f} s")
     return engine
 
