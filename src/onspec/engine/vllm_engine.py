@@ -78,6 +78,9 @@ def set_vllm_env(cfg: VllmConfig) -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", bind)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.vllm_kv_cache_gib))
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in process: draft writes and reads are direct
+    # vLLM's own logging setup prints to stdout, where onspec's commands keep their tables and the
+    # final JSON line: left unconfigured, its records go through Python's logging to stderr
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 
 
 # -- functions run on vLLM's worker (collective_rpc) ------------------------------------------------
