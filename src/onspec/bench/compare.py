@@ -10,6 +10,8 @@ which prints what this measures.
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import random
 import time
@@ -30,11 +32,11 @@ from onspec.engine.sampling import SamplingParams
 from onspec.models.pair import ModelConfig, load_pair
 
 ALL_WAYS = ("target", "adaptive", "fixed", "hf-assisted", "hf-assisted-native", "hf-greedy", "llamacpp-target",
-            "llamacpp", "vllm-target", "vllm-spec")
+            "llamacpp", "vllm-target", "vllm-spec", "vllm-online")
 BASELINE = {"target": "target", "adaptive": "target", "fixed": "target", "hf-assisted": "hf-greedy",
             "hf-assisted-native": "hf-greedy",
             "hf-greedy": "hf-greedy", "llamacpp": "llamacpp-target", "llamacpp-target": "llamacpp-target",
-            "vllm-target": "vllm-target", "vllm-spec": "vllm-target"}
+            "vllm-target": "vllm-target", "vllm-spec": "vllm-target", "vllm-online": "vllm-target"}
 
 
 @dataclass
@@ -219,6 +221,14 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
             decoders[name] = _llamacpp_decode(server, cfg.max_new_tokens)
             ways[name] = WayResult(name, "llama.cpp, draft" if name == "llamacpp" else "llama.cpp, target only",
                                    weight_bytes=server.model_bytes if name == "llamacpp-target" else None)
+        elif name == "vllm-online":
+            online = _vllm_online(model_cfg, engine_cfg, log)
+            if online is None:
+                continue
+            servers.append(online)
+            decoders[name] = online.decode(cfg.max_new_tokens)
+            ways[name] = WayResult(name, f"vLLM, draft_model k = {online.engine.k}, learning")
+            ways[name].startup_s = online.engine.startup_s
         elif name in ("vllm-target", "vllm-spec"):
             engine = _vllm_engine(name, model_cfg, engine_cfg, dtype=next(target.model.parameters()).dtype, log=log)
             if engine is None:
@@ -254,6 +264,49 @@ def _vllm_engine(name: str, model_cfg: ModelConfig, engine_cfg: EngineConfig, dt
                         cfg=VllmConfig(vllm_kv_cache_gib=1, vllm_max_model_len=4096))
     log(f"vLLM ({name}) started in {engine.startup_s:.0f} s")
     return engine
+
+
+class _VllmOnline:
+    """The `vllm-online` way: vLLM with the draft, and onspec's trainer learning it from every
+    prompt the bench decodes (the top 2 layers, head frozen, in the background, as `onspec serve
+    --engine vllm --train-layers 2 --freeze-head` would); each version is written into the running
+    vLLM between steps. Closed with the other peers (the trainer first)."""
+
+    def __init__(self, pool) -> None:
+        self.member = pool.general
+        self.engine, self.trainer = self.member.engine, self.member.trainer
+
+    def decode(self, max_new_tokens: int) -> Decode:
+        params = SamplingParams(max_new_tokens=max_new_tokens)
+
+        def decode(prompt: list[int]):
+            t0 = time.perf_counter()
+            out = self.engine.generate([Request(prompt, params)], on_finish=self.trainer.on_output)[0]
+            return out.token_ids, time.perf_counter() - t0, out.stats
+        return decode
+
+    def __exit__(self, *exc) -> None:
+        self.trainer.close()
+        self.engine.close()
+
+
+def _vllm_online(model_cfg: ModelConfig, engine_cfg: EngineConfig, log):
+    try:
+        from onspec.engine.vllm_engine import VllmConfig
+    except ImportError as e:
+        log(f"skipping vllm-online: vLLM is not installed ({e})")
+        return None
+    if model_cfg.draft_spec is None:
+        log("skipping vllm-online: vLLM's draft_model needs a draft directory (this target has no paired draft)")
+        return None
+    from onspec.online.distiller import TrainerConfig
+    from onspec.wiring import build_vllm_pool
+
+    log("starting vLLM (vllm-online) ...")
+    pool = build_vllm_pool(model_cfg, dataclasses.replace(engine_cfg, k=engine_cfg.k or 4),
+                           VllmConfig(vllm_kv_cache_gib=1, vllm_max_model_len=4096),
+                           TrainerConfig(train_layers=2, freeze_head=True))
+    return _VllmOnline(pool)
 
 
 def _gguf_for(spec: str | None) -> Path | None:

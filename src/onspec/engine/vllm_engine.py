@@ -53,8 +53,8 @@ class VllmConfig:
                          "speculation, in this process; onspec learns the draft and writes each version into it)",
                          choices=("onspec", "vllm"))
     vllm_kv_cache_gib: int = option(2, "vLLM's KV cache on a CPU, in GiB (VLLM_CPU_KVCACHE_SPACE)")
-    vllm_max_model_len: int = option(0, "the longest prompt + output vLLM accepts (its max_model_len); 0: the "
-                                     "model's own context")
+    vllm_max_model_len: int = option(0, "the longest prompt + output vLLM accepts (its max_model_len), at most the "
+                                     "model's own context; 0: the model's own context")
     vllm_compile: bool = option(False, "let vLLM compile the models (torch.compile); off: eager, start-up 62 s "
                                 "instead of 166-240 s for the default pair on this CPU")
     vllm_cpu_bind: str = option("", "the CPUs vLLM binds its OpenMP threads to (VLLM_CPU_OMP_THREADS_BIND, a list "
@@ -247,8 +247,14 @@ class VllmEngine:
         self.cfg = cfg
         self.k = k if draft is not None else 0
         spec = ({"model": draft, "method": "draft_model", "num_speculative_tokens": k} if self.k else None)
+        limit = cfg.vllm_max_model_len or None
+        if limit is not None:
+            from transformers import AutoConfig
+
+            own = getattr(AutoConfig.from_pretrained(target), "max_position_embeddings", None)
+            limit = min(limit, own) if own else limit
         args = EngineArgs(model=target, tokenizer=target, dtype=dtype, seed=seed, enforce_eager=not cfg.vllm_compile,
-                          max_model_len=cfg.vllm_max_model_len or None, speculative_config=spec, disable_log_stats=False,
+                          max_model_len=limit, speculative_config=spec, disable_log_stats=False,
                           max_logprobs=max(20, teacher_top_k),
                           per_request_spec_decode_metrics="detailed" if self.k else "none")
         t0 = time.perf_counter()
