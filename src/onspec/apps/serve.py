@@ -50,10 +50,7 @@ def build_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Po
     _private_dir(state_dir)
 
     def reload_traffic(member: Member) -> None:
-        traffic = _traffic_file(state_dir, member.name)
-        if member.trainer is not None and cfg.persist_traffic and traffic.is_file():
-            _private_file(traffic)
-            log.info("reloaded %d buffered requests from %s", member.trainer.buffer.load(traffic), traffic)
+        _reload_traffic(state_dir, cfg, member)
 
     pool, router = build_pool(target.model, target.tokenizer, draft.model if draft else None, engine_cfg, policy_cfg,
                               pool_cfg, trainer_cfg=trainer_cfg if cfg.learns_draft else None,
@@ -88,10 +85,7 @@ def build_vllm_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, trainer_c
                            state_dir / "checkpoints", rollback_tolerance=rollback_tolerance,
                            rollback_min_tokens=rollback_min_tokens)
     member = pool.general
-    traffic = _traffic_file(state_dir, member.name)
-    if member.trainer is not None and cfg.persist_traffic and traffic.is_file():
-        _private_file(traffic)
-        log.info("reloaded %d buffered requests from %s", member.trainer.buffer.load(traffic), traffic)
+    _reload_traffic(state_dir, cfg, member)
     metrics = ServerMetrics(member.engine.k)
     metrics.add_draft(member.name)
     scheduler = Scheduler(pool, metrics, None, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
@@ -149,6 +143,14 @@ def save_suffix(suffix: SuffixLearner, path: Path) -> None:
         log.info("wrote the suffix learner (%d outputs, version %d) to %s", len(suffix.history), suffix.version, path)
     except OSError as e:
         log.error("could not write the suffix learner to %s: %s", path, e)
+
+
+def _reload_traffic(state_dir: Path, cfg: ServerConfig, member: Member) -> None:
+    """With --persist-traffic: a learning member's buffer takes back the traffic written at the last shutdown."""
+    traffic = _traffic_file(state_dir, member.name)
+    if member.trainer is not None and cfg.persist_traffic and traffic.is_file():
+        _private_file(traffic)
+        log.info("reloaded %d buffered requests from %s", member.trainer.buffer.load(traffic), traffic)
 
 
 def _traffic_file(state_dir: Path, name: str) -> Path:

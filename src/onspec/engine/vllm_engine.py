@@ -39,10 +39,9 @@ import torch
 from onspec.config import option
 from onspec.engine.engine import InvalidRequest, Request
 from onspec.engine.records import Example, RequestOutput, RequestStats, StepOutput
+from onspec.pool.pool import GENERAL
 
 log = logging.getLogger("onspec.vllm")
-
-GENERAL = "general"
 
 
 @dataclass
@@ -109,11 +108,6 @@ def _read_draft(worker, names: list[str]) -> dict[str, torch.Tensor]:
     model = worker.get_draft_model()
     params = dict(model.named_parameters())
     return {n: params[n].detach().clone() for n in (names or params)}
-
-
-def _draft_param_names(worker) -> list[str]:
-    model = worker.get_draft_model()
-    return [] if model is None else [n for n, _ in model.named_parameters()]
 
 
 # -- the draft, as the trainer and the server see it ---------------------------------------------------
@@ -425,9 +419,6 @@ class VllmEngine:
     def read_draft(self, names: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Copies of vLLM's draft parameters (its names; all for None)."""
         return self.llm.collective_rpc(_read_draft, args=(list(names or []),))[0]
-
-    def draft_param_names(self) -> list[str]:
-        return self.llm.collective_rpc(_draft_param_names)[0]
 
     def spec_counters(self) -> dict[str, int]:
         """vLLM's own speculation counters since start: drafts (verify steps with proposals),
