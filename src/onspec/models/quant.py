@@ -73,12 +73,12 @@ class W8A8Linear(nn.Module):
         import vllm._custom_ops  # noqa: F401  (registers torch.ops._C)
 
         self.in_features, self.out_features = source.in_features, source.out_features
+        if self.in_features % 32:
+            raise ValueError(f"w8a8 needs in_features divisible by 32, got {self.in_features}")
         self.refresh(source)
 
     @torch.no_grad()
     def refresh(self, source: nn.Linear) -> None:
-        if self.in_features % 32:
-            raise ValueError(f"w8a8 needs in_features divisible by 32, got {self.in_features}")
         w = source.weight.detach().float()
         pad = -self.out_features % 32  # the kernel packs whole blocks of 32 outputs: zero rows, cut off after
         w = torch.cat([w, w.new_zeros(pad, self.in_features)]) if pad else w
@@ -121,14 +121,13 @@ def quantize_linears(model: nn.Module, kind: str, group_size: int = 128, skip_he
         raise ValueError(f"quantization must be one of {', '.join(KINDS)}, got {kind!r}")
     if kind == "none":
         return 0
+    quantized = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": lambda linear: Int4Linear(linear, group_size)}[kind]
     head = model.get_output_embeddings() if skip_head else None
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
     for name in names:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        linear = getattr(owner, child)
-        setattr(owner, child, {"int8": Int8Linear, "w8a8": W8A8Linear}[kind](linear) if kind != "int4"
-                else Int4Linear(linear, group_size))
+        setattr(owner, child, quantized(getattr(owner, child)))
     return len(names)
 
 
@@ -164,11 +163,10 @@ def has_vnni() -> bool:
 def quantize_target(model: nn.Module, kind: str) -> int:
     """`--target-quant`: quantize_linears on a CPU target, or a clear error naming what is missing
     (the LM head is left as it is: pack_linears packs it next)."""
-    p = next(model.parameters())
-    if p.device.type != "cpu":
-        raise ValueError(f"--target-quant {kind} runs CPU kernels; the target is on {p.device.type}")
     if kind == "w8a8":
         check_w8a8(model, "--target-quant w8a8")
+    elif (device := next(model.parameters()).device.type) != "cpu":
+        raise ValueError(f"--target-quant {kind} runs CPU kernels; the target is on {device}")
     return quantize_linears(model, kind)
 
 
