@@ -240,3 +240,36 @@ def test_auto_picks_w8a8_where_it_can_run_and_falls_back_elsewhere():
     from onspec.models.quant import W8A8Linear
 
     assert quantize_target(bf16, "auto") == sum(isinstance(m, W8A8Linear) for m in bf16.modules()) > 0
+
+
+@pytest.mark.parametrize("kind", ["int8", "w8a8"])  # int4's groups of 128 do not fit the tiny model
+def test_the_quantized_target_is_converted_once_into_the_cache(kind, tmp_path, monkeypatch):
+    """quantize_target with a source directory writes the quantized layers into the cache once,
+    keyed by the source's files; the next load takes them from there (no conversion) and computes
+    the same logits; a changed weight file is a new key."""
+    if kind == "w8a8":
+        _needs_vllm_kernel()
+    from onspec.models import quant
+
+    monkeypatch.setenv("ONSPEC_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "model"
+    base = copy.deepcopy(tiny_model("llama", 0)).to(torch.bfloat16)
+    base.save_pretrained(source)
+    first = copy.deepcopy(base)
+    n = quant.quantize_target(first, kind, source=str(source))
+    path = quant.cached_layers_path(str(source), kind)
+    assert n > 0 and path.is_file() and path.parent == tmp_path / "cache" / "quantized"
+
+    def no_conversion(*_):
+        raise AssertionError("converted again")
+
+    monkeypatch.setattr(quant, "quantize_linears", no_conversion)
+    second = copy.deepcopy(base)
+    assert quant.quantize_target(second, kind, source=str(source)) == n
+    x = torch.tensor([[1, 5, 9, 2, 7]])
+    assert torch.equal(first(x).logits, second(x).logits)
+    assert [type(m) for m in first.modules()] == [type(m) for m in second.modules()]
+    weights = next(source.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes() + b"\0")
+    assert quant.cached_layers_path(str(source), kind) != path
+    assert quant.cached_layers_path(None, kind) is None

