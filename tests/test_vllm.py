@@ -325,6 +325,7 @@ def test_engine_vllm_refuses_what_it_cannot_do(pair, tmp_path):
             str(draft), "--dtype", "float32", "--port", "0", "--state-dir", str(tmp_path / "s")]
     for extra, says in [(["--learn", "suffix"], "--learn draft"), (["--replicas", "2"], "--replicas"),
                         (["--drafts", "3", "--learn", "draft"], "--drafts"),
-                        (["--data-source", "student"], "--data-source teacher")]:
+                        (["--data-source", "student"], "--data-source teacher"),
+                        (["--target-quant", "w8a8"], "--target-quant w8a8")]:
         p = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
         assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, (extra, p.stderr[-2000:])

@@ -123,6 +123,9 @@ def build_vllm_pool(model_cfg, engine_cfg: EngineConfig, vllm_cfg, trainer_cfg: 
     from onspec.engine.vllm_engine import VllmEngine
     from onspec.models.loading import load_model, resolve_device, resolve_dtype, resolve_spec
 
+    if model_cfg.target_quant not in ("none", "auto"):
+        raise ValueError(f"--target-quant {model_cfg.target_quant} quantizes onspec's own engine's target; vLLM "
+                         "loads its target from the model's files as they are (drop the flag with --engine vllm)")
     device = resolve_device(model_cfg.device)
     dtype = resolve_dtype(model_cfg.dtype, device)
     target_dir = resolve_spec(model_cfg.target_name, dtype)

@@ -276,6 +276,7 @@ def _save_layers(model: nn.Module, path: Path) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata={"layers": json.dumps(layers)})
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except OSError as e:  # a full disk costs the next load a conversion, not this one
         note(f"could not cache the quantized layers ({e})")
