@@ -273,3 +273,16 @@ def test_the_quantized_target_is_converted_once_into_the_cache(kind, tmp_path, m
     weights.write_bytes(weights.read_bytes() + b"\0")
     assert quant.cached_layers_path(str(source), kind) != path
     assert quant.cached_layers_path(None, kind) is None
+
+
+def test_the_bytes_a_decode_step_reads_leave_out_an_untied_embedding_table():
+    """bandwidth_fraction's bytes: a step gathers rows of the input embedding but reads a head of
+    its own whole; a tied head is the table, counted once."""
+    from onspec.bench.machine import weight_bytes as read_bytes
+
+    model = copy.deepcopy(tiny_model("llama", 0))
+    table = model.get_input_embeddings().weight
+    model.get_output_embeddings().weight = nn.Parameter(table.detach().clone())  # untied
+    assert read_bytes(model) == weight_bytes(model) - table.numel() * table.element_size()
+    model.get_output_embeddings().weight = table  # tied
+    assert read_bytes(model) == weight_bytes(model)

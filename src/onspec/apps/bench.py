@@ -47,7 +47,8 @@ def _print_tables(cfg: BenchConfig, result: dict) -> None:
     out = Console(file=sys.stdout, width=140)
     n = result["prompts"]
     table = Table(title=f"{n} {cfg.dataset} prompts x {cfg.max_new_tokens} new tokens, greedy, batch 1, "
-                        f"{result['dtype']} on {result['device']} ({result['threads']} threads), ways interleaved")
+                        f"{result['dtype']}{'' if result['target_quant'] == 'none' else ' (' + result['target_quant'] + ' target)'} "
+                        f"on {result['device']} ({result['threads']} threads), ways interleaved")
     for col in ("way", "tok/s", "vs own target-only", "vs onspec target-only", "alpha", "tokens/target pass",
                 "mean k", "c", "outputs differing"):
         table.add_column(col, justify="left" if col == "way" else "right")

@@ -184,7 +184,7 @@ def measure(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Policy
         ways["llamacpp"].draft_accepted = decoders["llamacpp"].accepted
     bandwidth = memory_read_bandwidth(device)
     curve = verify_cost_curve(target.model, prompts[0], range(1, 10)) if not cfg.no_cost_curve else {}
-    return _summarise(cfg, ways, prompts, bandwidth, engine_cfg.k, device, dtype, curve, model_cfg)
+    return _summarise(cfg, ways, prompts, bandwidth, engine_cfg.k, device, dtype, curve, model_cfg, target.quant)
 
 
 def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
@@ -197,12 +197,14 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
     for name in cfg.way_list:
         if name == "target":
             engine = make_engine(target.model, target.tokenizer, None, engine_cfg)
-            ways[name], decoders[name] = WayResult(name, "target only (onspec)", weight_bytes=tbytes), \
+            label = "target only (onspec)" if target.quant == "none" else f"target only (onspec, {target.quant} target)"
+            ways[name], decoders[name] = WayResult(name, label, weight_bytes=tbytes), \
                 onspec_way(engine, cfg.max_new_tokens)
         elif name in ("adaptive", "fixed"):
             pc = PolicyConfig(**{**policy_cfg.__dict__, "fixed_k": name == "fixed", "adaptive_k": False})
             engine = make_engine(target.model, target.tokenizer, draft.model, engine_cfg, pc)
             label = f"onspec, {'adaptive k <= ' if name == 'adaptive' else 'fixed k = '}{k}"
+            label += "" if target.quant == "none" else f", {target.quant} target"
             ways[name], decoders[name] = WayResult(name, label), onspec_way(engine, cfg.max_new_tokens)
         elif name in ("target-w8a8", "adaptive-w8a8"):  # the same pair, the target as --target-quant w8a8
             if quantized is None:
@@ -369,7 +371,7 @@ def _llamacpp_decode(server, max_new_tokens: int) -> Decode:
     return decode
 
 
-def _summarise(cfg, ways, prompts, bandwidth, k, device, dtype, curve, model_cfg) -> dict:
+def _summarise(cfg, ways, prompts, bandwidth, k, device, dtype, curve, model_cfg, quant: str) -> dict:
     per_way = {}
     for name, w in ways.items():
         base = ways.get(BASELINE[name]) or ways["target"]
@@ -409,6 +411,7 @@ def _summarise(cfg, ways, prompts, bandwidth, k, device, dtype, curve, model_cfg
         "target": model_cfg.target_name,
         "draft": model_cfg.draft_spec or "derived",
         "dtype": str(dtype).removeprefix("torch."),
+        "target_quant": quant,
         "device": str(device),
         "threads": torch.get_num_threads(),
         "target_only_tok_s": tgt.tok_s,

