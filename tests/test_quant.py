@@ -286,3 +286,24 @@ def test_the_bytes_a_decode_step_reads_leave_out_an_untied_embedding_table():
     assert read_bytes(model) == weight_bytes(model) - table.numel() * table.element_size()
     model.get_output_embeddings().weight = table  # tied
     assert read_bytes(model) == weight_bytes(model)
+
+
+def test_quant_head_puts_the_lm_head_in_the_target_format_and_caches_it_apart(tmp_path, monkeypatch):
+    """--quant-head: the head is quantized with the decoder (one more layer), and its cache entry is
+    not the head-less one's."""
+    from onspec.models import quant
+
+    monkeypatch.setenv("ONSPEC_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "model"
+    base = copy.deepcopy(tiny_model("llama", 0)).to(torch.bfloat16)
+    base.save_pretrained(source)
+    plain, headed = copy.deepcopy(base), copy.deepcopy(base)
+    n = quant.quantize_target(plain, "int8", source=str(source))
+    assert type(plain.get_output_embeddings()) is nn.Linear
+    assert quant.quantize_target(headed, "int8", source=str(source), head=True) == n + 1
+    assert isinstance(headed.get_output_embeddings(), Int8Linear)
+    assert len(list((tmp_path / "cache" / "quantized").glob("*.safetensors"))) == 2
+    again = copy.deepcopy(base)
+    assert quant.quantize_target(again, "int8", source=str(source), head=True) == n + 1  # from the cache
+    x = torch.tensor([[3, 1, 4, 1, 5]])
+    assert torch.equal(again(x).logits, headed(x).logits)

@@ -197,14 +197,16 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
     for name in cfg.way_list:
         if name == "target":
             engine = make_engine(target.model, target.tokenizer, None, engine_cfg)
-            label = "target only (onspec)" if target.quant == "none" else f"target only (onspec, {target.quant} target)"
+            fmt = target.quant + (" + head" if model_cfg.quant_head and target.quant != "none" else "")
+            label = "target only (onspec)" if target.quant == "none" else f"target only (onspec, {fmt} target)"
             ways[name], decoders[name] = WayResult(name, label, weight_bytes=tbytes), \
                 onspec_way(engine, cfg.max_new_tokens)
         elif name in ("adaptive", "fixed"):
             pc = PolicyConfig(**{**policy_cfg.__dict__, "fixed_k": name == "fixed", "adaptive_k": False})
             engine = make_engine(target.model, target.tokenizer, draft.model, engine_cfg, pc)
             label = f"onspec, {'adaptive k <= ' if name == 'adaptive' else 'fixed k = '}{k}"
-            label += "" if target.quant == "none" else f", {target.quant} target"
+            fmt = target.quant + (" + head" if model_cfg.quant_head and target.quant != "none" else "")
+            label += "" if target.quant == "none" else f", {fmt} target"
             ways[name], decoders[name] = WayResult(name, label), onspec_way(engine, cfg.max_new_tokens)
         elif name in ("target-w8a8", "adaptive-w8a8"):  # the same pair, the target as --target-quant w8a8
             if quantized is None:
@@ -257,9 +259,11 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
 
 
 def _w8a8_target(model_cfg: ModelConfig, log) -> torch.nn.Module:
-    """A second copy of the target as --target-quant w8a8 loads it (load_pair: head packed bf16)."""
+    """A second copy of the target as --target-quant w8a8 loads it, the head packed bf16 (whatever
+    --quant-head says: the main ways can then be compared with a quantized head)."""
     t0 = time.perf_counter()
-    model = load_pair(dataclasses.replace(model_cfg, draft=None, no_draft=True, target_quant="w8a8"))[0].model
+    model = load_pair(dataclasses.replace(model_cfg, draft=None, no_draft=True, target_quant="w8a8",
+                                          quant_head=False))[0].model
     log(f"w8a8 target built in {time.perf_counter() - t0:.0f} s")
     return model
 

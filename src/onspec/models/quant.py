@@ -217,9 +217,9 @@ def resolve(kind: str, model: nn.Module) -> str:
     return "w8a8" if w8a8_unavailable(model) is None else "none"
 
 
-def quantize_target(model: nn.Module, kind: str, source: str | None = None) -> int:
+def quantize_target(model: nn.Module, kind: str, source: str | None = None, head: bool = False) -> int:
     """`--target-quant`: quantize_linears on a CPU target, or a clear error naming what is missing
-    (the LM head is left as it is: pack_linears packs it next). With `source` (the directory the
+    (the LM head is left as it is, for pack_linears to pack next, unless `head`: `--quant-head`). With `source` (the directory the
     model was loaded from), the quantized layers are converted once into the cache and loaded from
     there afterwards (`cached_layers_path`: keyed by the weights' files, the kind and the kernels)."""
     kind = resolve(kind, model)
@@ -229,14 +229,14 @@ def quantize_target(model: nn.Module, kind: str, source: str | None = None) -> i
         check_w8a8(model, "--target-quant w8a8")
     elif (device := next(model.parameters()).device.type) != "cpu":
         raise ValueError(f"--target-quant {kind} runs CPU kernels; the target is on {device}")
-    path = cached_layers_path(source, kind)
+    path = cached_layers_path(source, kind + "+head" if head else kind)
     if path is not None and path.is_file():
         try:
             return _load_layers(model, path)
         except (OSError, ValueError, KeyError, RuntimeError) as e:  # a damaged entry: convert again
             note(f"the cached {kind} layers at {path} did not load ({e}); converting again")
     t0 = time.perf_counter()
-    n = quantize_linears(model, kind)
+    n = quantize_linears(model, kind, skip_head=not head)
     if path is not None:
         _save_layers(model, path)
         note(f"quantized the target's {n} linears to {kind} in {time.perf_counter() - t0:.0f} s, once, into {path}")
@@ -255,7 +255,7 @@ def cached_layers_path(source: str | None, kind: str) -> Path | None:
         return None
     h = hashlib.sha256(f"{CACHE_FORMAT} {kind} torch {torch.__version__}".encode())
     files = [f for f in sorted(Path(source).iterdir()) if f.suffix in (".safetensors", ".bin", ".json")]
-    library = _kernel_library() if kind == "w8a8" else None
+    library = _kernel_library() if kind.startswith("w8a8") else None
     for f in files + ([library] if library is not None else []):
         st = f.stat()
         h.update(f"{f.resolve()} {st.st_size} {st.st_mtime_ns}".encode())
@@ -303,7 +303,7 @@ def _load_layers(model: nn.Module, path: Path) -> int:
                 m.group_size = group_size
             for t in _TENSORS[cls]:
                 key = f"{name}.{t}"
-                m.register_buffer(t, f.get_tensor(key) if key in f.keys() else None)
+                m.register_buffer(t, f.get_tensor(key).clone() if key in f.keys() else None)  # owned, not the file's
             built[name] = m
     for name, m in built.items():
         parent, _, child = name.rpartition(".")
