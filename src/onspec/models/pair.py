@@ -8,8 +8,7 @@ from onspec.config import option
 from onspec.models.draft import check_compatible, load_or_derive_draft
 from onspec.models.loading import LoadedModel, load_model, resolve_device
 from onspec.models.precision import can_pack, pack_linears
-from onspec.models.quant import KINDS, quantize_target
-from onspec.models.quant import resolve as resolve_quant
+from onspec.models.quant import KINDS, quantize_target, resolve as resolve_quant
 from onspec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
 

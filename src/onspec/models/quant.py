@@ -219,9 +219,9 @@ def resolve(kind: str, model: nn.Module) -> str:
 
 def quantize_target(model: nn.Module, kind: str, source: str | None = None, head: bool = False) -> int:
     """`--target-quant`: quantize_linears on a CPU target, or a clear error naming what is missing
-    (the LM head is left as it is, for pack_linears to pack next, unless `head`: `--quant-head`). With `source` (the directory the
-    model was loaded from), the quantized layers are converted once into the cache and loaded from
-    there afterwards (`cached_layers_path`: keyed by the weights' files, the kind and the kernels)."""
+    (the LM head is left as it is, for pack_linears to pack next, unless `head`: `--quant-head`).
+    With `source` (the directory the model was loaded from), the quantized layers are converted once
+    into the cache and loaded from there afterwards (`cached_layers_path`: keyed by the weights' files, the kind and the kernels)."""
     kind = resolve(kind, model)
     if kind == "none":
         return 0
