@@ -4,6 +4,8 @@ Ways (greedy, batch size 1; `--ways` picks them, `all` = every one):
 - `target`: onspec's engine with no draft, the baseline onspec's ratios are taken against;
 - `adaptive`: onspec, k chosen per step in [0, --k] (the default engine);
 - `fixed`: onspec, always k = --k;
+- `target-sdpa`, `adaptive-sdpa`: `target` and `adaptive` with torch's SDPA attention kernel in every
+  pass (`--attention sdpa`) instead of onspec's short-query attention (models/attention.py);
 - `hf-assisted`: transformers `generate(assistant_model=draft)` with the draft as onspec runs it
   (int8 on CPU), the same packed target and the same k: the decoding loops compared;
 - `hf-assisted-native`: the same with the draft as loaded (bf16): what a transformers user gets;

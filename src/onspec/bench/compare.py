@@ -29,11 +29,13 @@ from onspec.engine.engine import EngineConfig, Request
 from onspec.engine.policy import PolicyConfig
 from onspec.engine.records import RequestStats
 from onspec.engine.sampling import SamplingParams
+from onspec.models.attention import implementation as attention_implementation
 from onspec.models.pair import ModelConfig, load_pair
 
-ALL_WAYS = ("target", "adaptive", "fixed", "target-w8a8", "adaptive-w8a8", "hf-assisted", "hf-assisted-native", "hf-greedy", "llamacpp-target",
+ALL_WAYS = ("target", "adaptive", "fixed", "target-sdpa", "adaptive-sdpa", "target-w8a8", "adaptive-w8a8", "hf-assisted", "hf-assisted-native", "hf-greedy", "llamacpp-target",
             "llamacpp", "vllm-target", "vllm-spec", "vllm-online")
-BASELINE = {"target": "target", "adaptive": "target", "fixed": "target", "target-w8a8": "target-w8a8",
+BASELINE = {"target": "target", "adaptive": "target", "fixed": "target", "target-sdpa": "target-sdpa",
+            "adaptive-sdpa": "target-sdpa", "target-w8a8": "target-w8a8",
             "adaptive-w8a8": "target-w8a8", "hf-assisted": "hf-greedy",
             "hf-assisted-native": "hf-greedy",
             "hf-greedy": "hf-greedy", "llamacpp": "llamacpp-target", "llamacpp-target": "llamacpp-target",
@@ -137,6 +139,15 @@ def onspec_way(engine, max_new_tokens: int) -> Decode:
     return decode
 
 
+def sdpa_way(decode: Decode, target) -> Decode:
+    """`decode` with the (shared) target on torch's SDPA attention; its engine's draft copy was built
+    with --attention sdpa."""
+    def run(prompt: list[int]):
+        with attention_implementation(target, "sdpa"):
+            return decode(prompt)
+    return run
+
+
 def transformers_way(target, max_new_tokens: int, assistant=None, k: int = 0) -> Decode:
     kwargs = {}
     if assistant is not None:
@@ -207,6 +218,14 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
             label = f"onspec, {'adaptive k <= ' if name == 'adaptive' else 'fixed k = '}{k}"
             label += "" if target.quant == "none" else f", {fmt} target"
             ways[name], decoders[name] = WayResult(name, label), onspec_way(engine, cfg.max_new_tokens)
+        elif name in ("target-sdpa", "adaptive-sdpa"):  # the same engines with torch's SDPA attention kernel
+            pc = PolicyConfig(**{**policy_cfg.__dict__, "fixed_k": False, "adaptive_k": False})
+            sdpa = dataclasses.replace(engine_cfg, attention="sdpa")
+            engine = (make_engine(target.model, target.tokenizer, None, sdpa) if name == "target-sdpa" else
+                      make_engine(target.model, target.tokenizer, draft.model, sdpa, pc))
+            label = "target only, SDPA attention" if name == "target-sdpa" else f"adaptive k <= {k}, SDPA attention"
+            ways[name] = WayResult(name, label, weight_bytes=tbytes if name == "target-sdpa" else None)
+            decoders[name] = sdpa_way(onspec_way(engine, cfg.max_new_tokens), target.model)
         elif name in ("target-w8a8", "adaptive-w8a8"):  # the same pair, the target as --target-quant w8a8
             if quantized is None:
                 quantized = _w8a8_target(model_cfg, log)

@@ -23,7 +23,8 @@ def make_engine(target_model: nn.Module, tokenizer, draft_model: nn.Module | Non
     policy = make_policy(k, policy_cfg or PolicyConfig(), draft_model is not None)
     engine = SpeculativeEngine(target_model, tokenizer, draft_model, k=k, policy=policy,
                                draft_vocab=vocab, draft_int8=draft_int8(engine_cfg.draft_quant, draft_model),
-                               suffix=suffix_learner(engine_cfg) if policy is not None else None)
+                               suffix=suffix_learner(engine_cfg) if policy is not None else None,
+                               attention=engine_cfg.attention)
     engine.prefill_chunk = engine_cfg.prefill_chunk
     return engine
 
@@ -41,7 +42,8 @@ def make_drafter(target_model: nn.Module, tokenizer, draft_model: nn.Module, nam
     """Another draft for an engine made by `make_engine` (`engine.add_drafter`), configured alike."""
     vocab = draft_vocab(target_model, tokenizer, engine_cfg.draft_vocab) if engine_cfg.draft_vocab else None
     return Drafter(draft_model, k=engine_cfg.k, policy=make_policy(engine_cfg.k, policy_cfg or PolicyConfig(), True),
-                   vocab=vocab, int8=draft_int8(engine_cfg.draft_quant, draft_model), name=name)
+                   vocab=vocab, int8=draft_int8(engine_cfg.draft_quant, draft_model), name=name,
+                   attention=engine_cfg.attention)
 
 
 def draft_int8(quant: str, draft_model: nn.Module | None) -> bool | str:

@@ -20,6 +20,7 @@ from torch import nn
 
 from onspec.engine.policy import AdaptiveK
 from onspec.models.draft_vocab import DraftVocab
+from onspec.models.attention import use_for as short_attention
 from onspec.models.fast_draft import FastDraft
 
 DEFAULT = "general"
@@ -28,12 +29,15 @@ DEFAULT = "general"
 
 class Drafter:
     def __init__(self, draft: nn.Module, *, k: int = 4, policy: AdaptiveK | None = None,
-                 vocab: DraftVocab | None = None, int8: bool | str = False, name: str = DEFAULT) -> None:
+                 vocab: DraftVocab | None = None, int8: bool | str = False, name: str = DEFAULT,
+                 attention: str = "auto") -> None:
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         self.name = name
         self.draft = draft.eval()
         self.fast = FastDraft(self.draft, vocab.ids if vocab is not None else None, int8=int8)
+        if attention == "auto":  # the running copy only (the master, when it is that copy)
+            short_attention(self.fast.model)
         self.vocab = vocab
         self.k = k
         self.policy = policy

@@ -40,6 +40,7 @@ from onspec.engine.suffix import SuffixIndex, SuffixLearner
 from onspec.engine.sampling import InvalidRequest, SamplingParams, gumbel_noise, process_logits, sample
 from onspec.engine.stopping import StopChecker
 from onspec.engine.verify import Verdict, greedy_verify, gumbel_verify, rejection_sample
+from onspec.models.attention import use_for as short_attention
 from onspec.models.draft_vocab import DraftVocab
 
 log = logging.getLogger("onspec.engine")
@@ -67,6 +68,11 @@ class EngineConfig:
     suffix_tokens: int = option(16, "most tokens one suffix match proposes in a step")
     suffix_history: int = option(4096, "earlier outputs the suffix learner keeps and matches in (0: only the "
                                  "request's own prompt and output)")
+    attention: str = option("auto", "attention in the decode and verify passes: auto (on a CPU, onspec's short-query "
+                            "attention for passes of up to 16 positions, models/attention.py: SDPA's float32 "
+                            "arithmetic in two batched matmuls, 2-10x faster than torch's SDPA kernel there; "
+                            "prompts still go to SDPA) or sdpa (torch's SDPA kernel everywhere)",
+                            choices=("auto", "sdpa"))
 
     def __post_init__(self) -> None:
         if not 0 <= self.k <= 32:
@@ -79,6 +85,8 @@ class EngineConfig:
             raise ValueError(f"--draft-vocab must be >= 0, got {self.draft_vocab}")
         if self.prefill_chunk < 0:
             raise ValueError(f"--prefill-chunk must be >= 0, got {self.prefill_chunk}")
+        if self.attention not in ("auto", "sdpa"):
+            raise ValueError(f"--attention must be auto or sdpa, got {self.attention!r}")
 
 
 @dataclass
@@ -203,12 +211,17 @@ FinishCallback = Callable[[StepOutput], None]
 class SpeculativeEngine:
     def __init__(self, target, tokenizer, draft=None, *, k: int = 4, policy: AdaptiveK | None = None,
                  draft_vocab: DraftVocab | None = None, draft_int8: bool | str = False,
-                 suffix: SuffixLearner | None = None) -> None:
+                 suffix: SuffixLearner | None = None, attention: str = "auto") -> None:
+        """attention: "auto" switches the target and the running draft to short-query attention
+        on a CPU (models/attention.py; the target's model object is changed for every user of it),
+        "sdpa" leaves them as they are."""
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         self.target = target.eval()
+        if attention == "auto":
+            short_attention(self.target)
         self.tokenizer = tokenizer
-        self.drafter = (Drafter(draft, k=k, policy=policy, vocab=draft_vocab, int8=draft_int8)
+        self.drafter = (Drafter(draft, k=k, policy=policy, vocab=draft_vocab, int8=draft_int8, attention=attention)
                         if draft is not None else None)
         """The draft this engine was built with (None: target-only): requests use it unless
         `add` names another of `drafters`."""
