@@ -1,5 +1,6 @@
 """The CUDA path on tiny random models (no downloads): speculative greedy == target-only greedy in
-float32 on the GPU, with the full and a reduced draft head and the int8 draft; sampling runs; a
+float32 on the GPU, with the full and a reduced draft head, the int8 draft, adaptive k and the suffix
+learner beside the draft (the default engine); sampling runs; a
 bf16 run reports how many outputs differ. For the device machine (no network; carry the repo):
 
     PYTHONPATH=src python benchmarks/cuda_check.py
@@ -18,6 +19,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from onspec.engine.engine import Request, SpeculativeEngine
 from onspec.engine.policy import AdaptiveK, PolicyConfig
 from onspec.engine.sampling import SamplingParams
+from onspec.engine.suffix import SuffixLearner
 from onspec.models.draft_vocab import DraftVocab
 
 V = 512
@@ -45,7 +47,7 @@ def main() -> int:
     assert torch.cuda.is_available(), "no CUDA device"
     dev = torch.device("cuda")
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
-    prompts = [[5, 17, 33, 2], [9], [100, 200, 300, 400, 5, 6, 7]]
+    prompts = [[5, 17, 33, 2], [9], [100, 200, 300, 400, 5, 6, 7], [7, 8, 9, 10, 11] * 4]  # the last repeats: suffix matches
     for arch in ("llama", "qwen2"):
         for dtype in (torch.float32, torch.bfloat16):
             target = model(arch, 0, 4, dtype, dev)
@@ -57,7 +59,8 @@ def main() -> int:
             ref = [o.token_ids for o in SpeculativeEngine(target, Tok(), None).generate([Request(p, params) for p in prompts])]
             counts = torch.randint(0, 100, (V,), generator=torch.Generator().manual_seed(0))
             for name, kw in (("full", {}), ("reduced256", {"draft_vocab": DraftVocab(counts, 256)}),
-                             ("int8", {"draft_int8": True}), ("adaptive", {"policy": AdaptiveK(4, PolicyConfig())})):
+                             ("int8", {"draft_int8": True}), ("adaptive", {"policy": AdaptiveK(4, PolicyConfig())}),
+                             ("suffix", {"policy": AdaptiveK(4, PolicyConfig()), "suffix": SuffixLearner()})):
                 eng = SpeculativeEngine(target, Tok(), noisy, k=4, **kw)
                 t0 = time.perf_counter()
                 outs = eng.generate([Request(p, params) for p in prompts])
@@ -65,6 +68,7 @@ def main() -> int:
                 report[key] = {"equal": [o.token_ids for o in outs] == ref,
                                "differing": sum(o.token_ids != r for o, r in zip(outs, ref)),
                                "alpha": sum(o.stats.accepted for o in outs) / max(1, sum(o.stats.evaluated for o in outs)),
+                               "suffix_steps": sum(o.stats.suffix_steps for o in outs),
                                "seconds": round(time.perf_counter() - t0, 3)}
             sp = SamplingParams(max_new_tokens=32, temperature=0.8, seed=3, ignore_eos=True)
             a = SpeculativeEngine(target, Tok(), noisy, k=3).generate([Request(prompts[0], sp)])[0].token_ids
