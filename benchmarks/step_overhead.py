@@ -32,12 +32,14 @@ PROMPTS = ["def fibonacci(n):", "Write a haiku about the sea.", "The capital of 
 class ForwardClock:
     """Sums the wall time spent inside the forward passes of the hooked modules."""
 
-    def __init__(self, *modules: torch.nn.Module) -> None:
+    def __init__(self, *models: torch.nn.Module) -> None:
+        """From the input embedding to the head's output: the first and last module of a pass
+        whether transformers' forward or onspec's (models/decode.py) runs it."""
         self.calls: list[tuple[float, float]] = []
         self._start: float | None = None
-        for m in modules:
-            m.register_forward_pre_hook(self._pre)
-            m.register_forward_hook(self._post)
+        for m in models:
+            m.get_input_embeddings().register_forward_pre_hook(self._pre)
+            m.get_output_embeddings().register_forward_hook(self._post)
 
     def _pre(self, *_):
         self._start = time.perf_counter()

@@ -1,5 +1,6 @@
 """Short-query attention (models/attention.py): the same arithmetic as SDPA's for the decode and
-verify passes, SDPA itself everywhere else, and the engine exact with it."""
+verify passes, SDPA itself everywhere else; onspec's own forward (models/decode.py): transformers'
+arithmetic bit for bit; the engine exact with either."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import copy
 
 import pytest
 import torch
-from conftest import cached_draft, tiny_model
+from conftest import cached_draft, cached_model, reference_greedy, tiny_model
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from onspec.engine.engine import Request, SpeculativeEngine
 from onspec.engine.kv import SlotKVCache
 from onspec.engine.sampling import SamplingParams
-from onspec.models.attention import MAX_QUERY, NAME, implementation, short_query_attention, use_for
+from onspec.models.attention import MAX_QUERY, NAME, implementation, short_query_attention
+from onspec.models.decode import decode_forward, supported
 
 
 class _Module(torch.nn.Module):
@@ -73,32 +75,60 @@ def test_long_queries_and_bool_masks_go_to_sdpa():
                                sdpa_attention_forward(module, q, k, v, None)[0], rtol=0, atol=1e-12)
 
 
+def _passes(model, forward=None):
+    """Logits of a prompt pass (rows of different lengths) and then 5-, 1- and 9-position passes."""
+    dtype = next(model.parameters()).dtype
+    kv = SlotKVCache(2, "cpu", dtype)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 200, (2, 30), generator=g)
+    valid = torch.ones_like(ids, dtype=torch.bool)
+    valid[1, :7] = False
+    call = model if forward is None else forward
+    out = [kv.forward(call, ids, valid)]
+    for width in (5, 1, 9):
+        x = torch.randint(0, 200, (2, width), generator=g)
+        out.append(kv.forward(call, x, torch.ones_like(x, dtype=torch.bool), logits_to_keep=width))
+    return out
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_model_switch_and_cached_passes_equal_sdpa(arch):
+def test_registered_attention_equals_sdpa_in_a_model(arch):
     model = tiny_model(arch, 0, dtype=torch.float64)
     assert model.config._attn_implementation == "sdpa"
-    assert use_for(model)
-    assert {m.config._attn_implementation for m in model.modules() if hasattr(m, "config")} == {NAME}
-    logits = {}
-    for impl in ("sdpa", NAME):
-        with implementation(model, impl):
-            kv = SlotKVCache(2, "cpu", torch.float64)
-            g = torch.Generator().manual_seed(0)
-            ids = torch.randint(0, 200, (2, 30), generator=g)
-            valid = torch.ones_like(ids, dtype=torch.bool)
-            valid[1, :7] = False  # rows of different lengths
-            out = [kv.forward(model, ids, valid)]
-            for width in (5, 1, 9):
-                x = torch.randint(0, 200, (2, width), generator=g)
-                out.append(kv.forward(model, x, torch.ones_like(x, dtype=torch.bool)))
-            logits[impl] = out
-    assert model.config._attn_implementation == NAME  # restored
-    for a, b in zip(logits["sdpa"], logits[NAME]):
+    with implementation(model, NAME):
+        assert {m.config._attn_implementation for m in model.modules() if hasattr(m, "config")} == {NAME}
+        ours = _passes(model)
+    assert model.config._attn_implementation == "sdpa"  # restored
+    for a, b in zip(_passes(model), ours):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_decode_forward_is_transformers_arithmetic(arch, dtype):
+    """onspec's forward = the model's own forward on the same attention, bit for bit (bf16 too);
+    against SDPA within float64 rounding."""
+    model = tiny_model(arch, 0, dtype=dtype)
+    forward = decode_forward(model)
+    assert forward is not None
+    ours = _passes(model, forward)
+    with implementation(model, NAME):
+        theirs = _passes(model)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    if dtype == torch.float64:
+        for a, b in zip(ours, _passes(model)):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_decode_forward_only_where_supported():
+    assert "GPT2LMHeadModel" in supported(tiny_model("gpt2", 0))
+    assert decode_forward(tiny_model("gpt2", 0)) is None
+    assert supported(tiny_model("qwen2", 0)) is None
+
+
 def test_gradients_equal_sdpas():
-    """A trainer's short forward (a draft that is its own running copy) differentiates alike."""
+    """A model's own forward on the registered attention differentiates as on SDPA (float64)."""
     grads = {}
     for impl in ("sdpa", NAME):
         model = tiny_model("qwen2", 0, dtype=torch.float64).train()
@@ -110,17 +140,20 @@ def test_gradients_equal_sdpas():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
 
 
-@pytest.mark.parametrize("attention", ["auto", "sdpa"])
-def test_engine_greedy_equality_either_way(attention, tokenizer):
-    """Speculative output equals target-only output with either attention (float32, a batch)."""
-    target = tiny_model("llama", 0)
+@pytest.mark.parametrize("forward", ["auto", "transformers"])
+@pytest.mark.parametrize("draft_int8", [False, True])
+def test_engine_greedy_equality_either_forward(forward, draft_int8, tokenizer):
+    """Speculative output equals target-only output with either forward (float32, a batch), and
+    the auto engine runs onspec's forward for both models."""
+    target = cached_model("llama")
     draft = copy.deepcopy(cached_draft("llama", "noisy"))
     prompts = [tokenizer.encode(t) for t in ("hello world", "the quick brown fox jumps", "x")]
     params = SamplingParams(max_new_tokens=32)
-    spec = SpeculativeEngine(target, tokenizer, draft, k=4, attention=attention)
-    assert (target.config._attn_implementation == NAME) == (attention == "auto")
-    assert (spec.fast.model.config._attn_implementation == NAME) == (attention == "auto")
-    plain = SpeculativeEngine(target, tokenizer, None, k=0, attention=attention)
+    spec = SpeculativeEngine(target, tokenizer, draft, k=4, draft_int8=draft_int8, forward=forward)
+    assert (spec._target_forward is not None) == (spec.drafter.forward is not None) == (forward == "auto")
+    assert target.config._attn_implementation == "sdpa"  # the caller's model is not changed
+    plain = SpeculativeEngine(target, tokenizer, None, k=0, forward=forward)
     outs = spec.generate([Request(p, params) for p in prompts])
     refs = plain.generate([Request(p, params) for p in prompts])
     assert [o.token_ids for o in outs] == [r.token_ids for r in refs]
+    assert [r.token_ids for r in refs] == [reference_greedy("llama", p, 32) for p in prompts]

@@ -25,22 +25,23 @@ SHORT = [5, 6, 7, 8, 9]
 
 
 def _widths(model) -> list[tuple[int, int]]:
-    """Record the [batch, positions] of every forward pass of `model` from now on."""
-    seen, forward = [], model.forward
-
-    def recording(*args, input_ids=None, **kw):
-        seen.append(tuple(input_ids.shape))
-        return forward(*args, input_ids=input_ids, **kw)
-
-    model.forward = recording
+    """Record the [batch, positions] of every forward pass of `model` from now on (at its input
+    embedding, which transformers' forward and onspec's, models/decode.py, both run first)."""
+    seen = []
+    _HOOKS.append(model.get_input_embeddings().register_forward_pre_hook(
+        lambda _, args: seen.append(tuple(args[0].shape))))
     return seen
+
+
+_HOOKS = []
 
 
 @pytest.fixture
 def target():
     model = cached_model("llama")
     yield model
-    model.__dict__.pop("forward", None)  # the cached model is shared: drop any recording wrapper
+    while _HOOKS:  # the cached model is shared: drop the recording hooks
+        _HOOKS.pop().remove()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -145,14 +146,9 @@ def test_engine_config_prefill_chunk():
 
 def _slow(model, seconds_per_token: float) -> None:
     """Make each forward pass of `model` take time in proportion to the tokens it feeds (a real
-    model's prefill cost, on the tiny one)."""
-    forward = model.forward
-
-    def slow(*args, input_ids=None, **kw):
-        time.sleep(seconds_per_token * input_ids.numel())
-        return forward(*args, input_ids=input_ids, **kw)
-
-    model.forward = slow
+    model's prefill cost, on the tiny one), at its input embedding (where any forward starts)."""
+    model.get_input_embeddings().register_forward_pre_hook(
+        lambda _, args: time.sleep(seconds_per_token * args[0].numel()))
 
 
 def _served(app_client, **server):

@@ -178,7 +178,8 @@ def test_rows_of_several_drafts_verify_in_one_target_pass(arch, tokenizer):
     engine.add_drafter(Drafter(cached_draft(arch, "random"), k=5, name="random"))
     engine.add_drafter(Drafter(copy.deepcopy(target), k=2, name="same"))
     calls = []
-    hook = target.register_forward_hook(lambda *_: calls.append(1))
+    # the head runs once per target pass, whichever forward runs the model (models/decode.py)
+    hook = target.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
     ids = prompts(tokenizer, "batch4")
     first = [Request(p, greedy(ignore_eos=True)) for p in ids[:2]]
     engine.add(first[0])

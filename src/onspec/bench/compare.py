@@ -10,6 +10,7 @@ which prints what this measures.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import itertools
@@ -29,13 +30,13 @@ from onspec.engine.engine import EngineConfig, Request
 from onspec.engine.policy import PolicyConfig
 from onspec.engine.records import RequestStats
 from onspec.engine.sampling import SamplingParams
-from onspec.models.attention import implementation as attention_implementation
+from onspec.models.attention import NAME as SHORT_ATTENTION, implementation as attention_implementation
 from onspec.models.pair import ModelConfig, load_pair
 
-ALL_WAYS = ("target", "adaptive", "fixed", "target-sdpa", "adaptive-sdpa", "target-w8a8", "adaptive-w8a8", "hf-assisted", "hf-assisted-native", "hf-greedy", "llamacpp-target",
+ALL_WAYS = ("target", "adaptive", "fixed", "target-hf", "adaptive-hf", "target-w8a8", "adaptive-w8a8", "hf-assisted", "hf-assisted-native", "hf-greedy", "llamacpp-target",
             "llamacpp", "vllm-target", "vllm-spec", "vllm-online")
-BASELINE = {"target": "target", "adaptive": "target", "fixed": "target", "target-sdpa": "target-sdpa",
-            "adaptive-sdpa": "target-sdpa", "target-w8a8": "target-w8a8",
+BASELINE = {"target": "target", "adaptive": "target", "fixed": "target", "target-hf": "target-hf",
+            "adaptive-hf": "target-hf", "target-w8a8": "target-w8a8",
             "adaptive-w8a8": "target-w8a8", "hf-assisted": "hf-greedy",
             "hf-assisted-native": "hf-greedy",
             "hf-greedy": "hf-greedy", "llamacpp": "llamacpp-target", "llamacpp-target": "llamacpp-target",
@@ -139,16 +140,20 @@ def onspec_way(engine, max_new_tokens: int) -> Decode:
     return decode
 
 
-def sdpa_way(decode: Decode, target) -> Decode:
-    """`decode` with the (shared) target on torch's SDPA attention; its engine's draft copy was built
-    with --attention sdpa."""
-    def run(prompt: list[int]):
-        with attention_implementation(target, "sdpa"):
-            return decode(prompt)
-    return run
+@contextlib.contextmanager
+def short_attention(model):
+    """`model` (if any) on short-query attention inside the block, where it is a CPU model on SDPA."""
+    if model is None or next(model.parameters()).device.type != "cpu" or \
+            getattr(model.config, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    with attention_implementation(model, SHORT_ATTENTION):
+        yield
 
 
 def transformers_way(target, max_new_tokens: int, assistant=None, k: int = 0) -> Decode:
+    """transformers' generate() with the models' attention switched to onspec's short-query
+    attention (models/attention.py) while it runs: the same kernels as onspec's own forward."""
     kwargs = {}
     if assistant is not None:
         gc = assistant.generation_config
@@ -160,7 +165,7 @@ def transformers_way(target, max_new_tokens: int, assistant=None, k: int = 0) ->
     def decode(prompt: list[int]):
         ids = torch.tensor([prompt], device=target.device)
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), short_attention(target), short_attention(assistant):
             out = target.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                   max_new_tokens=max_new_tokens, pad_token_id=pad, **kwargs)
         return out[0, len(prompt):].tolist(), time.perf_counter() - t0, None
@@ -218,14 +223,15 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
             label = f"onspec, {'adaptive k <= ' if name == 'adaptive' else 'fixed k = '}{k}"
             label += "" if target.quant == "none" else f", {fmt} target"
             ways[name], decoders[name] = WayResult(name, label), onspec_way(engine, cfg.max_new_tokens)
-        elif name in ("target-sdpa", "adaptive-sdpa"):  # the same engines with torch's SDPA attention kernel
+        elif name in ("target-hf", "adaptive-hf"):  # the same engines calling transformers' forward (SDPA)
             pc = PolicyConfig(**{**policy_cfg.__dict__, "fixed_k": False, "adaptive_k": False})
-            sdpa = dataclasses.replace(engine_cfg, attention="sdpa")
-            engine = (make_engine(target.model, target.tokenizer, None, sdpa) if name == "target-sdpa" else
-                      make_engine(target.model, target.tokenizer, draft.model, sdpa, pc))
-            label = "target only, SDPA attention" if name == "target-sdpa" else f"adaptive k <= {k}, SDPA attention"
-            ways[name] = WayResult(name, label, weight_bytes=tbytes if name == "target-sdpa" else None)
-            decoders[name] = sdpa_way(onspec_way(engine, cfg.max_new_tokens), target.model)
+            hf = dataclasses.replace(engine_cfg, forward="transformers")
+            engine = (make_engine(target.model, target.tokenizer, None, hf) if name == "target-hf" else
+                      make_engine(target.model, target.tokenizer, draft.model, hf, pc))
+            label = ("target only, transformers' forward" if name == "target-hf"
+                     else f"adaptive k <= {k}, transformers' forward")
+            ways[name] = WayResult(name, label, weight_bytes=tbytes if name == "target-hf" else None)
+            decoders[name] = onspec_way(engine, cfg.max_new_tokens)
         elif name in ("target-w8a8", "adaptive-w8a8"):  # the same pair, the target as --target-quant w8a8
             if quantized is None:
                 quantized = _w8a8_target(model_cfg, log)

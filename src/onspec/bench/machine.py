@@ -51,9 +51,10 @@ def verify_cost_curve(model: torch.nn.Module, prompt: list[int], ns, repeats: in
     """Median seconds of one cached forward pass over n positions (the last committed token and
     n - 1 proposals) after `prompt`, for each n: the T(n) the adaptive-k policy prices."""
     from onspec.engine.runner import ModelRunner
+    from onspec.models.decode import decode_forward
 
     device = next(model.parameters()).device
-    runner = ModelRunner(model, 1)
+    runner = ModelRunner(model, 1, decode_forward(model))  # as the engine runs it
     runner.prefill([prompt])
     curve = {}
     for n in ns:

@@ -24,7 +24,7 @@ def make_engine(target_model: nn.Module, tokenizer, draft_model: nn.Module | Non
     engine = SpeculativeEngine(target_model, tokenizer, draft_model, k=k, policy=policy,
                                draft_vocab=vocab, draft_int8=draft_int8(engine_cfg.draft_quant, draft_model),
                                suffix=suffix_learner(engine_cfg) if policy is not None else None,
-                               attention=engine_cfg.attention)
+                               forward=engine_cfg.forward)
     engine.prefill_chunk = engine_cfg.prefill_chunk
     return engine
 
@@ -43,7 +43,7 @@ def make_drafter(target_model: nn.Module, tokenizer, draft_model: nn.Module, nam
     vocab = draft_vocab(target_model, tokenizer, engine_cfg.draft_vocab) if engine_cfg.draft_vocab else None
     return Drafter(draft_model, k=engine_cfg.k, policy=make_policy(engine_cfg.k, policy_cfg or PolicyConfig(), True),
                    vocab=vocab, int8=draft_int8(engine_cfg.draft_quant, draft_model), name=name,
-                   attention=engine_cfg.attention)
+                   forward=engine_cfg.forward)
 
 
 def draft_int8(quant: str, draft_model: nn.Module | None) -> bool | str:

@@ -20,7 +20,7 @@ from torch import nn
 
 from onspec.engine.policy import AdaptiveK
 from onspec.models.draft_vocab import DraftVocab
-from onspec.models.attention import use_for as short_attention
+from onspec.models.decode import decode_forward
 from onspec.models.fast_draft import FastDraft
 
 DEFAULT = "general"
@@ -30,14 +30,14 @@ DEFAULT = "general"
 class Drafter:
     def __init__(self, draft: nn.Module, *, k: int = 4, policy: AdaptiveK | None = None,
                  vocab: DraftVocab | None = None, int8: bool | str = False, name: str = DEFAULT,
-                 attention: str = "auto") -> None:
+                 forward: str = "auto") -> None:
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         self.name = name
         self.draft = draft.eval()
         self.fast = FastDraft(self.draft, vocab.ids if vocab is not None else None, int8=int8)
-        if attention == "auto":  # the running copy only (the master, when it is that copy)
-            short_attention(self.fast.model)
+        self.forward = decode_forward(self.fast.model) if forward == "auto" else None
+        """What the draft's runners call for a pass (None: the running model itself; models/decode.py)."""
         self.vocab = vocab
         self.k = k
         self.policy = policy

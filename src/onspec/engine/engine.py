@@ -40,7 +40,7 @@ from onspec.engine.suffix import SuffixIndex, SuffixLearner
 from onspec.engine.sampling import InvalidRequest, SamplingParams, gumbel_noise, process_logits, sample
 from onspec.engine.stopping import StopChecker
 from onspec.engine.verify import Verdict, greedy_verify, gumbel_verify, rejection_sample
-from onspec.models.attention import use_for as short_attention
+from onspec.models.decode import decode_forward
 from onspec.models.draft_vocab import DraftVocab
 
 log = logging.getLogger("onspec.engine")
@@ -68,11 +68,11 @@ class EngineConfig:
     suffix_tokens: int = option(16, "most tokens one suffix match proposes in a step")
     suffix_history: int = option(4096, "earlier outputs the suffix learner keeps and matches in (0: only the "
                                  "request's own prompt and output)")
-    attention: str = option("auto", "attention in the decode and verify passes: auto (on a CPU, onspec's short-query "
-                            "attention for passes of up to 16 positions, models/attention.py: SDPA's float32 "
-                            "arithmetic in two batched matmuls, 2-10x faster than torch's SDPA kernel there; "
-                            "prompts still go to SDPA) or sdpa (torch's SDPA kernel everywhere)",
-                            choices=("auto", "sdpa"))
+    forward: str = option("auto", "how the engine runs the models' passes: auto (on a CPU, for Llama- and Qwen2-family "
+                          "models, onspec's own forward, models/decode.py: the same modules and arithmetic without "
+                          "transformers' per-layer wrappers, and short-query attention for passes of up to 16 "
+                          "positions, models/attention.py) or transformers (the model's own forward, SDPA)",
+                          choices=("auto", "transformers"))
 
     def __post_init__(self) -> None:
         if not 0 <= self.k <= 32:
@@ -85,8 +85,8 @@ class EngineConfig:
             raise ValueError(f"--draft-vocab must be >= 0, got {self.draft_vocab}")
         if self.prefill_chunk < 0:
             raise ValueError(f"--prefill-chunk must be >= 0, got {self.prefill_chunk}")
-        if self.attention not in ("auto", "sdpa"):
-            raise ValueError(f"--attention must be auto or sdpa, got {self.attention!r}")
+        if self.forward not in ("auto", "transformers"):
+            raise ValueError(f"--forward must be auto or transformers, got {self.forward!r}")
 
 
 @dataclass
@@ -211,17 +211,15 @@ FinishCallback = Callable[[StepOutput], None]
 class SpeculativeEngine:
     def __init__(self, target, tokenizer, draft=None, *, k: int = 4, policy: AdaptiveK | None = None,
                  draft_vocab: DraftVocab | None = None, draft_int8: bool | str = False,
-                 suffix: SuffixLearner | None = None, attention: str = "auto") -> None:
-        """attention: "auto" switches the target and the running draft to short-query attention
-        on a CPU (models/attention.py; the target's model object is changed for every user of it),
-        "sdpa" leaves them as they are."""
+                 suffix: SuffixLearner | None = None, forward: str = "auto") -> None:
+        """forward: "auto" runs the target's and the running draft's passes with onspec's own
+        forward where it supports them (models/decode.py), "transformers" calls the models."""
         if k < 0:
             raise ValueError(f"k must be >= 0, got {k}")
         self.target = target.eval()
-        if attention == "auto":
-            short_attention(self.target)
+        self._target_forward = decode_forward(self.target) if forward == "auto" else None
         self.tokenizer = tokenizer
-        self.drafter = (Drafter(draft, k=k, policy=policy, vocab=draft_vocab, int8=draft_int8, attention=attention)
+        self.drafter = (Drafter(draft, k=k, policy=policy, vocab=draft_vocab, int8=draft_int8, forward=forward)
                         if draft is not None else None)
         """The draft this engine was built with (None: target-only): requests use it unless
         `add` names another of `drafters`."""
@@ -300,8 +298,9 @@ class SpeculativeEngine:
         fits = [not self.prefill_chunk or len(s.request.prompt_ids) - 1 <= self.prefill_chunk for s in seqs]
         short = [s for s, f in zip(seqs, fits) if f]
         for group in ([short] if short else []) + [[s] for s, f in zip(seqs, fits) if not f]:
-            self._prefilling.append(_Prefill(group, d, ModelRunner(self.target, len(group)),
-                                             ModelRunner(d.fast.model, len(group)) if d is not None else None))
+            self._prefilling.append(_Prefill(group, d, ModelRunner(self.target, len(group), self._target_forward),
+                                             ModelRunner(d.fast.model, len(group), d.forward) if d is not None
+                                             else None))
 
     def step(self, on_record: RecordCallback | None = None) -> list[StepOutput]:
         """Cache the next chunk of every prompt being prefilled (requests whose prompts are now

@@ -14,8 +14,9 @@ from onspec.engine.kv import SlotKVCache, right_aligned
 
 
 class ModelRunner:
-    def __init__(self, model, batch_size: int) -> None:
-        self.model = model
+    def __init__(self, model, batch_size: int, forward=None) -> None:
+        """forward: what runs a pass (models/decode.py's DecodeForward); None: `model` itself."""
+        self.model = model if forward is None else forward
         self.device = next(model.parameters()).device
         self.kv = SlotKVCache(batch_size, self.device, next(model.parameters()).dtype)
         self.pending: list[list[int]] = [[] for _ in range(batch_size)]

@@ -7,8 +7,10 @@ SDPA's: the scores, softmax and weighted sum in float32 (measured against a floa
 error equals SDPA's; float64 models compute in float64). Longer queries (prefill, training), other devices, bool
 masks and dropout go to transformers' SDPA function unchanged.
 
-It is registered with transformers' `AttentionInterface` under `NAME`; `use_for(model)` switches a
-model to it where it applies (a CPU model), `implementation(model, name)` switches it for a while.
+The engine's own forward (models/decode.py) calls it directly. It is also registered with
+transformers' `AttentionInterface` under `NAME`, so a model's own forward can run it:
+`implementation(model, NAME)` switches a model to it for a while (the bench's transformers ways use
+this, so that they run the same kernels as onspec).
 """
 
 from __future__ import annotations
@@ -57,21 +59,6 @@ def short_query_attention(module, query: torch.Tensor, key: torch.Tensor, value:
 
 AttentionInterface.register(NAME, short_query_attention)
 AttentionMaskInterface.register(NAME, sdpa_mask)  # masks it is given are built as for SDPA
-
-
-def applies(model: torch.nn.Module) -> bool:
-    """A CPU model whose attention dispatches through transformers' AttentionInterface on SDPA."""
-    config = getattr(model, "config", None)
-    return (config is not None and next(model.parameters()).device.type == "cpu"
-            and getattr(config, "_attn_implementation", None) in ("sdpa", NAME))
-
-
-def use_for(model: torch.nn.Module) -> bool:
-    """Switch `model` to short-query attention where it applies; returns whether it did."""
-    if not applies(model):
-        return False
-    _set(model, NAME)
-    return True
 
 
 @contextlib.contextmanager
