@@ -141,3 +141,22 @@ def test_one_slow_pass_does_not_price_a_width_for_good():
     for w in range(0, 17):  # a line through fresh passes of several widths
         policy.observe_target(w, 1.0 + 0.01 * w)
     assert policy.target_time(16) > policy.target_time(0)
+
+
+def test_a_passing_slowdown_does_not_price_the_draft_out_for_good():
+    """The draft's passes cost 10x while another process held the cores, long enough for k = 0;
+    once they cost 0.3 again, the probes (5% of steps) price it again within ~100 steps (an average
+    over draft passes needed ~30 probes, ~600 steps: a bench run of 512 tokens never recovered)."""
+    policy = AdaptiveK(4, PolicyConfig(probe_share=0.05), prior_alpha=0.9)
+
+    def run(steps: int, draft_cost: float) -> list[int]:
+        picks = []
+        for _ in range(steps):
+            k = policy.choose()
+            picks.append(k)
+            policy.observe(k, round(0.9 * k), k, draft_seconds=draft_cost * k, target_seconds=1.0)
+        return picks
+
+    assert run(200, 10.0)[-50:].count(0) >= 40  # priced out
+    picks = run(150, 0.3)
+    assert sum(k >= 3 for k in picks[-50:]) >= 45, picks

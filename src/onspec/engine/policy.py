@@ -12,7 +12,10 @@ not speculate is cached in a pass of its own (`ModelRunner.catch_up`), else a pr
 k = 0 stretch would charge that backlog to proposing and keep k at 0.
 Each step takes the k in [0, k_max] with the best expected speedup; when that is 0 (no k pays),
 a small share of steps still proposes one token so alpha keeps being measured and speculation
-resumes as soon as the draft (e.g. after an online update) pays.
+resumes as soon as the draft (e.g. after an online update) pays. t_draft's memory counts steps, not
+draft passes: a probe after a long k = 0 stretch mostly replaces the old estimate, so a draft priced
+out by a passing slowdown (another process on the cores) is priced again within a few probes
+(a per-pass average took ~30 probes, ~600 steps, and a bench run never recovered).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from dataclasses import dataclass
 from onspec.config import option
 
 
+DRAFT_EMA = 0.1
+"""Per step: the weight of the newest draft pass in the draft's cost (older ones decay per step)."""
 TARGET_FIT_DECAY = 0.99
 """Per target pass: the weight of older passes in the fit of T(k) (a memory of ~100 passes)."""
 
@@ -64,7 +69,8 @@ class AdaptiveK:
         self.cfg = config
         self._accepted = prior_alpha * 4.0  # decayed counts, with 4 pseudo-observations of the prior
         self._evaluated = 4.0
-        self._t_draft: float | None = None  # seconds per draft forward (EMA)
+        self._t_draft: float | None = None  # seconds per draft forward (EMA over steps)
+        self._steps_since_draft = 0
         # T(k), seconds per target pass over k+1 positions: a line a + b*k fitted by decayed least
         # squares over every pass (sums of w, w*k, w*k^2, w*t, w*k*t), so each pass updates the
         # cost of every width, one the policy has not chosen for a while included
@@ -109,8 +115,11 @@ class AdaptiveK:
         if evaluated:
             self._accepted = d * self._accepted + accepted
             self._evaluated = d * self._evaluated + evaluated
-        if k:
-            self._t_draft = _ema(self._t_draft, draft_seconds / k)
+        self._steps_since_draft += 1
+        if k:  # the old estimate has decayed once per step since the last draft pass
+            weight = 1.0 - (1.0 - DRAFT_EMA) ** self._steps_since_draft
+            self._t_draft = _ema(self._t_draft, draft_seconds / k, weight)
+            self._steps_since_draft = 0
         self.observe_target(k if width is None else width, target_seconds)
 
     def observe_target(self, width: int, seconds: float) -> None:
