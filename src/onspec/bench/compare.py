@@ -224,24 +224,14 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
             label += "" if target.quant == "none" else f", {fmt} target"
             ways[name], decoders[name] = WayResult(name, label), onspec_way(engine, cfg.max_new_tokens)
         elif name in ("target-hf", "adaptive-hf"):  # the same engines calling transformers' forward (SDPA)
-            pc = PolicyConfig(**{**policy_cfg.__dict__, "fixed_k": False, "adaptive_k": False})
-            hf = dataclasses.replace(engine_cfg, forward="transformers")
-            engine = (make_engine(target.model, target.tokenizer, None, hf) if name == "target-hf" else
-                      make_engine(target.model, target.tokenizer, draft.model, hf, pc))
-            label = ("target only, transformers' forward" if name == "target-hf"
-                     else f"adaptive k <= {k}, transformers' forward")
-            ways[name] = WayResult(name, label, weight_bytes=tbytes if name == "target-hf" else None)
-            decoders[name] = onspec_way(engine, cfg.max_new_tokens)
+            ways[name], decoders[name] = _variant(name, target.model, "transformers' forward", target, draft,
+                                                  dataclasses.replace(engine_cfg, forward="transformers"),
+                                                  policy_cfg, cfg.max_new_tokens)
         elif name in ("target-w8a8", "adaptive-w8a8"):  # the same pair, the target as --target-quant w8a8
             if quantized is None:
                 quantized = _w8a8_target(model_cfg, log)
-            pc = PolicyConfig(**{**policy_cfg.__dict__, "fixed_k": False, "adaptive_k": False})
-            engine = (make_engine(quantized, target.tokenizer, None, engine_cfg) if name == "target-w8a8" else
-                      make_engine(quantized, target.tokenizer, draft.model, engine_cfg, pc))
-            ways[name] = WayResult(name, "target only, w8a8 target" if name == "target-w8a8"
-                                   else f"adaptive k <= {k}, w8a8 target",
-                                   weight_bytes=weight_bytes(quantized) if name == "target-w8a8" else None)
-            decoders[name] = onspec_way(engine, cfg.max_new_tokens)
+            ways[name], decoders[name] = _variant(name, quantized, "w8a8 target", target, draft, engine_cfg,
+                                                  policy_cfg, cfg.max_new_tokens)
         elif name == "hf-assisted":  # the draft exactly as onspec runs it (int8 where onspec uses int8)
             fast = make_engine(target.model, target.tokenizer, draft.model, engine_cfg).fast
             running = draft.model if fast.reduced else fast.model  # transformers needs the full head
@@ -280,6 +270,17 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
                                    weight_bytes=tbytes if name == "vllm-target" else None)
             ways[name].startup_s = engine.startup_s
     return ways, decoders, servers
+
+
+def _variant(name: str, model, what: str, target, draft, engine_cfg, policy_cfg, max_new_tokens: int):
+    """`target-*` (target only) or `adaptive-*` (adaptive k) decoding on `model` with `engine_cfg`:
+    (its WayResult, its decoder)."""
+    only = name.startswith("target-")
+    pc = PolicyConfig(**{**policy_cfg.__dict__, "fixed_k": False, "adaptive_k": False})
+    engine = make_engine(model, target.tokenizer, None if only else draft.model, engine_cfg, pc)
+    label = f"target only, {what}" if only else f"adaptive k <= {engine_cfg.k}, {what}"
+    return (WayResult(name, label, weight_bytes=weight_bytes(model) if only else None),
+            onspec_way(engine, max_new_tokens))
 
 
 def _w8a8_target(model_cfg: ModelConfig, log) -> torch.nn.Module:

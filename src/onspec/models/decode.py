@@ -56,9 +56,6 @@ class DecodeForward:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 
-    def parameters(self):
-        return self.model.parameters()
-
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  past_key_values, logits_to_keep: int = 0, **_) -> SimpleNamespace:
