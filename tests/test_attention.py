@@ -8,7 +8,8 @@ import copy
 
 import pytest
 import torch
-from conftest import cached_draft, cached_model, reference_greedy, tiny_model
+from conftest import VOCAB, cached_draft, cached_model, reference_greedy, tiny_model
+from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from onspec.engine.engine import Request, SpeculativeEngine
@@ -119,6 +120,26 @@ def test_decode_forward_is_transformers_arithmetic(arch, dtype):
     if dtype == torch.float64:
         for a, b in zip(ours, _passes(model)):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+
+def test_decode_forward_with_biased_llama_linears():
+    """A Llama with biases in its MLP and attention projections (mlp_bias, attention_bias): the
+    modules carry them, so onspec's forward runs it with transformers' arithmetic."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, mlp_bias=True, attention_bias=True)
+    model = LlamaForCausalLM(cfg).double().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                m.bias.normal_(0, 0.5)
+    forward = decode_forward(model)
+    assert forward is not None
+    ours = _passes(model, forward)
+    with implementation(model, NAME):
+        theirs = _passes(model)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
 
 
 def test_decode_forward_only_where_supported():

@@ -326,6 +326,7 @@ def test_engine_vllm_refuses_what_it_cannot_do(pair, tmp_path):
     for extra, says in [(["--learn", "suffix"], "--learn draft"), (["--replicas", "2"], "--replicas"),
                         (["--drafts", "3", "--learn", "draft"], "--drafts"),
                         (["--data-source", "student"], "--data-source teacher"),
-                        (["--target-quant", "w8a8"], "--target-quant w8a8")]:
+                        (["--target-quant", "w8a8"], "--target-quant w8a8"),
+                        (["--forward", "transformers"], "--forward")]:
         p = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
         assert p.returncode == 2 and says in p.stderr and "Traceback" not in p.stderr, (extra, p.stderr[-2000:])

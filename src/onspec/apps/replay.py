@@ -125,6 +125,8 @@ def run_replay(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Pol
     if vllm is not None and (cfg.learn != "draft" or pool_cfg.drafts > 1):
         raise ValueError("--engine vllm replays one draft model learning (--learn draft, --drafts 1): vLLM runs one "
                          "speculative method per engine, with no place for onspec's suffix learner")
+    if vllm is not None and engine_cfg.forward != "auto":
+        raise ValueError("--forward chooses the pass of onspec's own engine; with --engine vllm, vLLM runs its own")
     queries = load_stream(cfg)
     console.print(f"loading models ({model_cfg.target}{', vLLM engine' if vllm else ''}) ...")
     if vllm is None:

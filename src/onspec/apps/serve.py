@@ -75,6 +75,8 @@ def build_vllm_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, trainer_c
     from onspec.wiring import build_vllm_pool
 
     cfg = cfg.resolved("vllm")
+    if engine_cfg.forward != "auto":
+        raise ValueError("--forward chooses the pass of onspec's own engine; with --engine vllm, vLLM runs its own")
     if cfg.learns_suffix:
         raise ValueError("--engine vllm learns the draft model (--learn draft): vLLM runs one speculative method per "
                          "engine, and onspec's suffix learner and its controller are not one it can run beside the "

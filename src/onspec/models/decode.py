@@ -33,8 +33,8 @@ def supported(model: nn.Module) -> str | None:
     config = model.config
     if any(t != "full_attention" for t in getattr(config, "layer_types", None) or ()):
         return "sliding-window layers"
-    if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "mlp_bias", False):
-        return "an MLP other than SwiGLU without bias"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return "an MLP other than SwiGLU"
     return None
 
 
