@@ -64,32 +64,85 @@ def _index_of(ids: torch.Tensor, vocab: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(head: FeatureHead, seq: dict, k: int, stride: int) -> dict:
-    """alpha1 and the accepted run of a k-chain at output positions of one served request."""
+    """alpha1 at every output position of one served request, and at every `stride`-th one the
+    head's k-chain: (its probability of each proposal, whether the served token equals it), up to
+    and including the first miss."""
     tokens, f, start = seq["tokens"], seq["features"], seq["start"]
     T = tokens.numel()
     n = T - 1  # head position i (0-based example i) reads f_i and x_{i+1}
     g, (kk, vv) = head.step(f[None, :n], tokens[None, 1: n + 1], torch.arange(1, n + 1)[None])
-    first = head.vocab_ids[head.logits(g[0]).argmax(-1)]  # proposal for x_{i+2}
+    p_first, idx = torch.softmax(head.logits(g[0]).float(), -1).max(-1)
+    first = head.vocab_ids[idx]  # proposal for x_{i+2}
     anchors = range(max(start - 1, 0), T - 2)  # the target has just emitted x_{i+1}, an output token
     hits = [int(first[i] == tokens[i + 2]) for i in anchors]
-    runs = []
+    chains = []
     for i in list(anchors)[::stride]:
         if i + 1 + k >= T:
             break
-        accepted = 0
-        if first[i] == tokens[i + 2]:
-            accepted = 1
+        chain = [(float(p_first[i]), bool(first[i] == tokens[i + 2]))]
+        if chain[0][1]:
             past = (kk[:, :, : i + 1], vv[:, :, : i + 1])
             gi, tok, pos = g[:, i: i + 1], first[i].view(1, 1), torch.tensor([[i + 2]])
             for j in range(1, k):
                 gi, past = head.step(gi, tok, pos, past)
-                tok = head.vocab_ids[head.logits(gi[0, -1]).argmax(-1)].view(1, 1)
-                if int(tok) != int(tokens[i + 2 + j]):
+                p, ix = torch.softmax(head.logits(gi[0, -1]).float(), -1).max(-1)
+                tok = head.vocab_ids[ix].view(1, 1)
+                chain.append((float(p), int(tok) == int(tokens[i + 2 + j])))
+                if not chain[-1][1]:
                     break
-                accepted += 1
                 pos = pos + 1
-        runs.append(accepted)
-    return {"hits": sum(hits), "positions": len(hits), "runs": runs}
+        chains.append(chain)
+    runs = [_run(c) for c in chains]
+    return {"hits": sum(hits), "positions": len(hits), "runs": runs, "chains": chains}
+
+
+def _run(chain: list[tuple[float, bool]]) -> int:
+    """Proposals accepted in a row."""
+    n = 0
+    for _, hit in chain:
+        if not hit:
+            break
+        n += 1
+    return n
+
+
+def gated(rows: list[dict], cost: dict, thresholds=(0.0, 0.3, 0.5, 0.7, 0.9)) -> dict:
+    """The head proposing only while its probability of its proposal is >= tau (EAGLE-2's
+    confidence): per tau, the share of steps it would take (first proposal >= tau), its tokens per
+    target pass there, and that step's speedup over a target-only step, 1 + accepted over
+    T(m+1)/T(1) + m c (m proposed, c of the w8a8 head). The other steps are left to the floor."""
+    chains = [c for r in rows for c in r["chains"]]
+    out = {}
+    for tau in thresholds:
+        taken, tokens, speedups = 0, [], []
+        for c in chains:
+            lead = []
+            for p, hit in c:
+                if p < tau:
+                    break
+                lead.append(hit)
+            if not lead:
+                continue
+            taken += 1
+            m, acc = len(lead), _run([(1.0, h) for h in lead])
+            ratio = cost["T_ratio"].get(m + 1, cost["T_ratio"][max(cost["T_ratio"])])
+            tokens.append(1 + acc)
+            speedups.append((1 + acc) / (ratio + m * cost["c_w8a8"]))
+        out[tau] = {"share": taken / max(1, len(chains)),
+                    "tokens_per_step": statistics.mean(tokens) if tokens else None,
+                    "speedup": sum(tokens) / sum(t / s for t, s in zip(tokens, speedups)) if tokens else None}
+    return out
+
+
+def calibration(rows: list[dict], bins=(0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.01)) -> list[dict]:
+    """Acceptance of the head's proposals by its probability of them (every chain step)."""
+    steps = [x for r in rows for c in r["chains"] for x in c]
+    out = []
+    for lo, hi in zip(bins, bins[1:]):
+        inside = [hit for p, hit in steps if lo <= p < hi]
+        out.append({"p": [lo, min(hi, 1.0)], "steps": len(inside),
+                    "accepted": sum(inside) / len(inside) if inside else None})
+    return out
 
 
 AUTOCAST = True
@@ -119,10 +172,11 @@ def _c(target, head: FeatureHead, context: int = 300, repeats: int = 30) -> dict
     cache = DynamicCache()
     with torch.no_grad():
         target(input_ids=ids, past_key_values=cache, use_cache=True)
-    mask = torch.zeros(1, 1, 1, context + 1, dtype=torch.bfloat16)
 
-    def target_pass():
-        fwd(torch.tensor([[5]]), mask, torch.tensor([[context]]), cache, logits_to_keep=1)
+    def target_pass(n: int = 1):
+        m = torch.zeros(1, 1, n, context + n, dtype=torch.bfloat16)
+        m[..., context:] = torch.full((n, n), torch.finfo(torch.bfloat16).min).triu(1)
+        fwd(torch.full((1, n), 5), m, torch.arange(context, context + n)[None], cache, logits_to_keep=n)
         cache.crop(context)
 
     def timed(fn):
@@ -135,6 +189,8 @@ def _c(target, head: FeatureHead, context: int = 300, repeats: int = 30) -> dict
         return statistics.median(ts)
 
     out = {"target_s": timed(target_pass)}
+    out["T_ratio"] = {n: timed(lambda: target_pass(n)) / out["target_s"] for n in range(2, 10)}
+    """T(n) / T(1): a verify pass over n positions against one."""
     h = head.shape.hidden
     for kind in ("bf16", "w8a8"):
         copy = FeatureHead(head.shape, head.lm_head, head.embed, dtype=torch.bfloat16)
@@ -158,6 +214,21 @@ def _c(target, head: FeatureHead, context: int = 300, repeats: int = 30) -> dict
     return out
 
 
+def projected(summary: dict, rows: list[dict], k_max: int) -> dict:
+    """The head alone proposing k tokens every step, over `rows`: tokens per target pass
+    1 + E[min(run, k)] over the pass's cost in single-position target passes, T(k+1)/T(1) + k c
+    (c of the w8a8 head), from this run's own timings. A projection, not a decode: the engine
+    does not run the head yet."""
+    runs = [x for r in rows for x in r["runs"]]
+    cost = summary["cost"]
+    out = {}
+    for k in range(1, k_max + 1):
+        tokens = 1 + statistics.mean(min(x, k) for x in runs) if runs else 1.0
+        out[k] = {"tokens_per_step": tokens,
+                  "speedup": tokens / (cost["T_ratio"].get(k + 1, cost["T_ratio"][max(cost["T_ratio"])]) + k * cost["c_w8a8"])}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--served", type=Path, required=True, help="served requests cache from benchmarks/online_sweep.py")
@@ -168,12 +239,14 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps per served request")
     ap.add_argument("--replay", type=int, default=3, help="earlier requests trained on with each new one")
     ap.add_argument("--feature-weight", type=float, default=1.0)
-    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--k", type=int, default=6)
     ap.add_argument("--stride", type=int, default=4)
     ap.add_argument("--warm", type=int, default=0, help="ShareGPT answers trained on before the stream (0: cold)")
     ap.add_argument("--warm-skip", type=int, default=20000, help="first ShareGPT conversation of the warm start")
     ap.add_argument("--warm-tokens", type=int, default=384)
     ap.add_argument("--warm-epochs", type=int, default=1)
+    ap.add_argument("--init", type=Path, default=None, help="start from this head (saved by --save-warm)")
+    ap.add_argument("--save-warm", type=Path, default=None, help="save the head after the warm start here")
     ap.add_argument("--fp32", action="store_true", help="train in float32 (default: bf16 autocast)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="directory for summary.json (rewritten as it goes)")
@@ -230,14 +303,32 @@ def main() -> int:
         summary["warm"] = {"answers": len(warm), "tokens": n_tok, "features_s": feat_s, "train_s": trained}
         del warm
         save()
+        if args.save_warm:
+            torch.save({"head": head.state_dict(), "warm": summary["warm"], "options": summary["options"]},
+                       args.save_warm)
+    if args.init:
+        saved = torch.load(args.init)
+        head.load_state_dict(saved["head"])
+        summary["init"] = {"path": str(args.init), "warm": saved.get("warm")}
 
     served = torch.load(args.served, weights_only=False)["examples"]
     if args.limit:
         served = served[: args.limit]
+    # the target's features of the stream are the same for every run: computed once, kept beside it (bf16)
+    cache_path = args.served.with_suffix(".features.pt")
+    cached = torch.load(cache_path) if cache_path.is_file() else {}
+    fresh = False
     rows, recent, train_s, trained_tokens, feat_s = [], [], 0.0, 0, 0.0
     for n, e in enumerate(served):
         t0 = time.perf_counter()
-        seq = prepare(e["tokens"], int(e["start"]))
+        if n in cached:
+            f, greedy = cached[n][0].float(), cached[n][1]
+        else:
+            f, greedy = target_features(model, e["tokens"])
+            cached[n], fresh = (f.bfloat16(), greedy), True
+        tokens = e["tokens"].long()
+        seq = {"tokens": tokens, "features": f, "start": int(e["start"]),
+               "pairs": training_pairs(f, greedy, tokens, index_of)}
         feat_s += time.perf_counter() - t0
         head.eval()
         r = evaluate(head, seq, args.k, args.stride)
@@ -255,9 +346,14 @@ def main() -> int:
                           f"train {train_s:.0f} s")
             summary["blocks"] = summary.get("blocks", []) + [
                 {"requests": [n + 2 - len(block), n + 1], "alpha1": a1,
-                 "tokens_per_step": 1 + statistics.mean(runs) if runs else None}]
+                 "tokens_per_step": 1 + statistics.mean(runs) if runs else None,
+                 "accepted_hist": [runs.count(a) for a in range(args.k + 1)]}]
             summary["train_s"], summary["trained_tokens"], summary["features_s"] = train_s, trained_tokens, feat_s
             save()
+            if fresh and (n + 1) % 64 == 0:
+                torch.save(cached, cache_path)
+    if fresh:
+        torch.save(cached, cache_path)
     table = Table(title=f"feature head on {args.served.name} ({'warm ' + str(args.warm) if args.warm else 'cold'})")
     for col in ("requests", "alpha1", f"tokens/step k={args.k}"):
         table.add_column(col)
@@ -269,6 +365,14 @@ def main() -> int:
     summary["alpha1_last_20pct"] = sum(b["hits"] for b in last) / max(1, sum(b["positions"] for b in last))
     summary["alpha1_first_16"] = summary["blocks"][0]["alpha1"]
     summary["s_per_trained_token"] = train_s / max(1, trained_tokens)
+    summary["projected"] = projected(summary, rows[int(0.8 * len(rows)):], args.k)
+    summary["gated_last_20pct"] = gated(rows[int(0.8 * len(rows)):], summary["cost"])
+    summary["calibration_last_20pct"] = calibration(rows[int(0.8 * len(rows)):])
+    console.print(f"gated by confidence, last 20%: {summary['gated_last_20pct']}")
+    console.print(f"calibration, last 20%: {summary['calibration_last_20pct']}")
+    if args.out:
+        (args.out / "chains.json").write_text(json.dumps([r["chains"] for r in rows]))
+    console.print(f"head alone over the last 20%, projected speedup over target-only per k: {summary['projected']}")
     save()
     print(json.dumps({k: summary[k] for k in ("cost", "alpha1_first_16", "alpha1_last_20pct", "train_s",
                                               "trained_tokens", "s_per_trained_token") if k in summary}))
