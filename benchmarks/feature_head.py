@@ -65,8 +65,8 @@ def _index_of(ids: torch.Tensor, vocab: int) -> torch.Tensor:
 @torch.no_grad()
 def evaluate(head: FeatureHead, seq: dict, k: int, stride: int) -> dict:
     """alpha1 at every output position of one served request, and at every `stride`-th one the
-    head's k-chain: (its probability of each proposal, whether the served token equals it), up to
-    and including the first miss."""
+    head's k-chain: (its probability of each proposal, whether the served token equals it); the
+    chain's accepted run ends at its first miss."""
     tokens, f, start = seq["tokens"], seq["features"], seq["start"]
     T = tokens.numel()
     n = T - 1  # head position i (0-based example i) reads f_i and x_{i+1}
@@ -79,18 +79,16 @@ def evaluate(head: FeatureHead, seq: dict, k: int, stride: int) -> dict:
     for i in list(anchors)[::stride]:
         if i + 1 + k >= T:
             break
+        # the chain as inference runs it: after a miss the head goes on from its own token
         chain = [(float(p_first[i]), bool(first[i] == tokens[i + 2]))]
-        if chain[0][1]:
-            past = (kk[:, :, : i + 1], vv[:, :, : i + 1])
-            gi, tok, pos = g[:, i: i + 1], first[i].view(1, 1), torch.tensor([[i + 2]])
-            for j in range(1, k):
-                gi, past = head.step(gi, tok, pos, past)
-                p, ix = torch.softmax(head.logits(gi[0, -1]).float(), -1).max(-1)
-                tok = head.vocab_ids[ix].view(1, 1)
-                chain.append((float(p), int(tok) == int(tokens[i + 2 + j])))
-                if not chain[-1][1]:
-                    break
-                pos = pos + 1
+        past = (kk[:, :, : i + 1], vv[:, :, : i + 1])
+        gi, tok, pos = g[:, i: i + 1], first[i].view(1, 1), torch.tensor([[i + 2]])
+        for j in range(1, k):
+            gi, past = head.step(gi, tok, pos, past)
+            p, ix = torch.softmax(head.logits(gi[0, -1]).float(), -1).max(-1)
+            tok = head.vocab_ids[ix].view(1, 1)
+            chain.append((float(p), int(tok) == int(tokens[i + 2 + j])))
+            pos = pos + 1
         chains.append(chain)
     runs = [_run(c) for c in chains]
     return {"hits": sum(hits), "positions": len(hits), "runs": runs, "chains": chains}
@@ -135,8 +133,9 @@ def gated(rows: list[dict], cost: dict, thresholds=(0.0, 0.3, 0.5, 0.7, 0.9)) ->
 
 
 def calibration(rows: list[dict], bins=(0.0, 0.2, 0.4, 0.6, 0.8, 0.9, 1.01)) -> list[dict]:
-    """Acceptance of the head's proposals by its probability of them (every chain step)."""
-    steps = [x for r in rows for c in r["chains"] for x in c]
+    """Acceptance of the head's proposals by its probability of them (every chain step whose
+    predecessors were accepted)."""
+    steps = [x for r in rows for c in r["chains"] for x in c[: _run(c) + 1]]  # up to the first miss
     out = []
     for lo, hi in zip(bins, bins[1:]):
         inside = [hit for p, hit in steps if lo <= p < hi]
@@ -242,7 +241,7 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=6)
     ap.add_argument("--stride", type=int, default=4)
     ap.add_argument("--warm", type=int, default=0, help="ShareGPT answers trained on before the stream (0: cold)")
-    ap.add_argument("--warm-skip", type=int, default=20000, help="first ShareGPT conversation of the warm start")
+    ap.add_argument("--warm-skip", type=int, default=10000, help="first ShareGPT conversation of the warm start")
     ap.add_argument("--warm-tokens", type=int, default=384)
     ap.add_argument("--warm-epochs", type=int, default=1)
     ap.add_argument("--init", type=Path, default=None, help="start from this head (saved by --save-warm)")
@@ -295,6 +294,8 @@ def main() -> int:
             n_tok += t.numel()
             if len(warm) >= args.warm:
                 break
+        if len(warm) < args.warm:
+            raise SystemExit(f"--warm {args.warm}: only {len(warm)} ShareGPT answers from conversation {args.warm_skip} on")
         feat_s = time.perf_counter() - t0
         for epoch in range(args.warm_epochs):
             for i in range(0, len(warm), 4):
