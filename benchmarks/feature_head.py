@@ -277,10 +277,11 @@ def main() -> int:
     console.print(f"cost: {summary['cost']}")
     save()
 
-    def prepare(tokens: torch.Tensor, start: int) -> dict:
-        f, greedy = target_features(model, tokens)
-        return {"tokens": tokens.long(), "features": f, "start": start,
-                "pairs": training_pairs(f, greedy, tokens.long(), index_of)}
+    def sequence(tokens: torch.Tensor, start: int, f: torch.Tensor, greedy: torch.Tensor) -> dict:
+        """One request (or warm-start text) with the target's features and its training pairs."""
+        tokens = tokens.long()
+        return {"tokens": tokens, "features": f, "start": start,
+                "pairs": training_pairs(f, greedy, tokens, index_of)}
 
     if args.warm:
         t0, trained, n_tok = time.perf_counter(), 0.0, 0
@@ -290,7 +291,7 @@ def main() -> int:
             t = tok(text, return_tensors="pt").input_ids[0][: args.warm_tokens]
             if t.numel() < 32:
                 continue
-            warm.append(prepare(t, t.numel()))
+            warm.append(sequence(t, t.numel(), *target_features(model, t)))
             n_tok += t.numel()
             if len(warm) >= args.warm:
                 break
@@ -327,9 +328,7 @@ def main() -> int:
         else:
             f, greedy = target_features(model, e["tokens"])
             cached[n], fresh = (f.bfloat16(), greedy), True
-        tokens = e["tokens"].long()
-        seq = {"tokens": tokens, "features": f, "start": int(e["start"]),
-               "pairs": training_pairs(f, greedy, tokens, index_of)}
+        seq = sequence(e["tokens"], int(e["start"]), f, greedy)
         feat_s += time.perf_counter() - t0
         head.eval()
         r = evaluate(head, seq, args.k, args.stride)

@@ -110,13 +110,7 @@ def test_decode_forward_is_transformers_arithmetic(arch, dtype):
     """onspec's forward = the model's own forward on the same attention, bit for bit (bf16 too);
     against SDPA within float64 rounding."""
     model = tiny_model(arch, 0, dtype=dtype)
-    forward = decode_forward(model)
-    assert forward is not None
-    ours = _passes(model, forward)
-    with implementation(model, NAME):
-        theirs = _passes(model)
-    for a, b in zip(ours, theirs):
-        assert torch.equal(a, b)
+    ours = _equal_to_transformers(model)
     if dtype == torch.float64:
         for a, b in zip(ours, _passes(model)):
             torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
@@ -133,6 +127,12 @@ def test_decode_forward_with_biased_llama_linears():
         for m in model.modules():
             if isinstance(m, torch.nn.Linear) and m.bias is not None:
                 m.bias.normal_(0, 0.5)
+    _equal_to_transformers(model)
+
+
+def _equal_to_transformers(model) -> list[torch.Tensor]:
+    """Asserts onspec's forward gives the logits of the model's own forward on the same attention,
+    bit for bit, over `_passes`; returns onspec's."""
     forward = decode_forward(model)
     assert forward is not None
     ours = _passes(model, forward)
@@ -140,6 +140,7 @@ def test_decode_forward_with_biased_llama_linears():
         theirs = _passes(model)
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
+    return ours
 
 
 def test_decode_forward_only_where_supported():

@@ -40,6 +40,7 @@ from onspec.models.pair import ModelConfig, load_pair
 from onspec.online.distiller import TrainerConfig
 from onspec.online.forward import greedy_agreement
 from onspec.pool.pool import GENERAL, PoolConfig
+from onspec.engine.vllm_engine import check_engine_options
 from onspec.wiring import build_pool, build_vllm_pool
 
 STREAM_ALIASES = {
@@ -125,8 +126,8 @@ def run_replay(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Pol
     if vllm is not None and (cfg.learn != "draft" or pool_cfg.drafts > 1):
         raise ValueError("--engine vllm replays one draft model learning (--learn draft, --drafts 1): vLLM runs one "
                          "speculative method per engine, with no place for onspec's suffix learner")
-    if vllm is not None and engine_cfg.forward != "auto":
-        raise ValueError("--forward chooses the pass of onspec's own engine; with --engine vllm, vLLM runs its own")
+    if vllm is not None:
+        check_engine_options(engine_cfg)
     queries = load_stream(cfg)
     console.print(f"loading models ({model_cfg.target}{', vLLM engine' if vllm else ''}) ...")
     if vllm is None:

@@ -24,6 +24,7 @@ from onspec.durable import replace_synced
 from onspec.engine.engine import EngineConfig
 from onspec.engine.policy import PolicyConfig
 from onspec.engine.suffix import SuffixLearner
+from onspec.engine.vllm_engine import check_engine_options
 from onspec.models.pair import ModelConfig, load_pair
 from onspec.online.distiller import TrainerConfig
 from onspec.pool.pool import GENERAL, Member, PoolConfig
@@ -75,8 +76,7 @@ def build_vllm_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, trainer_c
     from onspec.wiring import build_vllm_pool
 
     cfg = cfg.resolved("vllm")
-    if engine_cfg.forward != "auto":
-        raise ValueError("--forward chooses the pass of onspec's own engine; with --engine vllm, vLLM runs its own")
+    check_engine_options(engine_cfg)
     if cfg.learns_suffix:
         raise ValueError("--engine vllm learns the draft model (--learn draft): vLLM runs one speculative method per "
                          "engine, and onspec's suffix learner and its controller are not one it can run beside the "

@@ -71,6 +71,13 @@ class VllmConfig:
             raise ValueError(f"--vllm-max-model-len must be >= 0, got {self.vllm_max_model_len}")
 
 
+def check_engine_options(engine_cfg) -> None:
+    """Options of onspec's own engine that `--engine vllm` cannot honour: a clear error, not a
+    silent no-op."""
+    if engine_cfg.forward != "auto":
+        raise ValueError("--forward chooses the pass of onspec's own engine; with --engine vllm, vLLM runs its own")
+
+
 def set_vllm_env(cfg: VllmConfig) -> None:
     """vLLM reads these at import and start-up: set them before importing it (an operator's own
     values win). `all` is not a valid bind here (it crashed); a CPU list is."""

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from onspec.models.decode import _rotate_half
+
 
 @dataclass
 class HeadShape:
@@ -62,8 +64,7 @@ def _rotary(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
+    return x * cos + _rotate_half(x) * sin
 
 
 class FeatureHead(nn.Module):
@@ -96,9 +97,6 @@ class FeatureHead(nn.Module):
         self.register_buffer("vocab_ids", ids, persistent=True)
         self.register_buffer("lm_head", head_weight.detach()[ids].to(dtype).clone(), persistent=False)
         self.register_buffer("embed", embed_weight.detach(), persistent=False)
-
-    def trainable(self) -> dict[str, nn.Parameter]:
-        return dict(self.named_parameters())
 
     def step(self, features: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
              past: tuple[torch.Tensor, torch.Tensor] | None = None
