@@ -95,6 +95,8 @@ class EngineReplica:
         self._swaps_lock = threading.Lock()
         self._closing = threading.Event()
         self.state.scheduler.start()
+        # known to the hub (and so listed by /health) before Serve counts this replica as ready
+        ray.get(self.hub.report.remote(self.name, self._status()))
         self._follower = threading.Thread(target=self._follow, name="onspec-follow-hub", daemon=True)
         self._follower.start()
 
