@@ -141,18 +141,50 @@ def test_controller_steps_back_to_the_floor_when_the_learner_collapses_and_retur
         controller.learner.observe([4] * 12, 0)
     assert controller.choose(policy, 4, proposal) == 0
     assert controller.learner.acceptance(4) < 0.1
-    for _ in range(40):  # probes (forced here) find it accepted again: the work returns to it
-        controller.learner.observe([4, 4], 2)
+    for _ in range(40):  # judged on the draft's steps, it is accepted again: the work returns to it
+        controller.learner.observe_shadow(SuffixProposal([1, 1], [4, 4]), [1, 1])
     assert controller.choose(policy, 4, proposal) > 0
 
 
-def test_controller_probes_a_share_of_steps_it_would_not_give_the_learner():
-    policy = _policy(0.95, 0.01, {0: 0.1, 4: 0.1})
-    controller = Controller(_learner(0.01), probe_share=0.25, seed=3)
+def test_controller_gives_a_share_of_the_learners_steps_to_the_draft_to_keep_measuring_it():
+    policy = _policy(0.3, 0.03, {0: 0.1, 4: 0.1, 16: 0.1})
+    controller = Controller(_learner(0.99), probe_share=0.25, seed=3)
     picks = [controller.choose(policy, 4, SuffixProposal([1, 2, 3], [2, 2, 2])) for _ in range(400)]
-    share = sum(1 for m in picks if m) / len(picks)
+    share = sum(1 for m in picks if m == 0) / len(picks)
     assert 0.15 < share < 0.35  # binomial(400, 0.25): 5 sigma either side
-    assert set(picks) <= {0, 2}
+    assert set(picks) <= {0, 3} and controller.probe_steps == picks.count(0)
+
+
+def test_the_draft_is_priced_at_its_acceptance_where_the_learner_matched():
+    """Text the learner matches deeply is easy for the draft too: once the draft is seen accepting
+    everything where the learner matched 4 tokens, the learner no longer wins those steps, though
+    the draft's average alpha (0.3) alone would lose to it; shallow matches keep the average."""
+    policy = _policy(0.3, 0.03, {0: 0.1, 4: 0.11, 16: 0.14})
+    controller = Controller(_learner(0.5), probe_share=0.0)
+    deep, shallow = SuffixProposal([1] * 4, [4] * 4), SuffixProposal([1] * 4, [2] * 4)
+    assert controller.choose(policy, 4, deep) > 0 and controller.choose(policy, 4, shallow) > 0
+    assert controller.draft_alpha(4, policy.alpha) == pytest.approx(policy.alpha)
+    for _ in range(50):
+        controller.observe_draft(deep, 4, 4)
+    assert controller.draft_alpha(4, policy.alpha) > 0.95
+    assert controller.choose(policy, 4, deep) == 0
+    assert controller.choose(policy, 4, shallow) > 0
+    assert controller.draft_alpha(2, policy.alpha) == pytest.approx(policy.alpha)
+
+
+def test_a_declined_proposal_is_judged_against_the_emitted_tokens():
+    """observe_shadow: the matched prefix counts accepted, the first mismatch rejected, and what
+    lies past the emitted tokens is not counted; the learner's own step counts do not move."""
+    learner = SuffixLearner(max_depth=4, prior=0.5, decay=1.0)
+    before = {d: (learner._accepted[d], learner._evaluated[d]) for d in (2, 3, 4)}
+    learner.observe_shadow(SuffixProposal([5, 6, 7, 8], [2, 3, 4, 4]), [5, 6, 9])  # 2 accepted, then rejected
+    assert learner._evaluated[2] - before[2][1] == 1 and learner._accepted[2] - before[2][0] == 1
+    assert learner._evaluated[3] - before[3][1] == 1 and learner._accepted[3] - before[3][0] == 1
+    assert learner._evaluated[4] - before[4][1] == 1 and learner._accepted[4] - before[4][0] == 0
+    learner.observe_shadow(SuffixProposal([5, 6, 7], [4, 4, 4]), [5, 6])  # censored: 2 accepted, nothing more known
+    assert learner._evaluated[4] - before[4][1] == 3 and learner._accepted[4] - before[4][0] == 2
+    assert learner.shadow_evaluated == 5
+    assert (learner.steps, learner.proposed, learner.accepted, learner.evaluated) == (0, 0, 0, 0)
 
 
 def test_suffix_draws_are_lossless_under_rejection_sampling():
@@ -214,6 +246,7 @@ def test_default_engine_with_the_live_controller_is_lossless_and_learns(arch, to
         assert a.token_ids == b.token_ids == reference_greedy(arch, p, n)
     assert sum(o.stats.steps for o in second) < sum(o.stats.steps for o in first)
     assert sum(o.stats.suffix_accepted for o in second) > 0
+    assert engine.suffix.shadow_evaluated > 0  # proposals the draft beat were judged too
 
 
 def test_seeded_sampling_is_the_same_with_and_without_the_suffix_learner(tokenizer):

@@ -3,18 +3,23 @@ or the suffix learner.
 
 Both are priced by the speedup model of engine/policy.py, in target passes saved per second, from
 live numbers only:
-- the draft with k proposals: tokens(alpha, k) * T(0) / (k * t_draft + T(k)), its alpha and costs
-  measured by its AdaptiveK (the best k in [0, k_max] is its offer);
+- the draft with k proposals: tokens(alpha, k) * T(0) / (k * t_draft + T(k)), its costs measured
+  by its AdaptiveK (the best k in [0, k_max] is its offer). Its alpha is its acceptance in the kind
+  of context the learner matched: text the stream repeats is easy for the draft too, so pricing
+  the draft at its average alpha would hand the learner steps the draft would have done better.
+  The controller keeps the draft's acceptance per depth of the learner's first matched context
+  (`draft_alpha`), from the draft's steps where the learner had a proposal, starting from the
+  draft's live alpha;
 - the suffix learner's proposal cut to its first m tokens:
-  (1 + E[accepted of m]) * T(0) / (T(m) + switch * t_draft), E from the learner's live acceptance
-  per matched depth (SuffixLearner.expected_accepted). It runs no model; its costs are the wider
+  (1 + E[accepted of m]) * T(0) / (T(m) + switch * t_draft), E from the learner's acceptance per
+  matched depth (SuffixLearner.expected_accepted), measured on every step it had a proposal (on
+  the draft's steps against the tokens they emitted). It runs no model; its costs are the wider
   target pass and, when the draft proposed the row's last step (`switch`), the pass the draft will
   need to catch up on the tokens it did not see (one memory-bound pass, ~t_draft, whatever the
   backlog's length: `ModelRunner.catch_up`), paid once per run of suffix steps.
 The better offer proposes. While the draft's costs are not measured yet it proposes (to measure
-them). A small share of steps (`probe_share`) gives a suffix proposal the draft would have beaten
-a short trial anyway, so the learner's acceptance keeps being measured after it collapsed and the
-work returns to it as soon as it pays again.
+them). A small share (`probe_share`) of the steps the learner wins go to the draft anyway, so the
+draft's acceptance where the learner proposes keeps being measured.
 """
 
 from __future__ import annotations
@@ -24,13 +29,35 @@ import random
 from onspec.engine.policy import AdaptiveK
 from onspec.engine.suffix import SuffixLearner, SuffixProposal
 
+PRIOR = 4.0
+"""Pseudo-observations of the draft's live alpha that each context kind's estimate starts from."""
+
 
 class Controller:
-    def __init__(self, learner: SuffixLearner, probe_share: float = 0.05, seed: int = 0) -> None:
+    def __init__(self, learner: SuffixLearner, probe_share: float = 0.05, seed: int = 0,
+                 decay: float = 0.995) -> None:
         self.learner = learner
         self.probe_share = probe_share
+        self.decay = decay
         self._rng = random.Random(seed)
+        # the draft's decayed (accepted, evaluated) on steps where the learner matched a context of depth d
+        self._draft: dict[int, list[float]] = {}
         self.suffix_steps = self.draft_steps = self.probe_steps = 0
+
+    def draft_alpha(self, depth: int, live: float) -> float:
+        """The draft's acceptance where the learner's first proposed token matched `depth` tokens
+        (`live`: the draft's alpha over all steps, the prior)."""
+        accepted, evaluated = self._draft.get(min(depth, self.learner.max_depth), (0.0, 0.0))
+        return (accepted + PRIOR * live) / (evaluated + PRIOR)
+
+    def observe_draft(self, proposal: SuffixProposal, accepted: int, evaluated: int) -> None:
+        """The draft proposed for a row the learner had `proposal` for: the draft's outcome."""
+        if not proposal.tokens or not evaluated:
+            return
+        counts = self._draft.setdefault(min(proposal.depths[0], self.learner.max_depth), [0.0, 0.0])
+        factor = self.decay ** evaluated
+        counts[0] = counts[0] * factor + accepted
+        counts[1] = counts[1] * factor + evaluated
 
     def suffix_offer(self, policy: AdaptiveK, proposal: SuffixProposal, switch: bool = False) -> tuple[int, float]:
         """The best cut m of the proposal (0 if it has none) and its expected speedup; `switch`:
@@ -46,6 +73,11 @@ class Controller:
                 best_m, best = m, speedup
         return best_m, best
 
+    def draft_offer(self, policy: AdaptiveK, k_draft: int, proposal: SuffixProposal) -> float:
+        """The draft's expected speedup at its best k <= k_draft, at its acceptance in this context."""
+        alpha = self.draft_alpha(proposal.depths[0], policy.alpha) if proposal.tokens else policy.alpha
+        return max(policy.expected_speedup(k, alpha) for k in range(k_draft + 1))
+
     def choose(self, policy: AdaptiveK | None, k_draft: int, proposal: SuffixProposal, switch: bool = False) -> int:
         """Suffix tokens to verify this step (0: the draft proposes, its k chosen by its policy).
         `switch`: the row's last step was not the suffix learner's (see `suffix_offer`)."""
@@ -53,12 +85,10 @@ class Controller:
             self.draft_steps += 1
             return 0
         m, suffix = self.suffix_offer(policy, proposal, switch)
-        draft = max(policy.expected_speedup(k) for k in range(k_draft + 1))
-        if m and suffix > draft:
-            self.suffix_steps += 1
-            return m
-        if self._rng.random() < self.probe_share:
+        if m and suffix > self.draft_offer(policy, k_draft, proposal):
+            if self._rng.random() >= self.probe_share:
+                self.suffix_steps += 1
+                return m
             self.probe_steps += 1
-            return min(2, len(proposal.tokens))
         self.draft_steps += 1
         return 0

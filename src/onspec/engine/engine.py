@@ -36,7 +36,7 @@ from onspec.engine.records import Example, RequestOutput, RequestStats, StepOutp
 from onspec.engine.runner import ModelRunner
 from onspec.engine.policy import AdaptiveK
 from onspec.engine.controller import Controller
-from onspec.engine.suffix import SuffixIndex, SuffixLearner
+from onspec.engine.suffix import SuffixIndex, SuffixLearner, SuffixProposal
 from onspec.engine.sampling import InvalidRequest, SamplingParams, gumbel_noise, process_logits, sample
 from onspec.engine.stopping import StopChecker
 from onspec.engine.verify import Verdict, greedy_verify, gumbel_verify, rejection_sample
@@ -413,6 +413,7 @@ class SpeculativeEngine:
         and commit one step; per row (the tokens kept after stopping, k, the verdict)."""
         ks = [0] * len(rows)
         draws: list[_Draw | None] = [None] * len(rows)
+        shadows: list[SuffixProposal | None] = [None] * len(rows)  # the learner's proposals the draft beat
         proposals: list[tuple[list[int], Proposal]] = []
         drafted: list[tuple[Drafter, list[int], int, float]] = []  # (drafter, its rows, k, seconds proposing)
         for name, idx in self._groups(rows).items():
@@ -423,7 +424,8 @@ class SpeculativeEngine:
             group_ks = self._choose_k(group, k_draft)
             if self.suffix is not None:  # rows whose suffix proposal is the better offer take it instead
                 for j, r in enumerate(idx):
-                    if (draw := self._suffix_draw(group[j], d, k_draft)) is not None:
+                    draw, shadows[r] = self._suffix_draw(group[j], d, k_draft)
+                    if draw is not None:
                         draws[r], ks[r], group_ks[j] = draw, int(draw.tokens.shape[0]), 0
             k = max(group_ks)  # the draft runs k forwards for its rows; row r uses its first ks[r] proposals
             t_start = time.perf_counter()
@@ -459,6 +461,9 @@ class SpeculativeEngine:
             if suffixed[r]:
                 self.suffix.observe(draws[r].depths, v.num_accepted)
                 rows[r].stats.observe_suffix(ks[r], v.num_accepted)
+            elif shadows[r] is not None and rows[r].error is None:  # both offers, judged by what was emitted
+                self.suffix.observe_shadow(shadows[r], v.tokens)
+                self.controller.observe_draft(shadows[r], v.num_accepted, v.evaluated)
         # a row the suffix learner proposed for keeps none of the draft's own proposals
         drafted_accepted = [0 if suffixed[r] else a for r, a in enumerate(accepted)]
         for d, idx, k, seconds in drafted:
@@ -513,17 +518,19 @@ class SpeculativeEngine:
             probs=[torch.stack(p) if p else None for p in probs],
         )
 
-    def _suffix_draw(self, seq: _Sequence, drafter: Drafter, k_draft: int) -> _Draw | None:
-        """The suffix learner's proposal for this row, if the controller prefers it to the draft's."""
+    def _suffix_draw(self, seq: _Sequence, drafter: Drafter, k_draft: int
+                     ) -> tuple[_Draw | None, SuffixProposal | None]:
+        """The suffix learner's proposal for this row as a draw, if the controller prefers it to
+        the draft's; else (None, the proposal it declined, if any: judged after the draft's step)."""
         budget = seq.params.max_new_tokens - len(seq.generated) - 1
         if seq.error is not None or budget <= 0 or seq.suffix_index is None:
-            return None
+            return None, None
         proposal = self.suffix.propose(_tail(seq, self.suffix.max_depth), seq.suffix_index, budget)
         m = self.controller.choose(drafter.policy, k_draft, proposal, switch=not seq.suffix_step)
         if not m:
-            return None
+            return None, proposal if proposal.tokens else None
         tokens = torch.tensor(proposal.tokens[:m], dtype=torch.long, device=self.device)
-        return _Draw(tokens, None, None, drafter, depths=proposal.depths[:m])
+        return _Draw(tokens, None, None, drafter, depths=proposal.depths[:m]), None
 
     def score(self, target: ModelRunner, proposals: torch.Tensor | None) -> torch.Tensor:
         """The target scores each row's last committed token and its proposals in one pass.

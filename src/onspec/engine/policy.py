@@ -91,13 +91,16 @@ class AdaptiveK:
         """Seconds per target pass over k+1 positions (measured, else interpolated); None until any is."""
         return self._target_time(k)
 
-    def expected_speedup(self, k: int) -> float:
+    def expected_speedup(self, k: int, alpha: float | None = None) -> float:
+        """Target passes saved per second by a step of k proposals, at the live alpha (or `alpha`:
+        e.g. the draft's acceptance in a kind of context, engine/controller.py)."""
         if k == 0:
             return 1.0
         t0 = self._target_time(0)
         if t0 is None or self._t_draft is None:
             return float("inf")  # costs not measured yet: try speculating to measure them
-        return expected_tokens(self.alpha, k) * t0 / (k * self._t_draft + self._target_time(k))
+        a = self.alpha if alpha is None else alpha
+        return expected_tokens(a, k) * t0 / (k * self._t_draft + self._target_time(k))
 
     def choose(self) -> int:
         best = max(range(self.k_max + 1), key=self.expected_speedup)

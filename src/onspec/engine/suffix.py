@@ -14,7 +14,8 @@ tokens. It costs dictionary look-ups (tens of microseconds), no model pass.
 Whether a proposal is worth a wider target pass is not decided here: each proposed token carries
 the depth of the context it matched, and `SuffixLearner.acceptance(depth)` is the live acceptance
 of tokens proposed at that depth, which the controller (engine/controller.py) prices against the
-draft model. Proposals are deterministic (q is one-hot), so verification stays lossless for greedy,
+draft model. It is measured on every step the learner had a proposal for: verified when it
+proposed, read against the emitted tokens when the draft did (`observe_shadow`). Proposals are deterministic (q is one-hot), so verification stays lossless for greedy,
 sampled and seeded rows alike.
 """
 
@@ -88,6 +89,8 @@ class SuffixLearner:
         self._evaluated = {d: 4.0 for d in range(1, max_depth + 1)}
         self.decay = decay
         self.steps = self.proposed = self.accepted = self.evaluated = 0
+        self.shadow_evaluated = 0
+        """Proposed tokens judged against a draft step's output (observe_shadow)."""
 
     # -- learning ------------------------------------------------------------------------------
 
@@ -168,18 +171,36 @@ class SuffixLearner:
         """A verified proposal of len(depths) tokens of which the first num_accepted were accepted."""
         evaluated = min(len(depths), num_accepted + 1)
         with self._lock:
-            factor = self.decay ** evaluated  # the estimates forget per evaluated token, not per step
-            for d in self._accepted:
-                self._accepted[d] *= factor
-                self._evaluated[d] *= factor
-            for i in range(evaluated):
-                d = min(depths[i], self.max_depth)
-                self._evaluated[d] += 1.0
-                self._accepted[d] += 1.0 if i < num_accepted else 0.0
+            self._estimate(depths, num_accepted, evaluated)
             self.steps += 1
             self.proposed += len(depths)
             self.accepted += num_accepted
             self.evaluated += evaluated
+
+    def observe_shadow(self, proposal: SuffixProposal, emitted: list[int]) -> None:
+        """A proposal that was not verified, read against the tokens the step emitted instead (the
+        draft proposed). Proposed token i would have been accepted iff it equals emitted[i], given
+        the ones before it matched: exact for greedy rows; for sampled rows emitted[i] is a draw from
+        the target, so a match has the probability p(token) that verifying a one-hot proposal accepts
+        it with. Past the emitted tokens nothing is known (censored, not counted). Only the per-depth
+        estimates learn from it; the learner's own step counts stay those of its verified steps."""
+        n = min(len(proposal.tokens), len(emitted))
+        matched = next((i for i in range(n) if proposal.tokens[i] != emitted[i]), n)
+        evaluated = matched + 1 if matched < n else matched
+        if evaluated:
+            with self._lock:
+                self._estimate(proposal.depths, matched, evaluated)
+                self.shadow_evaluated += evaluated
+
+    def _estimate(self, depths: list[int], num_accepted: int, evaluated: int) -> None:
+        factor = self.decay ** evaluated  # the estimates forget per evaluated token, not per step
+        for d in self._accepted:
+            self._accepted[d] *= factor
+            self._evaluated[d] *= factor
+        for i in range(evaluated):
+            d = min(depths[i], self.max_depth)
+            self._evaluated[d] += 1.0
+            self._accepted[d] += 1.0 if i < num_accepted else 0.0
 
     # -- checkpoint ----------------------------------------------------------------------------
 
@@ -219,5 +240,5 @@ class SuffixLearner:
     def stats(self) -> dict:
         return {"version": self.version, "history": len(self.history), "contexts": len(self.index),
                 "steps": self.steps, "proposed": self.proposed, "accepted": self.accepted,
-                "evaluated": self.evaluated, "alpha": self.accepted / self.evaluated if self.evaluated else None,
+                "evaluated": self.evaluated, "shadow_evaluated": self.shadow_evaluated, "alpha": self.accepted / self.evaluated if self.evaluated else None,
                 "acceptance_by_depth": {d: round(self.acceptance(d), 3) for d in sorted(self._accepted)}}
