@@ -425,4 +425,6 @@ def test_replay_learning_system_beside_the_floor(tmp_path):
     on, st = summary["modes"]["online"], summary["modes"]["static"]
     assert on["tokens_per_pass_last_20pct"] > st["tokens_per_pass_last_20pct"]
     assert on["learner"]["last_20pct"]["share_of_steps"] > 0
+    assert on["learner"]["controller"]["suffix_steps"] > 0
+    assert all(0 <= a <= 1 for a in on["learner"]["controller"]["draft_acceptance_by_depth"].values())
     assert (tmp_path / "o" / "alpha.png").is_file()

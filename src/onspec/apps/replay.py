@@ -306,7 +306,8 @@ class _Run:
             summary["learner"] = {**_suffix_summary(rows), "last_20pct": _suffix_summary(fifth),
                                   "first_20pct": _suffix_summary(rows[: max(1, len(rows) // 5)]),
                                   **{k: v for k, v in self.suffix.stats().items()
-                                     if k in ("version", "history", "contexts", "acceptance_by_depth")}}
+                                     if k in ("version", "history", "contexts", "acceptance_by_depth")},
+                                  "controller": self.pool.general.engine.controller.stats()}
         if self.static_draft is not None:
             static = _alpha_summary(_static_rows(rows))
             summary["static_tf"] = static

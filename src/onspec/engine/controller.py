@@ -92,3 +92,9 @@ class Controller:
             self.probe_steps += 1
         self.draft_steps += 1
         return 0
+
+    def stats(self) -> dict:
+        """Steps each speculator was given, and the draft's (decayed) acceptance per depth of the
+        learner's first matched context, where measured: compare the learner's own by depth."""
+        return {"suffix_steps": self.suffix_steps, "draft_steps": self.draft_steps, "probe_steps": self.probe_steps,
+                "draft_acceptance_by_depth": {d: round(a / e, 3) for d, (a, e) in sorted(self._draft.items()) if e}}
