@@ -338,7 +338,8 @@ def test_a_fused_w8a8_target_decodes_exactly_as_unfused(tokenizer):
     several positions, the fused groups are in place, and speculation stays lossless against it."""
     _needs_vllm_kernel()
     from onspec.models.decode import DecodeForward
-    from onspec.models.quant import FusedPart, fuse_w8a8
+    from onspec.models.fast_draft import FastDraft
+    from onspec.models.quant import FusedPart, FusedW8A8, fuse_w8a8, unfuse_w8a8
 
     target = copy.deepcopy(tiny_model("llama", 0)).to(torch.bfloat16)
     draft = noisy_copy(target, 0.2, seed=1)
@@ -349,6 +350,16 @@ def test_a_fused_w8a8_target_decodes_exactly_as_unfused(tokenizer):
     ids = torch.tensor([tokenizer.encode("def f(x):\n    return x + 1")])
     for model_logits in (lambda m: m(ids).logits, lambda m: _decode_logits(DecodeForward(m), m, ids)):
         assert torch.equal(model_logits(fused), model_logits(target))
+    back = copy.deepcopy(fused)
+    assert len(unfuse_w8a8(back)) == 5 * target.config.num_hidden_layers
+    assert not any(isinstance(m, (FusedPart, FusedW8A8)) for m in back.modules())
+    assert weight_bytes(back) == weight_bytes(fused) == weight_bytes(target)
+    assert torch.equal(_decode_logits(DecodeForward(back), back, ids), _decode_logits(DecodeForward(target), target, ids))
+    running = FastDraft(draft, int8="w8a8")  # the running draft is fused too, and unfuses to the same logits
+    assert running._fused and isinstance(running.model.model.layers[0].mlp.up_proj, FusedPart)
+    before = running.model(ids).logits
+    running.unfuse()
+    assert torch.equal(running.model(ids).logits, before)
     prompts = [tokenizer.encode(t) for t in ("hello world", "def f(x):\n    return", "the quick brown fox")]
     alone = SpeculativeEngine(target, tokenizer, None, k=0).generate(
         [Request(p, SamplingParams(max_new_tokens=40)) for p in prompts])

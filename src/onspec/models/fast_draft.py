@@ -102,6 +102,17 @@ class FastDraft:
         elif int8:
             self.model.set_output_embeddings(self._quantized(head))
 
+    def unfuse(self) -> None:
+        """Run the w8a8 layers one kernel call each again (models/quant.unfuse_w8a8; the bench's
+        `-unfused` ways measure what fusing buys)."""
+        if not self._fused:
+            return
+        from onspec.models.quant import unfuse_w8a8
+
+        masters = dict(self.master.named_modules())
+        self._pairs += [(linear, masters[name]) for name, linear in unfuse_w8a8(self.model).items()]
+        self._fused = []
+
     @property
     def reduced(self) -> bool:
         return self.vocab_ids is not None

@@ -197,6 +197,28 @@ def fuse_w8a8(model: nn.Module) -> list[tuple[str, tuple[str, ...], FusedW8A8]]:
     return groups
 
 
+def unfuse_w8a8(model: nn.Module) -> dict[str, W8A8Linear]:
+    """fuse_w8a8's inverse: each FusedPart back to the W8A8Linear it was (its rows of the stacked
+    packed weights, scales and biases; bit-identical), for A/B measurements; returns them by name."""
+    restored = {}
+    for name, module in list(model.named_modules()):
+        for child, part in list(module.named_children()):
+            if isinstance(part, FusedPart):
+                fused, start = part.fused, sum(part.fused.sizes[: part.index])
+                rows = slice(start, start + part.out_features)
+                linear = W8A8Linear.__new__(W8A8Linear)
+                nn.Module.__init__(linear)
+                linear.in_features, linear.out_features = part.in_features, part.out_features
+                linear.register_buffer("packed", fused.packed[rows].clone())
+                linear.register_buffer("scale", fused.scale[rows].clone())
+                linear.register_buffer("bias", None if fused.bias is None else fused.bias[rows].clone())
+                setattr(module, child, linear)
+                restored[f"{name}.{child}" if name else child] = linear
+            elif isinstance(part, FusedW8A8):
+                delattr(module, child)
+    return restored
+
+
 class WidthSwitch(nn.Module):
     """Two implementations of one linear layer, chosen per pass by its number of rows: `narrow`
     (e.g. int4, cheapest at one position) up to `max_rows` rows, `wide` (e.g. packed bf16, nearly
