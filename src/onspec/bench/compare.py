@@ -11,7 +11,6 @@ which prints what this measures.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 
 import itertools
@@ -33,15 +32,12 @@ from onspec.engine.records import RequestStats
 from onspec.engine.sampling import SamplingParams
 from onspec.models.attention import NAME as SHORT_ATTENTION, implementation as attention_implementation
 from onspec.models.pair import ModelConfig, load_pair
-from onspec.models.quant import unfuse_w8a8
 
-ALL_WAYS = ("target", "adaptive", "fixed", "target-hf", "adaptive-hf", "target-w8a8", "adaptive-w8a8",
-            "target-unfused", "adaptive-unfused", "hf-assisted", "hf-assisted-native", "hf-greedy", "llamacpp-target",
+ALL_WAYS = ("target", "adaptive", "fixed", "target-hf", "adaptive-hf", "target-w8a8", "adaptive-w8a8", "hf-assisted", "hf-assisted-native", "hf-greedy", "llamacpp-target",
             "llamacpp", "vllm-target", "vllm-spec", "vllm-online")
 BASELINE = {"target": "target", "adaptive": "target", "fixed": "target", "target-hf": "target-hf",
             "adaptive-hf": "target-hf", "target-w8a8": "target-w8a8",
-            "adaptive-w8a8": "target-w8a8", "target-unfused": "target-unfused", "adaptive-unfused": "target-unfused",
-            "hf-assisted": "hf-greedy",
+            "adaptive-w8a8": "target-w8a8", "hf-assisted": "hf-greedy",
             "hf-assisted-native": "hf-greedy",
             "hf-greedy": "hf-greedy", "llamacpp": "llamacpp-target", "llamacpp-target": "llamacpp-target",
             "vllm-target": "vllm-target", "vllm-spec": "vllm-target", "vllm-online": "vllm-target"}
@@ -213,7 +209,7 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
     servers = []
     k = engine_cfg.k
     tbytes = weight_bytes(target.model)
-    quantized = unfused = None
+    quantized = None
     fmt = target.quant + (" + head" if model_cfg.quant_head and target.quant != "none" else "")  # for the labels
     for name in cfg.way_list:
         if name == "target":
@@ -236,13 +232,6 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
                 quantized = _w8a8_target(model_cfg, log)
             ways[name], decoders[name] = _variant(name, quantized, "w8a8 target", target, draft, engine_cfg,
                                                   policy_cfg, cfg.max_new_tokens)
-        elif name in ("target-unfused", "adaptive-unfused"):  # w8a8 target and draft, one kernel call per linear
-            if unfused is None:
-                unfused = copy.deepcopy(target.model)
-                if not unfuse_w8a8(unfused):
-                    log(f"{name}: the target has no fused w8a8 layers; the way runs it as it is")
-            ways[name], decoders[name] = _variant(name, unfused, "w8a8 layers unfused", target, draft, engine_cfg,
-                                                  policy_cfg, cfg.max_new_tokens, unfuse_draft=True)
         elif name == "hf-assisted":  # the draft exactly as onspec runs it (int8 where onspec uses int8)
             fast = make_engine(target.model, target.tokenizer, draft.model, engine_cfg).fast
             running = draft.model if fast.reduced else fast.model  # transformers needs the full head
@@ -283,15 +272,12 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
     return ways, decoders, servers
 
 
-def _variant(name: str, model, what: str, target, draft, engine_cfg, policy_cfg, max_new_tokens: int,
-             unfuse_draft: bool = False):
+def _variant(name: str, model, what: str, target, draft, engine_cfg, policy_cfg, max_new_tokens: int):
     """`target-*` (target only) or `adaptive-*` (adaptive k) decoding on `model` with `engine_cfg`:
     (its WayResult, its decoder)."""
     only = name.startswith("target-")
     pc = PolicyConfig(**{**policy_cfg.__dict__, "fixed_k": False, "adaptive_k": False})
     engine = make_engine(model, target.tokenizer, None if only else draft.model, engine_cfg, pc)
-    if unfuse_draft and engine.fast is not None:
-        engine.fast.unfuse()
     label = f"target only, {what}" if only else f"adaptive k <= {engine_cfg.k}, {what}"
     return (WayResult(name, label, weight_bytes=weight_bytes(model) if only else None),
             onspec_way(engine, max_new_tokens))

@@ -43,16 +43,6 @@ def decode_forward(model: nn.Module) -> "DecodeForward | None":
     return DecodeForward(model) if supported(model) is None else None
 
 
-def together(x: torch.Tensor, *layers: nn.Module) -> list[torch.Tensor]:
-    """Each layer applied to x: one kernel call where the layers are, in order, the parts of one
-    fused layer (models/quant.fuse_w8a8: q/k/v, gate/up), else one call each."""
-    fused = getattr(layers[0], "fused", None)
-    if (fused is not None and len(layers) == len(fused.sizes)
-            and all(getattr(m, "fused", None) is fused and m.index == i for i, m in enumerate(layers))):
-        return fused(x)
-    return [layer(x) for layer in layers]
-
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -80,15 +70,16 @@ class DecodeForward:
             attn, mlp = layer.self_attn, layer.mlp
             x = layer.input_layernorm(hidden)
             shape = (batch, length, -1, attn.head_dim)
-            q, k, v = (y.view(shape).transpose(1, 2) for y in together(x, attn.q_proj, attn.k_proj, attn.v_proj))
+            q = attn.q_proj(x).view(shape).transpose(1, 2)
+            k = attn.k_proj(x).view(shape).transpose(1, 2)
+            v = attn.v_proj(x).view(shape).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             k, v = past_key_values.update(k, v, i)
             out, _ = short_query_attention(attn, q, k, v, attention_mask, scaling=attn.scaling)
             hidden = hidden + attn.o_proj(out.reshape(batch, length, -1))
             x = layer.post_attention_layernorm(hidden)
-            gate, up = together(x, mlp.gate_proj, mlp.up_proj)
-            hidden = hidden + mlp.down_proj(nn.functional.silu(gate) * up)
+            hidden = hidden + mlp.down_proj(nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
         hidden = body.norm(hidden)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]

@@ -20,8 +20,6 @@ import copy
 import torch
 from torch import nn
 
-from onspec.models.decode import supported as decode_supported
-
 
 class Int8Linear(nn.Module):
     """nn.Linear with int8 weights and one scale per output channel (symmetric, absmax / 127)."""
@@ -73,7 +71,6 @@ class FastDraft:
             self._quantized = Int8Linear
         self.vocab_size = master.get_output_embeddings().weight.shape[0]
         self.vocab_ids: torch.Tensor | None = None
-        self._fused: list[tuple[nn.Module, list[nn.Linear]]] = []  # (FusedW8A8, its master layers)
         if not int8 and vocab_ids is None:
             self.model = master
             self._pairs: list[tuple[nn.Module, nn.Linear]] = []
@@ -90,28 +87,10 @@ class FastDraft:
                     q = self._quantized(masters[name])
                     _set_submodule(self.model, name, q)
                     self._pairs.append((q, masters[name]))
-        if int8 == "w8a8" and decode_supported(self.model) is None:  # q/k/v, gate/up: one kernel call each
-            from onspec.models.quant import fuse_w8a8
-
-            for owner, names, fused in fuse_w8a8(self.model):
-                sources = [masters[f"{owner}.{name}"] for name in names]
-                self._fused.append((fused, sources))
-                self._pairs = [(q, m) for q, m in self._pairs if all(m is not s for s in sources)]
         if vocab_ids is not None:
             self.set_vocab(vocab_ids)
         elif int8:
             self.model.set_output_embeddings(self._quantized(head))
-
-    def unfuse(self) -> None:
-        """Run the w8a8 layers one kernel call each again (models/quant.unfuse_w8a8; the bench's
-        `-unfused` ways measure what fusing buys)."""
-        if not self._fused:
-            return
-        from onspec.models.quant import unfuse_w8a8
-
-        masters = dict(self.master.named_modules())
-        self._pairs += [(linear, masters[name]) for name, linear in unfuse_w8a8(self.model).items()]
-        self._fused = []
 
     @property
     def reduced(self) -> bool:
@@ -139,8 +118,6 @@ class FastDraft:
         """Re-derive the running copy from the master's current weights (after a swap)."""
         for q, source in self._pairs:
             q.refresh(source)
-        for fused, sources in self._fused:
-            fused.refresh(sources)
         if self.vocab_ids is not None:
             self.set_vocab(self.vocab_ids)
         elif self.int8:

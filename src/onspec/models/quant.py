@@ -34,7 +34,6 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from onspec.models.decode import supported as decode_supported
 from onspec.models.fast_draft import Int8Linear
 from onspec.models.progress import note
 from onspec.models.registry import cache_dir
@@ -113,110 +112,6 @@ class W8A8Linear(nn.Module):
         if y.shape[-1] != self.out_features:
             y = y[:, :self.out_features]
         return y.reshape(*shape[:-1], self.out_features)
-
-
-class FusedW8A8(nn.Module):
-    """W8A8Linear layers that read the same input (a layer's q/k/v, its MLP's gate/up) as one: their
-    packed int8 rows, scales and biases stacked, so the input is quantised once and one kernel call
-    computes every output. Bit-identical to the layers one by one: weight scales are per output
-    channel and the activation scale is per input row, so stacking outputs changes neither."""
-
-    def __init__(self, parts: list[W8A8Linear]) -> None:
-        super().__init__()
-        self.in_features = parts[0].in_features
-        self.sizes = [p.out_features for p in parts]
-        self.out_features = sum(self.sizes)
-        self.held: tuple[torch.Tensor, list[torch.Tensor], set[int]] | None = None
-        """(input, outputs, parts served) while FusedParts called one by one share one product."""
-        self._stack(parts)
-
-    def _stack(self, parts: list[W8A8Linear]) -> None:
-        self.register_buffer("packed", torch.cat([p.packed for p in parts]))
-        self.register_buffer("scale", torch.cat([p.scale for p in parts]))
-        biases = [p.bias if p.bias is not None else p.scale.new_zeros(p.out_features) for p in parts]
-        has_bias = any(p.bias is not None for p in parts)
-        self.register_buffer("bias", torch.cat(biases) if has_bias else None)
-
-    @torch.no_grad()
-    def refresh(self, sources: list[nn.Linear]) -> None:
-        """Re-derive it from changed source layers (a draft after a swap), one part at a time."""
-        self._stack([W8A8Linear(source) for source in sources])
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous()
-        y = torch.ops._C.int8_scaled_mm_with_quant(x2, self.packed, self.scale, self.bias, x.dtype, True)
-        return [part.reshape(*shape[:-1], part.shape[-1]) for part in y.split(self.sizes, dim=-1)]
-
-
-class FusedPart(nn.Module):
-    """Where one of a FusedW8A8's layers was (models/decode.together calls the fused layer once for
-    all its parts). Called alone, as transformers' forward calls q_proj, k_proj and v_proj on one
-    input tensor: the first part runs the fused product and holds every part's output until the
-    others ask for theirs with that same tensor, so one kernel call serves them all there too."""
-
-    def __init__(self, fused: FusedW8A8, index: int) -> None:
-        super().__init__()
-        self.index = index
-        self.in_features, self.out_features = fused.in_features, fused.sizes[index]
-        object.__setattr__(self, "fused", fused)  # not a submodule: its buffers are listed once, by its owner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        fused = self.fused
-        held = fused.held
-        if held is None or held[0] is not x or self.index in held[2]:
-            held = fused.held = (x, fused(x), set())  # the tensor itself is held: its id is not reused meanwhile
-        held[2].add(self.index)
-        if len(held[2]) == len(fused.sizes):
-            fused.held = None
-        return held[1][self.index]
-
-
-_FUSED = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
-
-
-def fuse_w8a8(model: nn.Module) -> list[tuple[str, tuple[str, ...], FusedW8A8]]:
-    """Stack each decoder layer's w8a8 q/k/v and gate/up into one FusedW8A8 (the engine's forward
-    calls each group once: models/decode.together); returns the groups fused, as (the owning
-    module's name, the layers' names, the fused layer). Groups whose parts are not all W8A8Linear
-    with whole blocks of 32 outputs (no padding rows) stay as they are."""
-    groups = []
-    for i, layer in enumerate(getattr(getattr(model, "model", None), "layers", ())):
-        for owner_name, names in _FUSED:
-            owner = getattr(layer, owner_name, None)
-            parts = [getattr(owner, name, None) for name in names]
-            if not all(isinstance(p, W8A8Linear) and p.packed.shape[0] == p.out_features for p in parts):
-                continue
-            if len({p.in_features for p in parts}) != 1:
-                continue
-            fused = FusedW8A8(parts)
-            owner.add_module("fused_" + "_".join(n.split("_")[0] for n in names), fused)
-            for j, name in enumerate(names):
-                setattr(owner, name, FusedPart(fused, j))
-            groups.append((f"model.layers.{i}.{owner_name}", names, fused))
-    return groups
-
-
-def unfuse_w8a8(model: nn.Module) -> dict[str, W8A8Linear]:
-    """fuse_w8a8's inverse: each FusedPart back to the W8A8Linear it was (its rows of the stacked
-    packed weights, scales and biases; bit-identical), for A/B measurements; returns them by name."""
-    restored = {}
-    for name, module in list(model.named_modules()):
-        for child, part in list(module.named_children()):
-            if isinstance(part, FusedPart):
-                fused, start = part.fused, sum(part.fused.sizes[: part.index])
-                rows = slice(start, start + part.out_features)
-                linear = W8A8Linear.__new__(W8A8Linear)
-                nn.Module.__init__(linear)
-                linear.in_features, linear.out_features = part.in_features, part.out_features
-                linear.register_buffer("packed", fused.packed[rows].clone())
-                linear.register_buffer("scale", fused.scale[rows].clone())
-                linear.register_buffer("bias", None if fused.bias is None else fused.bias[rows].clone())
-                setattr(module, child, linear)
-                restored[f"{name}.{child}" if name else child] = linear
-            elif isinstance(part, FusedW8A8):
-                delattr(module, child)
-    return restored
 
 
 class WidthSwitch(nn.Module):
@@ -335,20 +230,16 @@ def quantize_target(model: nn.Module, kind: str, source: str | None = None, head
     elif (device := next(model.parameters()).device.type) != "cpu":
         raise ValueError(f"--target-quant {kind} runs CPU kernels; the target is on {device}")
     path = cached_layers_path(source, kind + "+head" if head else kind)
-    n = None
     if path is not None and path.is_file():
         try:
-            n = _load_layers(model, path)
+            return _load_layers(model, path)
         except (OSError, ValueError, KeyError, RuntimeError) as e:  # a damaged entry: convert again
             note(f"the cached {kind} layers at {path} did not load ({e}); converting again")
-    if n is None:
-        t0 = time.perf_counter()
-        n = quantize_linears(model, kind, skip_head=not head)
-        if path is not None:
-            _save_layers(model, path)  # the layers one by one: fusing is done at every load
-            note(f"quantized the target's {n} linears to {kind} in {time.perf_counter() - t0:.0f} s, once, into {path}")
-    if kind == "w8a8" and decode_supported(model) is None:  # only the engine's own forward calls them fused
-        fuse_w8a8(model)
+    t0 = time.perf_counter()
+    n = quantize_linears(model, kind, skip_head=not head)
+    if path is not None:
+        _save_layers(model, path)
+        note(f"quantized the target's {n} linears to {kind} in {time.perf_counter() - t0:.0f} s, once, into {path}")
     return n
 
 
