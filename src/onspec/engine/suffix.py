@@ -15,8 +15,9 @@ Whether a proposal is worth a wider target pass is not decided here: each propos
 the depth of the context it matched, and `SuffixLearner.acceptance(depth)` is the live acceptance
 of tokens proposed at that depth, which the controller (engine/controller.py) prices against the
 draft model. It is measured on every step the learner had a proposal for: verified when it
-proposed, read against the emitted tokens when the draft did (`observe_shadow`). Proposals are deterministic (q is one-hot), so verification stays lossless for greedy,
-sampled and seeded rows alike.
+proposed, read against the emitted tokens when the draft did (`observe_shadow`). Proposals are
+deterministic (q is one-hot), so verification stays lossless for greedy, sampled and seeded rows
+alike.
 """
 
 from __future__ import annotations
