@@ -74,8 +74,9 @@ class Controller:
         return best_m, best
 
     def draft_offer(self, policy: AdaptiveK, k_draft: int, proposal: SuffixProposal) -> float:
-        """The draft's expected speedup at its best k <= k_draft, at its acceptance in this context."""
-        alpha = self.draft_alpha(proposal.depths[0], policy.alpha) if proposal.tokens else policy.alpha
+        """The draft's expected speedup at its best k <= k_draft, at its acceptance in the context
+        of `proposal` (one with tokens: `choose` asks only then)."""
+        alpha = self.draft_alpha(proposal.depths[0], policy.alpha)
         return max(policy.expected_speedup(k, alpha) for k in range(k_draft + 1))
 
     def choose(self, policy: AdaptiveK | None, k_draft: int, proposal: SuffixProposal, switch: bool = False) -> int:

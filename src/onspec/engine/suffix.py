@@ -241,5 +241,6 @@ class SuffixLearner:
     def stats(self) -> dict:
         return {"version": self.version, "history": len(self.history), "contexts": len(self.index),
                 "steps": self.steps, "proposed": self.proposed, "accepted": self.accepted,
-                "evaluated": self.evaluated, "shadow_evaluated": self.shadow_evaluated, "alpha": self.accepted / self.evaluated if self.evaluated else None,
+                "evaluated": self.evaluated, "shadow_evaluated": self.shadow_evaluated,
+                "alpha": self.accepted / self.evaluated if self.evaluated else None,
                 "acceptance_by_depth": {d: round(self.acceptance(d), 3) for d in sorted(self._accepted)}}
