@@ -307,3 +307,60 @@ def test_quant_head_puts_the_lm_head_in_the_target_format_and_caches_it_apart(tm
     assert quant.quantize_target(again, "int8", source=str(source), head=True) == n + 1  # from the cache
     x = torch.tensor([[3, 1, 4, 1, 5]])
     assert torch.equal(again(x).logits, headed(x).logits)
+
+
+def test_smoothing_moves_outlier_channels_into_the_weights_and_cuts_the_error():
+    """A w8a8 layer reading activations with a few channels 20x the rest (what the LM head reads):
+    SmoothQuant's scale keeps the product (x / s)(W s)^T = x W^T, and the kernel's error against
+    the float product falls, since one int8 scale per token no longer spans the outliers."""
+    _needs_vllm_kernel()
+    from onspec.models.quant import W8A8Linear, smoothing
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 512, bias=False).to(torch.bfloat16)
+    x = torch.randn(64, 256)
+    x[:, :4] *= 20.0
+    x = x.to(torch.bfloat16)
+    s = smoothing(x.float().abs().amax(0), lin.weight)
+    ref = x.double() @ lin.weight.double().t()
+    assert torch.allclose((x.double() / s.double()) @ (lin.weight.double() * s.double()).t(), ref)
+    plain, smoothed = W8A8Linear(lin), W8A8Linear(lin, smooth=s)
+    err_plain = (plain(x).double() - ref).pow(2).mean().sqrt()
+    err_smoothed = (smoothed(x).double() - ref).pow(2).mean().sqrt()
+    assert err_smoothed < 0.7 * err_plain
+    # still a per-row kernel: a row's result does not depend on the pass's width
+    assert torch.equal(torch.cat([smoothed(x[i:i + 1]) for i in range(5)]), smoothed(x[:5]))
+
+
+def test_a_smoothed_w8a8_head_is_calibrated_cached_and_lossless(tmp_path, monkeypatch, tokenizer):
+    """--quant-head on a w8a8 target with its tokenizer: the head is smoothed on the shipped
+    calibration text, cached apart from the unsmoothed head (the calibration file in the key), loaded
+    back identical, and speculation stays lossless against the target it makes."""
+    _needs_vllm_kernel()
+    from onspec.models import quant
+
+    monkeypatch.setenv("ONSPEC_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "model"
+    base = copy.deepcopy(tiny_model("llama", 0)).to(torch.bfloat16)
+    base.save_pretrained(source)
+    unsmoothed, headed = copy.deepcopy(base), copy.deepcopy(base)
+    n = quant.quantize_target(unsmoothed, "w8a8", source=str(source), head=True)
+    assert unsmoothed.get_output_embeddings().smooth is None
+    assert quant.quantize_target(headed, "w8a8", source=str(source), head=True, tokenizer=tokenizer) == n
+    head = headed.get_output_embeddings()
+    assert isinstance(head, quant.W8A8Linear) and head.smooth is not None and (head.smooth > 0).all()
+    assert len(list((tmp_path / "cache" / "quantized").glob("*.safetensors"))) == 2
+    again = copy.deepcopy(base)
+    assert quant.quantize_target(again, "w8a8", source=str(source), head=True, tokenizer=tokenizer) == n
+    assert torch.equal(again.get_output_embeddings().smooth, head.smooth)
+    x = torch.tensor([[3, 1, 4, 1, 5]])
+    assert torch.equal(again(x).logits, headed(x).logits)
+
+    draft = noisy_copy(base, 0.2, seed=1)
+    prompts = [tokenizer.encode(t) for t in ("hello world", "def f(x):\n    return")]
+    alone = SpeculativeEngine(headed, tokenizer, None, k=0).generate(
+        [Request(p, SamplingParams(max_new_tokens=32)) for p in prompts])
+    outs = SpeculativeEngine(headed, tokenizer, draft, k=4).generate(
+        [Request(p, SamplingParams(max_new_tokens=32)) for p in prompts])
+    assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
+    assert sum(o.stats.accepted for o in outs) > 0

@@ -74,7 +74,8 @@ def load_pair(cfg: ModelConfig) -> tuple[LoadedModel, LoadedModel | None]:
             draft = load_model(cfg.draft_spec, device=device, dtype=cfg.dtype)
         check_compatible(target, draft)
     target.quant = resolve_quant(cfg.target_quant, target.model)
-    quantize_target(target.model, target.quant, source=target.source, head=cfg.quant_head)
+    quantize_target(target.model, target.quant, source=target.source, head=cfg.quant_head,
+                    tokenizer=target.tokenizer)
     if not cfg.no_pack and can_pack(target.model):
         pack_linears(target.model)  # the target is never trained: inference-only kernels are safe
     return target, draft
