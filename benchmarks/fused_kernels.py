@@ -30,18 +30,12 @@ from onspec.models.decode import DecodeForward
 from onspec.models.pair import ModelConfig, load_pair
 
 
-def prompt_ids(tok, query) -> list[int]:
-    if query.text is not None:
-        return tok.encode(query.text)
-    return tok.encode(tok.apply_chat_template(list(query.messages), add_generation_prompt=True, tokenize=False))
-
-
 def prompts_for(tok, n: int, skip: int) -> list[list[int]]:
     """n / 2 HumanEval prompts and n / 2 ShareGPT conversations after the first `skip` of each."""
     half = n // 2
     queries = (list(itertools.islice(iter_humaneval(), skip, skip + half))
                + list(itertools.islice(iter_sharegpt(), skip, skip + n - half)))
-    return [prompt_ids(tok, q)[-400:] for q in queries]
+    return [q.encode(tok)[-400:] for q in queries]
 
 
 def speed(n_prompts: int, new_tokens: int) -> tuple[dict, object]:

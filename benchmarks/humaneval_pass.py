@@ -58,11 +58,6 @@ def program(text: str, style: str) -> str:
     return "\n" + (body if end < 0 else body[:end])
 
 
-def loaded_as(target) -> str:
-    """The target's format as loaded: e.g. "w8a8 (head w8a8, smoothed)"."""
-    return target.quant + ("" if target.head == "as loaded" else f" (head {target.head})")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quant", default="none,w8a8", help="comma-separated --target-quant values to compare")
@@ -97,7 +92,7 @@ def main() -> int:
     engines = {q: make_engine(t.model, t.tokenizer, None if draft is None else draft.model, engine_cfg)
                for q, t in targets.items()}
     tok = first.tokenizer
-    console.print("targets: " + ", ".join(f"{q} -> {loaded_as(t)}" for q, t in targets.items()))
+    console.print("targets: " + ", ".join(f"{q} -> {t.format}" for q, t in targets.items()))
     stop = COMPLETION_STOP if args.style == "completion" else ("\n```\n", "\n```<")
     params = SamplingParams(max_new_tokens=args.max_new_tokens, stop=stop)
     rows = []
@@ -110,7 +105,7 @@ def main() -> int:
                     out = engine.generate([Request(prompt_ids(tok, problem, args.style), params)])[0]
                     seconds = time.perf_counter() - t0
                     verdict = check_correctness(problem, program(out.text, args.style), args.timeout)
-                    rows.append({"task_id": problem["task_id"], "quant": q, "as_loaded": loaded_as(targets[q]),
+                    rows.append({"task_id": problem["task_id"], "quant": q, "as_loaded": targets[q].format,
                                  "passed": verdict["passed"],
                                  "result": verdict["result"], "tokens": len(out.token_ids), "seconds": seconds,
                                  "completion": out.text})
@@ -120,7 +115,7 @@ def main() -> int:
                     f"{q} {sum(r['passed'] for r in rows if r['quant'] == q)}/{n}" for q in quants))
     except KeyboardInterrupt:
         console.print("stopped: summarising the problems every way finished")
-    summarise(rows, vars(args), {q: loaded_as(t) for q, t in targets.items()}, args.out)
+    summarise(rows, vars(args), {q: t.format for q, t in targets.items()}, args.out)
     return 0
 
 

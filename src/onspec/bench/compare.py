@@ -210,7 +210,7 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
     k = engine_cfg.k
     tbytes = weight_bytes(target.model)
     quantized = None
-    fmt = target.quant + ("" if target.head == "as loaded" else f" (head {target.head})")  # for the labels
+    fmt = target.format  # for the labels
     for name in cfg.way_list:
         if name == "target":
             engine = make_engine(target.model, target.tokenizer, None, engine_cfg)

@@ -43,6 +43,11 @@ class LoadedModel:
     head: str = "as loaded"
     """Its LM head's format when quantized with the rest (`quant` itself, or "w8a8, smoothed"), else "as loaded"."""
 
+    @property
+    def format(self) -> str:
+        """`quant`, with the head's format where it was quantized too: e.g. "w8a8 (head w8a8, smoothed)"."""
+        return self.quant + ("" if self.head == "as loaded" else f" (head {self.head})")
+
 
 def resolve_device(device: str = "auto") -> torch.device:
     if device == "auto":

@@ -33,6 +33,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from transformers import DynamicCache
 
 from onspec.models.fast_draft import Int8Linear
 from onspec.models.progress import note
@@ -116,7 +117,7 @@ class W8A8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if getattr(self, "smooth", None) is not None:
+        if self.smooth is not None:
             x2 = (x2.float() * self.smooth).to(x.dtype)
         y = torch.ops._C.int8_scaled_mm_with_quant(x2.contiguous(), self.packed, self.scale, self.bias, x.dtype, True)
         if y.shape[-1] != self.out_features:
@@ -141,8 +142,6 @@ def head_input_amax(model: nn.Module, tokenizer, max_tokens: int = 1024, chunk: 
     """The largest magnitude per channel of what the LM head reads (the final norm's output) over
     the calibration text, run through `model`'s body in chunks: [hidden]."""
     ids = tokenizer.encode(CALIBRATION.read_text())[:max_tokens]
-    from transformers import DynamicCache
-
     cache, amax = DynamicCache(), None
     for i in range(0, len(ids), chunk):
         piece = torch.tensor([ids[i:i + chunk]], device=next(model.parameters()).device)
@@ -175,7 +174,7 @@ def quantize_linears(model: nn.Module, kind: str, group_size: int = 128, skip_he
         raise ValueError(f"quantization must be one of {', '.join(KINDS[1:])}, got {kind!r}")
     if kind == "none":
         return 0
-    quantized = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": lambda linear: Int4Linear(linear, group_size)}[kind]
+    quantized = _quantizer(kind, group_size)
     head = model.get_output_embeddings() if skip_head else None
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
     for name in names:
@@ -183,6 +182,11 @@ def quantize_linears(model: nn.Module, kind: str, group_size: int = 128, skip_he
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, quantized(getattr(owner, child)))
     return len(names)
+
+
+def _quantizer(kind: str, group_size: int = 128):
+    """The layer class (or maker) that quantizes an nn.Linear as `kind`."""
+    return {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": lambda linear: Int4Linear(linear, group_size)}[kind]
 
 
 def load_w8a8_kernels() -> str | None:
@@ -290,15 +294,15 @@ def quantize_head(model: nn.Module, kind: str, tokenizer=None) -> int:
     """The LM head in `kind` too. A w8a8 head with `tokenizer` is smoothed first: the final norm's
     output has a few channels 10x the median (Qwen2.5-Coder-1.5B: 173 against 13), and one scale per
     token for all of them rounds the rest coarsely; measured on 2,300 code and 5,600 chat positions,
-    top-1 agreement with the bf16 head 0.974 / 0.976 unsmoothed, 0.982 / 0.987 smoothed
-    (docs/results.md)."""
+    top-1 agreement with the bf16 head 0.974 / 0.976 unsmoothed, 0.986 / 0.988 smoothed
+    (docs/results.md, benchmarks/head_quant.py)."""
     linear = model.get_output_embeddings()
     if not isinstance(linear, nn.Linear):
         raise ValueError(f"the LM head is a {type(linear).__name__}, not a linear layer")
     if kind == "w8a8" and tokenizer is not None:
         quantized = W8A8Linear(linear, smooth=smoothing(head_input_amax(model, tokenizer), linear.weight))
     else:
-        quantized = {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": Int4Linear}[kind](linear)
+        quantized = _quantizer(kind)(linear)
     model.set_output_embeddings(quantized)
     return 1
 
