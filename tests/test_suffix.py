@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from conftest import ARCHS, cached_draft, cached_model, reference_greedy
+from conftest import ARCHS, cached_draft, cached_model, noisy_copy, reference_greedy
 
 from onspec.engine.build import make_engine
 from onspec.engine.controller import Controller
@@ -172,6 +172,30 @@ def test_the_draft_is_priced_at_its_acceptance_where_the_learner_matched():
     assert controller.draft_alpha(2, policy.alpha) == pytest.approx(policy.alpha)
 
 
+def test_the_learner_extends_the_drafts_proposal_only_where_that_pays():
+    """Controller.extension on random synthetic stats: the m it appends maximizes the expected tokens
+    per second of the whole step (the extension counts only if the draft's k are all accepted), 0
+    included; and on fixed stats, it extends where both are accurate and not where the learner is not."""
+    rng = random.Random(2)
+    for _ in range(300):
+        alpha, c, t0 = rng.uniform(0.05, 0.99), rng.uniform(0.01, 0.6), 0.1
+        times = {k: t0 * (1 + rng.uniform(0.0, 0.08) * k) for k in range(0, 21)}
+        policy = _policy(alpha, c * t0, times)
+        controller = Controller(_learner(rng.uniform(0.05, 0.99)), probe_share=0.0)
+        k, n = rng.randint(1, 4), rng.randint(1, 16)
+        proposal = SuffixProposal([7] * n, [rng.randint(2, 4) for _ in range(n)])
+        m = controller.extension(policy, k, proposal)
+        expected = controller.learner.expected_accepted(proposal.depths)
+        a, t = policy.alpha, policy.target_time
+        rate = [(expected_tokens(a, k) + a ** k * expected[j]) / (k * c * t0 + t(k + j)) for j in range(n + 1)]
+        assert rate[m] == pytest.approx(max(rate))
+    policy = _policy(0.9, 0.04, {0: 0.1, 4: 0.11, 16: 0.14})
+    deep = SuffixProposal([1] * 8, [4] * 8)
+    assert Controller(_learner(0.95), probe_share=0.0).extension(policy, 4, deep) > 0
+    assert Controller(_learner(0.05), probe_share=0.0).extension(policy, 4, deep) == 0
+    assert Controller(_learner(0.95), probe_share=0.0).extension(policy, 4, SuffixProposal([], [])) == 0
+
+
 def test_a_declined_proposal_is_judged_against_the_emitted_tokens():
     """observe_shadow: the matched prefix counts accepted, the first mismatch rejected, and what
     lies past the emitted tokens is not counted; the learner's own step counts do not move."""
@@ -202,6 +226,30 @@ def test_suffix_draws_are_lossless_under_rejection_sampling():
     assert chi2 < 35.9  # chi-square, 5 degrees of freedom, p = 1e-6
 
 
+def test_a_draft_proposal_extended_by_the_learner_stays_lossless_under_rejection_sampling():
+    """A sampled draft token (q from the draft) followed by the learner's deterministic token (q
+    one-hot): the first emitted token is distributed as p[0], and the second, where the first was
+    accepted, as p[1] (chi-square, 6-token vocabulary, 30k steps; false-failure probability < 1e-6
+    each)."""
+    p = torch.tensor([[0.05, 0.4, 0.25, 0.1, 0.15, 0.05], [0.3, 0.1, 0.2, 0.05, 0.05, 0.3], [1 / 6] * 6])
+    q0 = torch.tensor([0.3, 0.1, 0.1, 0.3, 0.1, 0.1])
+    gen = torch.Generator().manual_seed(0)
+    first, second = torch.zeros(6), torch.zeros(6)
+    n = 30_000
+    for _ in range(n):
+        a = int(torch.multinomial(q0, 1, generator=gen))
+        x = torch.tensor([a, 2])
+        q = torch.stack([q0, torch.nn.functional.one_hot(torch.tensor(2), 6).float()])
+        v = rejection_sample(x, q, p, gen)
+        first[v.tokens[0]] += 1
+        if v.num_accepted >= 1:
+            second[v.tokens[1]] += 1
+    for counts, row in ((first, p[0]), (second, p[1])):
+        total = counts.sum()
+        chi2 = float(((counts - total * row) ** 2 / (total * row)).sum())
+        assert chi2 < 35.9  # chi-square, 5 degrees of freedom, p = 1e-6
+
+
 # -- in the engine -----------------------------------------------------------------------------
 
 class _Alternating(Controller):
@@ -211,6 +259,9 @@ class _Alternating(Controller):
         self._turn = not getattr(self, "_turn", False)
         return min(len(proposal.tokens), 6) if self._turn and proposal.tokens else 0
 
+    def extension(self, policy, k, proposal):  # and extends every draft proposal it can
+        return min(len(proposal.tokens), 4)
+
 
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("arch", ARCHS)
@@ -218,6 +269,8 @@ def test_greedy_equality_with_both_speculators_switching_inside_a_request(arch, 
     target, draft = cached_model(arch), copy.deepcopy(cached_draft(arch, "noisy"))
     engine = make_engine(target, tokenizer, draft, EngineConfig(k=3, suffix_tokens=8))
     engine.controller = _Alternating(engine.suffix)
+    for d in engine.drafters.values():  # the draft proposes all its k (adaptive k would stop a noisy draft)
+        d.policy.choose = lambda: 3
     ids = [tokenizer.encode(t) for t in (TEXTS if batch > 1 else TEXTS[2:3])]
     n = 40
     outs = engine.generate([Request(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p in ids])
@@ -229,6 +282,40 @@ def test_greedy_equality_with_both_speculators_switching_inside_a_request(arch, 
     again = engine.generate([Request(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p in ids])
     assert [o.token_ids for o in again] == [o.token_ids for o in outs]
     assert engine.suffix.version == 2 * batch
+
+
+class _Extending(Controller):
+    """The draft proposes every step; the learner extends every draft proposal it can continue."""
+
+    def choose(self, policy, k_draft, proposal, switch=False):
+        return 0
+
+    def extension(self, policy, k, proposal):
+        return min(len(proposal.tokens), 4)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_greedy_equality_with_the_learner_extending_draft_proposals(arch, batch, tokenizer):
+    """Draft proposals with the learner's continuation appended, verified in one pass: outputs equal
+    the target's greedy decoding; where the draft's tokens and the extension are accepted, the draft
+    model's cache takes the accepted extension as unseen tokens and goes on."""
+    target = cached_model(arch)
+    draft = noisy_copy(target, 0.05, seed=2)  # accepts most proposals, not all
+    engine = make_engine(target, tokenizer, draft, EngineConfig(k=3, suffix_tokens=8))
+    engine.controller = _Extending(engine.suffix)
+    for d in engine.drafters.values():
+        d.policy.choose = lambda: 3
+    ids = [tokenizer.encode(t) for t in (TEXTS if batch > 1 else TEXTS[2:3])]
+    n = 40
+    outs = []
+    for _ in range(2):  # the second time, the stream index continues the draft's proposals
+        params = SamplingParams(max_new_tokens=n, ignore_eos=True)
+        outs += engine.generate([Request(p, params) for p in ids])
+        for p, o in zip(ids, outs[-len(ids):]):
+            assert o.token_ids == reference_greedy(arch, p, n)
+    assert sum(o.stats.suffix_steps for o in outs) == 0
+    assert sum(o.stats.extended_steps for o in outs) > 0 and sum(o.stats.extension_accepted for o in outs) > 0
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -256,7 +256,10 @@ class _Run:
             "suffix_accepted": s.suffix_accepted, "suffix_evaluated": s.suffix_evaluated,
             "suffix_share": s.suffix_steps / s.steps if s.steps else 0.0,
             "suffix_alpha": s.suffix_accepted / s.suffix_evaluated if s.suffix_evaluated else None,
-            "draft_alpha": _ratio(s.accepted - s.suffix_accepted, s.evaluated - s.suffix_evaluated),
+            "extended_steps": s.extended_steps, "extension_proposed": s.extension_proposed,
+            "extension_accepted": s.extension_accepted, "extension_evaluated": s.extension_evaluated,
+            "draft_alpha": _ratio(s.accepted - s.suffix_accepted - s.extension_accepted,
+                                  s.evaluated - s.suffix_evaluated - s.extension_evaluated),
             "tokens_per_pass": (s.accepted + s.steps) / s.steps if s.steps else None,
             "learner_version": self.suffix.version if self.suffix is not None else 0,
         }
@@ -360,7 +363,11 @@ def _suffix_summary(rows: list[dict]) -> dict:
     steps = sum(r["steps"] for r in rows)
     return {"share_of_steps": _ratio(sum(r["suffix_steps"] for r in rows), steps),
             "alpha": _ratio(sum(r["suffix_accepted"] for r in rows), sum(r["suffix_evaluated"] for r in rows)),
-            "accepted_per_step": _ratio(sum(r["suffix_accepted"] for r in rows), sum(r["suffix_steps"] for r in rows))}
+            "accepted_per_step": _ratio(sum(r["suffix_accepted"] for r in rows), sum(r["suffix_steps"] for r in rows)),
+            # draft steps it extended: their share, and its acceptance on the extensions verified
+            "extended_share_of_steps": _ratio(sum(int(r.get("extended_steps") or 0) for r in rows), steps),
+            "extension_alpha": _ratio(sum(int(r.get("extension_accepted") or 0) for r in rows),
+                                      sum(int(r.get("extension_evaluated") or 0) for r in rows))}
 
 
 def _alpha_summary(rows: list[dict]) -> dict:

@@ -20,13 +20,20 @@ live numbers only:
 The better offer proposes. While the draft's costs are not measured yet it proposes (to measure
 them). A small share (`probe_share`) of the steps the learner wins go to the draft anyway, so the
 draft's acceptance where the learner proposes keeps being measured.
+
+When the draft proposes, the learner may extend its proposal (`extension`): the context followed
+by the draft's k tokens often continues text the stream or the request has seen, and the learner's
+continuation rides in the same target pass, past the draft's last token, at no draft pass. It pays
+only if the draft's k are all accepted (probability alpha^k), so m tokens are appended where
+(tokens(alpha, k) + alpha^k * E[accepted of m]) * T(0) / (k * t_draft + T(k + m)) beats the draft's
+step alone.
 """
 
 from __future__ import annotations
 
 import random
 
-from onspec.engine.policy import AdaptiveK
+from onspec.engine.policy import AdaptiveK, expected_tokens
 from onspec.engine.suffix import SuffixLearner, SuffixProposal
 
 PRIOR = 4.0
@@ -43,6 +50,7 @@ class Controller:
         # the draft's decayed (accepted, evaluated) on steps where the learner matched a context of depth d
         self._draft: dict[int, list[float]] = {}
         self.suffix_steps = self.draft_steps = self.probe_steps = 0
+        self.extended_steps = 0
 
     def draft_alpha(self, depth: int, live: float) -> float:
         """The draft's acceptance where the learner's first proposed token matched `depth` tokens
@@ -94,8 +102,30 @@ class Controller:
         self.draft_steps += 1
         return 0
 
+    def extension(self, policy: AdaptiveK | None, k: int, proposal: SuffixProposal) -> int:
+        """Suffix tokens to append after the draft's k proposals (0: none): `proposal` continues the
+        row's context followed by those k tokens. Priced at the draft's live alpha."""
+        if policy is None or k <= 0 or not proposal.tokens:
+            return 0
+        t0, t_draft, tk = policy.target_time(0), policy.draft_time, policy.target_time(k)
+        if t0 is None or t_draft is None or tk is None:
+            return 0
+        alpha = policy.alpha
+        base = expected_tokens(alpha, k)
+        reach = alpha ** k  # the draft's k accepted: the extension is verified only then
+        expected = self.learner.expected_accepted(proposal.depths)
+        best_m, best = 0, base / (k * t_draft + tk)
+        for m in range(1, len(proposal.tokens) + 1):
+            rate = (base + reach * expected[m]) / (k * t_draft + policy.target_time(k + m))
+            if rate > best:
+                best_m, best = m, rate
+        if best_m:
+            self.extended_steps += 1
+        return best_m
+
     def stats(self) -> dict:
         """Steps each speculator was given, and the draft's (decayed) acceptance per depth of the
         learner's first matched context, where measured: compare the learner's own by depth."""
         return {"suffix_steps": self.suffix_steps, "draft_steps": self.draft_steps, "probe_steps": self.probe_steps,
+                "extended_steps": self.extended_steps,
                 "draft_acceptance_by_depth": {d: round(a / e, 3) for d, (a, e) in sorted(self._draft.items()) if e}}

@@ -65,6 +65,10 @@ class EngineConfig:
                              "default a model-free suffix learner (matches in the request's prompt and output and in "
                              "earlier outputs, engine/suffix.py) proposes instead of the draft whenever its live "
                              "acceptance makes that the faster step (engine/controller.py); needs adaptive k")
+    no_suffix_extension: bool = option(False, "the suffix learner never extends the draft model's proposals (by "
+                                       "default, when the draft proposes, the learner's continuation of the draft's "
+                                       "tokens is appended where the controller finds it pays, verified in the same "
+                                       "target pass)")
     suffix_tokens: int = option(16, "most tokens one suffix match proposes in a step")
     suffix_history: int = option(4096, "earlier outputs the suffix learner keeps and matches in (0: only the "
                                  "request's own prompt and output)")
@@ -127,6 +131,8 @@ class _Sequence:
     """The suffix learner's index of this request's own prompt and output (None: no suffix learner)."""
     suffix_step: bool = False
     """The last verify step's proposals came from the suffix learner (not the draft model)."""
+    extended: int = 0
+    """Suffix tokens appended to the draft's proposal in the last verify step."""
     teacher: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     """Per verify step, the target's top-K ids and probabilities at the emitted positions."""
     _noise: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
@@ -168,6 +174,16 @@ class _Draw:
     drafter: Drafter | None = None
     depths: list[int] | None = None
     """A suffix learner's proposal: the matched context length of each token (None: the draft proposed)."""
+    extension: list[int] | None = None
+    """A draft proposal the suffix learner extended: the matched depth of each token it appended
+    after the draft's own (the last len(extension) of `tokens`; q there is one-hot)."""
+
+    @property
+    def drafted(self) -> int:
+        """How many of the proposals are the draft model's own."""
+        if self.depths is not None:
+            return 0
+        return int(self.tokens.shape[0]) - len(self.extension or ())
 
 
 @dataclass(eq=False)  # compared by identity (removed from the engine's list)
@@ -231,6 +247,8 @@ class SpeculativeEngine:
         self.suffix = suffix
         """The suffix learner beside the drafts (None: the drafts alone propose); `controller`
         chooses per row and step which of them proposes."""
+        self.suffix_extension = True
+        """The suffix learner may extend the draft's proposals (`_extend`); False: --no-suffix-extension."""
         self.controller = Controller(suffix) if suffix is not None else None
         self.record_logits = False
         """Put full-vocabulary target and draft logits into StepRecords (analysis and tests only)."""
@@ -448,6 +466,10 @@ class SpeculativeEngine:
                 rows[r].stats.draft_time_s += t1 - t_start
                 rows[r].stats.draft_forwards += k
             drafted.append((d, idx, k, t1 - t0))
+            if self.suffix is not None and self.suffix_extension and k:  # the learner continues the draft's proposal
+                for j, r in enumerate(idx):
+                    if group_ks[j]:
+                        ks[r] += self._extend(rows[r], draws[r])
         t1 = time.perf_counter()
         target_logits = self.score(self._target_runner, self._stack(proposals, draws, max(ks)))  # [batch, k+1, vocab]
         self._sync()
@@ -457,22 +479,34 @@ class SpeculativeEngine:
         emitted = [v.tokens for v in verdicts]
         self._target_runner.accept(accepted, emitted)
         suffixed = [draws[r] is not None and draws[r].depths is not None for r in range(len(rows))]
+        # per row, the draft model's own part of the outcome: (accepted, evaluated) of its proposals
+        own = [(0, 0)] * len(rows)
         for r, v in enumerate(verdicts):
             rows[r].suffix_step = suffixed[r]
+            rows[r].extended = len(draws[r].extension or ()) if draws[r] is not None else 0
             if suffixed[r]:
                 self.suffix.observe(draws[r].depths, v.num_accepted)
                 rows[r].stats.observe_suffix(ks[r], v.num_accepted)
-            elif shadows[r] is not None and rows[r].error is None:  # both offers, judged by what was emitted
+                continue
+            n = draws[r].drafted if draws[r] is not None else 0
+            own[r] = (min(v.num_accepted, n), min(v.evaluated, n))
+            if draws[r] is not None and draws[r].extension and rows[r].error is None:
+                reached = v.num_accepted >= n  # the extension is verified only past the draft's own
+                if reached:
+                    self.suffix.observe(draws[r].extension, v.num_accepted - n)
+                rows[r].stats.observe_extension(len(draws[r].extension), v.num_accepted - n if reached else None)
+            if shadows[r] is not None and rows[r].error is None:  # both offers, judged by what was emitted
                 self.suffix.observe_shadow(shadows[r], v.tokens)
-                self.controller.observe_draft(shadows[r], v.num_accepted, v.evaluated)
-        # a row the suffix learner proposed for keeps none of the draft's own proposals
+                self.controller.observe_draft(shadows[r], *own[r])
+        # a row the suffix learner proposed for keeps none of the draft's own proposals; a row whose
+        # proposal it extended keeps the draft's and queues the accepted extension as unseen tokens
         drafted_accepted = [0 if suffixed[r] else a for r, a in enumerate(accepted)]
         for d, idx, k, seconds in drafted:
             self._draft_runners[d.name].accept([drafted_accepted[r] for r in idx], [emitted[r] for r in idx])
             d.observe_emitted([emitted[r] for r in idx])
             if d.policy is not None:  # the target pass is shared: each drafter sees its time
                 mine = [r for r in idx if not suffixed[r]]
-                d.policy.observe(k, sum(accepted[r] for r in mine), sum(verdicts[r].evaluated for r in mine),
+                d.policy.observe(k, sum(own[r][0] for r in mine), sum(own[r][1] for r in mine),
                                  seconds, t2 - t1, width=max(ks))
         if self.teacher_top_k:
             self._keep_teacher(rows, target_logits, accepted)
@@ -533,6 +567,25 @@ class SpeculativeEngine:
         tokens = torch.tensor(proposal.tokens[:m], dtype=torch.long, device=self.device)
         return _Draw(tokens, None, None, drafter, depths=proposal.depths[:m]), None
 
+    def _extend(self, seq: _Sequence, draw: _Draw) -> int:
+        """Append to the draft's proposal the suffix learner's continuation of it, as many tokens
+        as the controller finds pay (`Controller.extension`); returns how many."""
+        k = int(draw.tokens.shape[0])
+        budget = seq.params.max_new_tokens - len(seq.generated) - 1 - k
+        if seq.error is not None or budget <= 0 or seq.suffix_index is None:
+            return 0
+        context = _tail(seq, self.suffix.max_depth) + draw.tokens.tolist()
+        proposal = self.suffix.propose(context, seq.suffix_index, budget)
+        m = self.controller.extension(draw.drafter.policy, k, proposal)
+        if not m:
+            return 0
+        tokens = torch.tensor(proposal.tokens[:m], dtype=torch.long, device=self.device)
+        draw.tokens = torch.cat([draw.tokens, tokens])
+        if draw.q is not None:  # a deterministic continuation of the sampled prefix: q is one-hot
+            draw.q = torch.cat([draw.q, torch.nn.functional.one_hot(tokens, draw.q.shape[-1]).to(draw.q.dtype)])
+        draw.extension = proposal.depths[:m]
+        return m
+
     def score(self, target: ModelRunner, proposals: torch.Tensor | None) -> torch.Tensor:
         """The target scores each row's last committed token and its proposals in one pass.
         proposals: [batch, k] (None: no row speculates) -> logits [batch, k+1, vocab]."""
@@ -575,18 +628,20 @@ class SpeculativeEngine:
 
     def _stack(self, proposals: list[tuple[list[int], Proposal]], draws: list[_Draw | None], k: int
                ) -> torch.Tensor | None:
-        """Every drafter's proposals, and the suffix learner's, as one [batch, k] input to the target
+        """Every drafter's proposals, and the suffix learner's (whole or extending a draft's), as one [batch, k] input to the target
         (a row with fewer proposals is padded; the target's logits there are never read)."""
         if not k:
             return None
         batch = len(draws)
-        suffixed = [(r, d.tokens) for r, d in enumerate(draws) if d is not None and d.depths is not None]
-        if not suffixed and len(proposals) == 1 and len(proposals[0][0]) == batch:
+        learner_rows = [(r, d.tokens) for r, d in enumerate(draws)
+                        if d is not None and (d.depths is not None or d.extension)]
+        if not learner_rows and len(proposals) == 1 and len(proposals[0][0]) == batch:
             return proposals[0][1].tokens  # one drafter drafts for every row: as proposed
         tokens = torch.zeros(batch, k, dtype=torch.long, device=self.device)
         for idx, proposal in proposals:
             tokens[torch.tensor(idx, device=self.device), : proposal.tokens.shape[1]] = proposal.tokens
-        for r, row in suffixed:  # written after the drafts': a suffix row's own draft proposals are unused
+        for r, row in learner_rows:  # after the drafts': a suffix row's own draft proposals are unused,
+            # an extended row's are its first tokens
             tokens[r] = 0
             tokens[r, : row.shape[0]] = row
         return tokens
@@ -682,7 +737,7 @@ class SpeculativeEngine:
             accepted=verdict.num_accepted if verdict else 0,
             draft_version=seq.drafter.version if seq.drafter is not None else 0,
             drafter=seq.drafter.name if seq.drafter is not None else None,
-            speculator=("suffix" if seq.suffix_step else "draft") if k else None,
+            speculator=("suffix" if seq.suffix_step else "draft") if k else None, extended=seq.extended if k else 0,
             output=output, example=self._example(seq) if learn else None,
         )
 

@@ -71,6 +71,13 @@ class RequestStats:
     suffix_proposed: int = 0
     suffix_accepted: int = 0
     suffix_evaluated: int = 0
+    extended_steps: int = 0
+    """Draft steps whose proposal the suffix learner extended (engine.Controller.extension); the
+    tokens it appended, and of those, the ones verified (the draft's own all accepted) and accepted
+    (also counted in the totals above)."""
+    extension_proposed: int = 0
+    extension_evaluated: int = 0
+    extension_accepted: int = 0
 
     def observe(self, proposed: int, num_accepted: int) -> None:
         self.steps += 1
@@ -87,6 +94,15 @@ class RequestStats:
         self.suffix_proposed += proposed
         self.suffix_accepted += num_accepted
         self.suffix_evaluated += num_accepted + int(num_accepted < proposed)
+
+    def observe_extension(self, appended: int, num_accepted: int | None) -> None:
+        """A draft step (already counted by `observe`) that carried `appended` suffix tokens after the
+        draft's own; num_accepted of them accepted (None: a draft token was rejected first)."""
+        self.extended_steps += 1
+        self.extension_proposed += appended
+        if num_accepted is not None:
+            self.extension_accepted += num_accepted
+            self.extension_evaluated += min(appended, num_accepted + 1)
 
     @property
     def alpha(self) -> float | None:
@@ -113,7 +129,8 @@ class RequestStats:
         """Sum two stats (for aggregates over many requests)."""
         out = RequestStats(k=max(self.k, other.k))
         for name in ("steps", "accepted", "evaluated", "proposed", "generated", "draft_forwards", "target_forwards",
-                     "suffix_steps", "suffix_proposed", "suffix_accepted", "suffix_evaluated"):
+                     "suffix_steps", "suffix_proposed", "suffix_accepted", "suffix_evaluated", "extended_steps",
+                     "extension_proposed", "extension_evaluated", "extension_accepted"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         for name in ("draft_time_s", "target_time_s", "prefill_time_s", "wall_time_s"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
@@ -139,6 +156,10 @@ class RequestStats:
             "suffix_proposed": self.suffix_proposed,
             "suffix_accepted": self.suffix_accepted,
             "suffix_evaluated": self.suffix_evaluated,
+            "extended_steps": self.extended_steps,
+            "extension_proposed": self.extension_proposed,
+            "extension_evaluated": self.extension_evaluated,
+            "extension_accepted": self.extension_accepted,
             "wall_time_s": self.wall_time_s,
         }
 
@@ -215,6 +236,9 @@ class StepOutput:
     speculator: str | None = None
     """Who proposed this step's tokens: 'draft' (the draft model), 'suffix' (the suffix learner,
     engine/suffix.py), or None (nothing was proposed)."""
+    extended: int = 0
+    """On a 'draft' step: the last `extended` of the proposed tokens are the suffix learner's,
+    appended after the draft's own (engine/controller.py, `Controller.extension`)."""
     output: RequestOutput | None = None
     """On the last step: the whole output with its stats."""
     example: Example | None = None
