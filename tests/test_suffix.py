@@ -187,7 +187,9 @@ def test_the_learner_extends_the_drafts_proposal_only_where_that_pays():
         m = controller.extension(policy, k, proposal)
         expected = controller.learner.expected_accepted(proposal.depths)
         a, t = policy.alpha, policy.target_time
-        rate = [(expected_tokens(a, k) + a ** k * expected[j]) / (k * c * t0 + t(k + j)) for j in range(n + 1)]
+        catch_up = a ** k * expected[1] * c * t0  # the draft's pass over accepted extension tokens
+        rate = [(expected_tokens(a, k) + a ** k * expected[j]) / (k * c * t0 + t(k + j) + (catch_up if j else 0))
+                for j in range(n + 1)]
         assert rate[m] == pytest.approx(max(rate))
     policy = _policy(0.9, 0.04, {0: 0.1, 4: 0.11, 16: 0.14})
     deep = SuffixProposal([1] * 8, [4] * 8)

@@ -25,8 +25,9 @@ When the draft proposes, the learner may extend its proposal (`extension`): the 
 by the draft's k tokens often continues text the stream or the request has seen, and the learner's
 continuation rides in the same target pass, past the draft's last token, at no draft pass. It pays
 only if the draft's k are all accepted (probability alpha^k), so m tokens are appended where
-(tokens(alpha, k) + alpha^k * E[accepted of m]) * T(0) / (k * t_draft + T(k + m)) beats the draft's
-step alone.
+(tokens(alpha, k) + alpha^k * E[accepted of m]) * T(0) / (k * t_draft + T(k + m) + catch-up) beats
+the draft's step alone; catch-up: the draft's pass over accepted extension tokens it never saw
+(t_draft, with the probability that one is accepted).
 """
 
 from __future__ import annotations
@@ -114,9 +115,11 @@ class Controller:
         base = expected_tokens(alpha, k)
         reach = alpha ** k  # the draft's k accepted: the extension is verified only then
         expected = self.learner.expected_accepted(proposal.depths)
+        # an accepted extension leaves the draft model tokens it never saw: one catch-up pass
+        catch_up = reach * expected[1] * t_draft
         best_m, best = 0, base / (k * t_draft + tk)
         for m in range(1, len(proposal.tokens) + 1):
-            rate = (base + reach * expected[m]) / (k * t_draft + policy.target_time(k + m))
+            rate = (base + reach * expected[m]) / (k * t_draft + policy.target_time(k + m) + catch_up)
             if rate > best:
                 best_m, best = m, rate
         if best_m:
