@@ -320,6 +320,35 @@ def test_greedy_equality_with_the_learner_extending_draft_proposals(arch, batch,
     assert sum(o.stats.extended_steps for o in outs) > 0 and sum(o.stats.extension_accepted for o in outs) > 0
 
 
+def test_a_learner_version_changes_only_between_steps(tokenizer):
+    """Requests of different lengths in one batch: one finishes (the learner learns its output, a new
+    version) while the others run on. Every proposal inside one engine step sees the same version,
+    and the next step the new one: an output is never half learned when a row proposes."""
+    engine = make_engine(cached_model("llama"), tokenizer, copy.deepcopy(cached_draft("llama", "noisy")),
+                         EngineConfig(k=3, suffix_tokens=8))
+    engine.controller = _Alternating(engine.suffix)
+    step, seen = [0], []
+    verify_step, propose = engine._verify_step, engine.suffix.propose
+
+    def counting_step(*args, **kwargs):
+        step[0] += 1
+        return verify_step(*args, **kwargs)
+
+    def recording_propose(*args, **kwargs):
+        seen.append((step[0], engine.suffix.version))
+        return propose(*args, **kwargs)
+
+    engine._verify_step, engine.suffix.propose = counting_step, recording_propose
+    ids = [tokenizer.encode(t) for t in TEXTS]
+    engine.generate([Request(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p, n in zip(ids, (8, 16, 24, 32))])
+    assert engine.suffix.version == 4
+    versions: dict[int, set[int]] = {}
+    for s, v in seen:
+        versions.setdefault(s, set()).add(v)
+    assert all(len(v) == 1 for v in versions.values())  # one version per step
+    assert len({next(iter(v)) for v in versions.values()}) >= 3  # and it changed between steps
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_default_engine_with_the_live_controller_is_lossless_and_learns(arch, tokenizer):
     """make_engine's defaults (the suffix learner on, the real controller): greedy equality over a
