@@ -269,7 +269,7 @@ class _Alternating(Controller):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_equality_with_both_speculators_switching_inside_a_request(arch, batch, tokenizer):
     target, draft = cached_model(arch), copy.deepcopy(cached_draft(arch, "noisy"))
-    engine = make_engine(target, tokenizer, draft, EngineConfig(k=3, suffix_tokens=8))
+    engine = make_engine(target, tokenizer, draft, EngineConfig(k=3, suffix_tokens=8, suffix_extension=True))
     engine.controller = _Alternating(engine.suffix)
     for d in engine.drafters.values():  # the draft proposes all its k (adaptive k would stop a noisy draft)
         d.policy.choose = lambda: 3
@@ -304,7 +304,7 @@ def test_greedy_equality_with_the_learner_extending_draft_proposals(arch, batch,
     model's cache takes the accepted extension as unseen tokens and goes on."""
     target = cached_model(arch)
     draft = noisy_copy(target, 0.05, seed=2)  # accepts most proposals, not all
-    engine = make_engine(target, tokenizer, draft, EngineConfig(k=3, suffix_tokens=8))
+    engine = make_engine(target, tokenizer, draft, EngineConfig(k=3, suffix_tokens=8, suffix_extension=True))
     engine.controller = _Extending(engine.suffix)
     for d in engine.drafters.values():
         d.policy.choose = lambda: 3
@@ -349,13 +349,15 @@ def test_a_learner_version_changes_only_between_steps(tokenizer):
     assert len({next(iter(v)) for v in versions.values()}) >= 3  # and it changed between steps
 
 
+@pytest.mark.parametrize("extension", [False, True])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_default_engine_with_the_live_controller_is_lossless_and_learns(arch, tokenizer):
-    """make_engine's defaults (the suffix learner on, the real controller): greedy equality over a
-    stream that repeats itself, and fewer target passes the second time it is served."""
+def test_default_engine_with_the_live_controller_is_lossless_and_learns(arch, extension, tokenizer):
+    """make_engine's defaults (the suffix learner on, the real controller; extending the draft's
+    proposals only with --suffix-extension): greedy equality over a stream that repeats itself, and
+    fewer target passes the second time it is served."""
     target, draft = cached_model(arch), copy.deepcopy(cached_draft(arch, "random"))
-    engine = make_engine(target, tokenizer, draft, EngineConfig(k=4))
-    assert engine.suffix is not None
+    engine = make_engine(target, tokenizer, draft, EngineConfig(k=4, suffix_extension=extension))
+    assert engine.suffix is not None and engine.suffix_extension == extension
     ids = [tokenizer.encode(t) for t in TEXTS]
     n = 48
     first = [engine.generate([Request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))])[0] for p in ids]
@@ -365,6 +367,8 @@ def test_default_engine_with_the_live_controller_is_lossless_and_learns(arch, to
     assert sum(o.stats.steps for o in second) < sum(o.stats.steps for o in first)
     assert sum(o.stats.suffix_accepted for o in second) > 0
     assert engine.suffix.shadow_evaluated > 0  # proposals the draft beat were judged too
+    if not extension:
+        assert all(o.stats.extended_steps == 0 for o in first + second)
 
 
 def test_seeded_sampling_is_the_same_with_and_without_the_suffix_learner(tokenizer):
@@ -375,7 +379,7 @@ def test_seeded_sampling_is_the_same_with_and_without_the_suffix_learner(tokeniz
     outs = {}
     for no_suffix in (True, False):
         engine = make_engine(target, tokenizer, copy.deepcopy(cached_draft("llama", "noisy")),
-                             EngineConfig(k=3, no_suffix=no_suffix))
+                             EngineConfig(k=3, no_suffix=no_suffix, suffix_extension=True))
         if not no_suffix:
             engine.controller = _Alternating(engine.suffix)
         params = SamplingParams(temperature=0.8, top_p=0.95, seed=11, max_new_tokens=32, ignore_eos=True)

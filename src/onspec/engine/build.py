@@ -26,7 +26,7 @@ def make_engine(target_model: nn.Module, tokenizer, draft_model: nn.Module | Non
                                suffix=suffix_learner(engine_cfg) if policy is not None else None,
                                forward=engine_cfg.forward)
     engine.prefill_chunk = engine_cfg.prefill_chunk
-    engine.suffix_extension = not engine_cfg.no_suffix_extension
+    engine.suffix_extension = engine_cfg.suffix_extension
     return engine
 
 
