@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from onspec.bench.report import finish, save_summary
 from onspec.data.streams import iter_humaneval, iter_sharegpt
 from onspec.engine.build import make_engine
 from onspec.engine.engine import EngineConfig, Request
@@ -155,12 +156,8 @@ def main() -> int:
         print(f"{head_name:<10} {s['differing']:>4}/{len(rows):<2} {s['differing_code']:>5} {s['differing_chat']:>5} "
               f"{s['exact_ties_at_first_divergence']:>5} {med:>14} {lr if lr is None else round(lr, 4)!s:>20} "
               f"{lo if lo is None else round(lo, 4)!s:>18}")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "rows.json").write_text(json.dumps(rows))
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary))
-    return 0
+    save_summary(args.out, rows, name="rows.json", indent=None)
+    return finish(args.out, summary)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ tokens inside the kept ids.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bf16_divergence import prompts_for  # noqa: E402
 
 from onspec.bench.machine import verify_cost_curve  # noqa: E402
+from onspec.bench.report import finish  # noqa: E402
 from onspec.engine.build import draft_vocab, make_engine  # noqa: E402
 from onspec.engine.engine import EngineConfig, Request  # noqa: E402
 from onspec.engine.sampling import SamplingParams  # noqa: E402
@@ -90,11 +90,7 @@ def main() -> int:
               f"{r['coverage_sharegpt']:11.3f}")
     result = {"target_ms": t1 * 1e3, "prompts_per_domain": args.prompts, "max_new_tokens": args.max_new_tokens,
               "rows": table}
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "summary.json").write_text(json.dumps(result, indent=2))
-    print(json.dumps(result))
-    return 0
+    return finish(args.out, result)
 
 
 if __name__ == "__main__":

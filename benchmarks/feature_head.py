@@ -37,6 +37,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import DynamicCache
 
+from onspec.bench.report import save_summary
 from onspec.data.streams import iter_sharegpt_answers
 from onspec.engine.build import draft_vocab
 from onspec.models.decode import decode_forward
@@ -269,9 +270,7 @@ def main() -> int:
     summary = {"options": {k: str(v) for k, v in vars(args).items()}}
 
     def save():
-        if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        save_summary(args.out, summary)
 
     summary["cost"] = _c(model, head)
     console.print(f"cost: {summary['cost']}")

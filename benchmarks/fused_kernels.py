@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from onspec.bench.report import finish
 from onspec.data.streams import iter_humaneval, iter_sharegpt
 from onspec.engine.build import make_engine
 from onspec.engine.engine import EngineConfig, Request
@@ -109,11 +109,7 @@ def main() -> int:
         ap.error("--prompts >= 2")
     measured, tok = speed(args.prompts, args.max_new_tokens)
     summary = {"speed": measured, "quality": quality(prompts_for(tok, 2 * args.prompts, args.prompts), 32)}
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary))
-    return 0
+    return finish(args.out, summary)
 
 
 if __name__ == "__main__":

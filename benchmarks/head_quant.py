@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from rich.table import Table
 from safetensors import safe_open
 from torch import nn
 
+from onspec.bench.report import finish
 from onspec.data.streams import iter_humaneval, iter_sharegpt_answers
 from onspec.models.fast_draft import Int8Linear
 from onspec.models.pair import ModelConfig, load_pair
@@ -104,11 +104,7 @@ def main() -> int:
     Console().print(table)
     summary = {"positions": {k: v.shape[0] for k, v in x.items()}, "reference_logprob": ref,
                "amax_max": amax.max().item(), "amax_median": amax.median().item(), "heads": result}
-    if args.out is not None:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary))
-    return 0
+    return finish(args.out, summary)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from onspec.bench.report import save_summary
 from onspec.config import add_arguments, from_args
 from onspec.data.streams import iter_queries
 from onspec.engine.build import draft_vocab, make_engine
@@ -89,7 +90,7 @@ def main() -> int:
     if args.draft_layers and args.cost_repeats:
         result["cost"] = draft_cost(target, draft.model, student, examples[0], args.cost_repeats, args.cost_vocab, console)
         result["coverage"] = _coverage(examples, result["cost"].pop("vocab_ids"))
-        _save(args.out, result)
+        save_summary(args.out, result)
     del target
     rows = result["ways"]
     for name, cfg in ways.items():
@@ -97,7 +98,7 @@ def main() -> int:
         rows[name] = _replay(examples, student, cfg, learn=name != "static", console=console, name=name)
         rows[name]["wall_s"] = time.perf_counter() - t0
         console.print(f"{name}: {json.dumps({k: v for k, v in rows[name].items() if k != 'options'})}")
-        _save(args.out, result)
+        save_summary(args.out, result)
     static = rows.get("static")
     table = Table(title=f"prequential greedy agreement on {len(examples)} {args.dataset} requests served once "
                         f"(blocks of --update-interval requests; base: {args.base})")
@@ -120,7 +121,7 @@ def main() -> int:
     anatomy = disagreements(examples, student, _config(args.base))
     Console(file=sys.stdout, width=180).print(anatomy_table(anatomy))
     result["disagreements"] = anatomy
-    _save(args.out, result)
+    save_summary(args.out, result)
     if args.plot:
         plot(result, args.plot)
     print(json.dumps(result))
@@ -224,12 +225,6 @@ def _coverage(examples: list[Example], ids: torch.Tensor) -> float:
     """Share of the target's greedy tokens inside the reduced head's ids (its agreement's ceiling)."""
     top = torch.cat([e.top_ids[:, 0].long() for e in examples])
     return float(torch.isin(top, ids).float().mean())
-
-
-def _save(out: Path | None, result: dict) -> None:
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "summary.json").write_text(json.dumps(result, indent=1))
 
 
 def _rss_kb(field: str) -> int | None:

@@ -32,6 +32,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from onspec.bench.report import save_summary
 from onspec.engine.suffix import SuffixLearner
 
 
@@ -152,9 +153,7 @@ def main() -> None:
     summary["whole"] = agg(rows)
     add("[b]whole stream[/b]", summary["whole"])
     console.print(table)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    save_summary(args.out, summary)
     print(json.dumps({"whole": summary["whole"], "segments": summary["segments"]}))
 
 

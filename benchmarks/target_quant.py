@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bf16_divergence import prompts_for  # noqa: E402
 
 from onspec.bench.machine import verify_cost_curve  # noqa: E402
+from onspec.bench.report import finish  # noqa: E402
 from onspec.engine.build import make_engine  # noqa: E402
 from onspec.engine.engine import EngineConfig, Request  # noqa: E402
 from onspec.engine.sampling import SamplingParams  # noqa: E402
@@ -140,11 +140,7 @@ def main() -> int:
               f" {quality[k]['mean_logprob']:7.3f}")
     summary = {"prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
                "threads": torch.get_num_threads(), "ways": rows}
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary))
-    return 0
+    return finish(args.out, summary)
 
 
 if __name__ == "__main__":

@@ -441,6 +441,13 @@ def plot_alpha(out_dir: Path, modes: list[str], window: int, boundaries: list[in
             lx.plot(range(len(rows)), _moving_average(col("draft_alpha"), window), label=f"{mode}: draft (floor) alpha")
             lx.plot(range(len(rows)), _moving_average(col("suffix_share"), window), linestyle="--",
                     label=f"{mode}: share of steps the suffix learner proposed")
+            if any(float(r.get("extended_steps") or 0) for r in rows):  # --suffix-extension
+                ratio = lambda num, den: [float(r[num]) / float(r[den]) if float(r.get(den) or 0) else float("nan")  # noqa: E731
+                                          for r in rows]
+                lx.plot(range(len(rows)), _moving_average(ratio("extended_steps", "steps"), window), linestyle=":",
+                        label=f"{mode}: share of draft steps the learner extended")
+                lx.plot(range(len(rows)), _moving_average(ratio("extension_accepted", "extension_evaluated"), window),
+                        linestyle="-.", label=f"{mode}: extension alpha")
         lx.set_title(f"speculators ({window}-query moving averages)", fontsize=10)
         panels.append(lx)
     if groups:
