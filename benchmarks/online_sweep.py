@@ -39,7 +39,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from onspec.bench.report import save_summary
+from onspec.bench.report import save_json
 from onspec.config import add_arguments, from_args
 from onspec.data.streams import iter_queries
 from onspec.engine.build import draft_vocab, make_engine
@@ -90,7 +90,7 @@ def main() -> int:
     if args.draft_layers and args.cost_repeats:
         result["cost"] = draft_cost(target, draft.model, student, examples[0], args.cost_repeats, args.cost_vocab, console)
         result["coverage"] = _coverage(examples, result["cost"].pop("vocab_ids"))
-        save_summary(args.out, result)
+        save_json(args.out, result)
     del target
     rows = result["ways"]
     for name, cfg in ways.items():
@@ -98,7 +98,7 @@ def main() -> int:
         rows[name] = _replay(examples, student, cfg, learn=name != "static", console=console, name=name)
         rows[name]["wall_s"] = time.perf_counter() - t0
         console.print(f"{name}: {json.dumps({k: v for k, v in rows[name].items() if k != 'options'})}")
-        save_summary(args.out, result)
+        save_json(args.out, result)
     static = rows.get("static")
     table = Table(title=f"prequential greedy agreement on {len(examples)} {args.dataset} requests served once "
                         f"(blocks of --update-interval requests; base: {args.base})")
@@ -121,7 +121,7 @@ def main() -> int:
     anatomy = disagreements(examples, student, _config(args.base))
     Console(file=sys.stdout, width=180).print(anatomy_table(anatomy))
     result["disagreements"] = anatomy
-    save_summary(args.out, result)
+    save_json(args.out, result)
     if args.plot:
         plot(result, args.plot)
     print(json.dumps(result))

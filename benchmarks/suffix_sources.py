@@ -32,7 +32,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from onspec.bench.report import save_summary
+from onspec.bench.report import save_json
 from onspec.engine.suffix import SuffixLearner
 
 
@@ -153,7 +153,7 @@ def main() -> None:
     summary["whole"] = agg(rows)
     add("[b]whole stream[/b]", summary["whole"])
     console.print(table)
-    save_summary(args.out, summary)
+    save_json(args.out, summary)
     print(json.dumps({"whole": summary["whole"], "segments": summary["segments"]}))
 
 

@@ -10,7 +10,7 @@ import pytest
 from conftest import save_tiny_pair
 
 from onspec.bench.compare import BenchConfig, measure
-from onspec.bench.report import finish, save_summary
+from onspec.bench.report import finish, save_json
 from onspec.engine.engine import EngineConfig
 from onspec.engine.policy import PolicyConfig
 from onspec.models.pair import ModelConfig
@@ -47,7 +47,7 @@ def test_measure_interleaves_every_way_and_greedy_ways_agree(local_pair):
 
 def test_a_benchmark_ends_with_its_summary_saved_and_printed_last(tmp_path, capsys):
     summary = {"ways": {"target": {"tok_s": 14.5}}, "ratio": 1.33}
-    save_summary(None, summary)  # no --out: nothing written
+    save_json(None, summary)  # no --out: nothing written
     assert list(tmp_path.iterdir()) == []
     assert finish(tmp_path / "out", summary) == 0
     assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
