@@ -33,6 +33,7 @@ from onspec.bench.report import finish  # noqa: E402
 from onspec.engine.build import make_engine  # noqa: E402
 from onspec.engine.engine import EngineConfig, Request  # noqa: E402
 from onspec.engine.sampling import SamplingParams  # noqa: E402
+from onspec.models import kernels  # noqa: E402
 from onspec.models.loading import load_model  # noqa: E402
 from onspec.models.precision import PackedLinear, pack_linears  # noqa: E402
 from onspec.models.quant import WidthSwitch, quantize_head, quantize_linears, weight_bytes  # noqa: E402
@@ -43,7 +44,9 @@ SWITCH_ROWS = 4  # int4 measured cheaper than packed bf16 up to 4 positions (doc
 
 def build(base: torch.nn.Module, kind: str, tokenizer=None) -> torch.nn.Module:
     model = copy.deepcopy(base).eval()
-    if kind == "bf16":
+    if kind == "base":  # the model as loaded (--dtype), torch's own kernels: the unquantized reference
+        pass
+    elif kind == "bf16":
         pack_linears(model)
     elif "|" in kind:  # e.g. int4|bf16: int4 up to SWITCH_ROWS positions, packed bf16 beyond
         narrow = build(base, kind.split("|")[0])
@@ -57,6 +60,9 @@ def build(base: torch.nn.Module, kind: str, tokenizer=None) -> torch.nn.Module:
     elif kind.endswith("+smoothed-head"):  # the w8a8 head smoothed on the calibration text
         quantize_linears(model, kind.removesuffix("+smoothed-head"))
         quantize_head(model, kind.removesuffix("+smoothed-head"), tokenizer)
+    elif kind.endswith("+smoothed"):  # every linear smoothed on the calibration text, the head included
+        quantize_linears(model, kind.removesuffix("+smoothed"), smooth_with=tokenizer)
+        quantize_head(model, kind.removesuffix("+smoothed"), tokenizer)
     elif kind.endswith("+head"):  # e.g. w8a8+head: the LM head in the same format as the decoder
         quantize_linears(model, kind.removesuffix("+head"), skip_head=False)
     else:
@@ -83,10 +89,11 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds (ways take turns in each)")
     ap.add_argument("--repeats", type=int, default=5, help="passes per width per round")
     ap.add_argument("--ways", default="bf16,int8,int4")
+    ap.add_argument("--dtype", default="bfloat16", help="the loaded model's dtype (`base`: it as loaded)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     kinds = args.ways.split(",")
-    loaded = load_model("qwen2.5-coder-1.5b", dtype="bfloat16")
+    loaded = load_model("qwen2.5-coder-1.5b", dtype=args.dtype)
     tok = loaded.tokenizer
     t0 = time.perf_counter()
     models = {k: build(loaded.model, k, tok) for k in kinds}
@@ -95,7 +102,7 @@ def main() -> int:
 
     prompts = prompts_for(tok, args.prompts, seed=1)
     reference = make_engine(models["bf16"] if "bf16" in models else next(iter(models.values())), tok, None,
-                            EngineConfig(k=0))
+                            EngineConfig(k=0))  # agreement is with the first way's tokens unless bf16 is there
     outputs = [reference.generate([Request(p, SamplingParams(max_new_tokens=args.max_new_tokens))])[0].token_ids
                for _, p in prompts]
     print(f"reference outputs: {sum(map(len, outputs))} tokens", file=sys.stderr)
@@ -138,7 +145,7 @@ def main() -> int:
         print(f"{k:6} {gb:6.2f} " + " ".join(f"{t[n] * 1e3:7.1f}" for n in WIDTHS)
               + f" {t[1] / base_t1:12.2f} {gb / t[1]:9.1f} {quality[k]['agreement']:6.3f}"
               f" {quality[k]['mean_logprob']:7.3f}")
-    summary = {"prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
+    summary = {"host": kernels.describe(",".join(kinds)), "dtype": args.dtype, "prompts": args.prompts, "max_new_tokens": args.max_new_tokens, "rounds": args.rounds,
                "threads": torch.get_num_threads(), "ways": rows}
     return finish(args.out, summary)
 

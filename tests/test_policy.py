@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from conftest import plain_greedy, tiny_model
 
@@ -160,3 +162,89 @@ def test_a_passing_slowdown_does_not_price_the_draft_out_for_good():
     assert run(200, 10.0)[-50:].count(0) >= 40  # priced out
     picks = run(150, 0.3)
     assert sum(k >= 3 for k in picks[-50:]) >= 45, picks
+
+
+class FakeCosts:
+    """A clock that advances only by the modelled cost of each pass: a target pass over n
+    positions costs n (a 2-row pass costs 2x a 1-row pass, as float32 GEMMs on an AVX2 host),
+    a draft pass 0.7 whatever its width. Prefill is not a step's cost and is not charged."""
+
+    def __init__(self, target, monkeypatch) -> None:
+        from onspec.engine.runner import ModelRunner
+
+        self.now = 0.0
+        feed, catch_up = ModelRunner.feed, ModelRunner.catch_up
+
+        def timed_feed(runner, extra=None):
+            width = max(len(p) for p in runner.pending) + (0 if extra is None else extra.shape[1])
+            is_target = getattr(runner.model, "model", runner.model) is target
+            self.now += width * 1.0 if is_target else 0.7
+            return feed(runner, extra)
+
+        def timed_catch_up(runner, keep=2):
+            if max(len(p) for p in runner.pending) > keep:
+                self.now += 0.7
+            catch_up(runner, keep)
+
+        monkeypatch.setattr(ModelRunner, "feed", timed_feed)
+        monkeypatch.setattr(ModelRunner, "catch_up", timed_catch_up)
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_speculation_steps_aside_when_its_measured_steps_lose(tokenizer, monkeypatch):
+    """Issue 38's case: the draft is the target itself (every proposal accepted), but a 2-row pass
+    costs 2x and a draft pass 0.7, so a step of k proposals takes 0.7 k + (k + 1) for k + 1 tokens:
+    speculation loses at every k, while the speedup model, fitted on one width, predicts a gain.
+    Timed by whole steps, the policy steps aside within a few steps, probes rarely, and the run
+    decodes at >= 0.97x target-only (1.0 per token) on the fake clock; output is the target's."""
+    target = tiny_model("llama", 0)
+    draft = copy.deepcopy(target)
+    policy = AdaptiveK(4, PolicyConfig())
+    engine = SpeculativeEngine(target, tokenizer, draft, k=4, policy=policy)
+    clock = FakeCosts(target, monkeypatch)
+    engine.clock = clock
+    ks: list[int] = []
+    tokens = 0
+    for text in ["hello world", "abc", "the quick brown fox", "one two three", "x", "lorem ipsum", "a b", "zz"]:
+        prompt = tokenizer.encode(text)
+        out = engine.generate([Request(prompt, SamplingParams(max_new_tokens=100, ignore_eos=True))],
+                              on_record=lambda rec: ks.append(len(rec.proposed)))[0]
+        assert out.token_ids == plain_greedy(target, prompt, 100)
+        tokens += len(out.token_ids)
+    steps_before_aside = next(i for i, k in enumerate(ks) if i > 4 and k == 0 and policy.aside_steps)
+    assert steps_before_aside <= 8
+    assert sum(1 for k in ks[10:] if k) <= len(ks) / 50  # rare probes after that (each loses little here)
+    assert policy.losing
+    plain_time = tokens * 1.0
+    assert plain_time / clock.now >= 0.97
+
+
+def test_speculation_that_pays_is_kept(tokenizer, monkeypatch):
+    """The same draft (all accepted) on a memory-bound clock (a pass costs 1 whatever its width,
+    a draft pass 0.1): speculation wins, the policy keeps it, with a plain step every PLAIN_EVERY."""
+    from onspec.engine.policy import PLAIN_EVERY
+    from onspec.engine.runner import ModelRunner
+
+    target = tiny_model("llama", 0)
+    draft = copy.deepcopy(target)
+    policy = AdaptiveK(4, PolicyConfig())
+    engine = SpeculativeEngine(target, tokenizer, draft, k=4, policy=policy)
+    now = [0.0]
+    feed = ModelRunner.feed
+
+    def timed_feed(runner, extra=None):
+        now[0] += 1.0 if getattr(runner.model, "model", runner.model) is target else 0.1
+        return feed(runner, extra)
+
+    monkeypatch.setattr(ModelRunner, "feed", timed_feed)
+    engine.clock = lambda: now[0]
+    ks: list[int] = []
+    prompt = tokenizer.encode("hello world")
+    for _ in range(6):
+        engine.generate([Request(prompt, SamplingParams(max_new_tokens=100, ignore_eos=True))],
+                        on_record=lambda rec: ks.append(len(rec.proposed)))
+    assert not policy.losing and policy.aside_steps == 0
+    plain = [i for i, k in enumerate(ks) if k == 0]
+    assert len(plain) <= 4 + len(ks) // PLAIN_EVERY + 6  # start-up plain steps, one per PLAIN_EVERY, tail steps

