@@ -107,6 +107,114 @@ def _needs_vllm_kernel():
         pytest.skip("vLLM's CPU int8 kernel needs AVX-512 VNNI or AMX")
 
 
+def _needs_fbgemm():
+    from onspec.models.fbgemm import fbgemm_unavailable
+
+    if (why := fbgemm_unavailable()) is not None:
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("levels", [127, 63])
+@pytest.mark.parametrize("positions", [1, 5, 9])
+def test_fbgemm_w8a8_linear_is_its_int8_weight_within_the_activations_rounding(positions, levels, monkeypatch):
+    """FBGEMM's w8a8 (the portable path): x @ W_q^T for the int8 weight W_q, up to each token's own
+    activation rounding (half a step of max|x_row| / levels per input, times sum |W_q|); a row's
+    result does not depend on the rows beside it, nor on the pass's width. levels 63: the 7-bit
+    activations of a CPU without VNNI."""
+    _needs_fbgemm()
+    from onspec.models import fbgemm
+
+    monkeypatch.setattr(fbgemm, "activation_levels", lambda: levels)
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 100)
+    q = fbgemm.FbgemmW8A8Linear(lin)
+    w = q.dequantized()  # [out, in]
+    assert ((w - lin.weight.float()).abs() <= q.scale[:, None] / 2 * (1 + 1e-4) + 1e-7).all()
+    x = torch.randn(positions, 256)
+    x[:, 3] *= 20  # an outlier channel, as LLM activations have
+    y = q(x)
+    ref = x @ w.t() + lin.bias.float()
+    half_step = x.abs().amax(1, keepdim=True) / levels / 2  # [positions, 1]
+    bound = half_step * w.abs().sum(1)[None, :] * (1 + 1e-3) + 1e-4 * ref.abs() + 1e-5
+    assert ((y - ref).abs() <= bound).all()
+    assert (y - ref).abs().max() > 0  # the activations did round: not a float kernel in disguise
+    alone = torch.cat([q(x[i:i + 1]) for i in range(positions)])
+    assert torch.equal(alone, y)
+    assert q(x.to(torch.bfloat16)).dtype == torch.bfloat16  # a bf16 model's activations come back in bf16
+
+
+def test_fbgemm_w8a8_smoothing_keeps_the_product_and_refresh_follows_the_source():
+    """With SmoothQuant's s the layer computes (x / s) (W s)^T: the same product up to rounding,
+    closer to it than unsmoothed when one input channel is 30x the rest; `refresh` re-derives the
+    int8 weight from a changed source."""
+    _needs_fbgemm()
+    from onspec.models.fbgemm import FbgemmW8A8Linear
+    from onspec.models.quant import smoothing
+
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 64, bias=False)
+    x = torch.randn(6, 128)
+    x[:, 7] *= 30
+    ref = lin(x).detach()
+    plain = FbgemmW8A8Linear(lin)
+    smoothed = FbgemmW8A8Linear(lin, smooth=smoothing(x.abs().amax(0), lin.weight))
+    err = lambda q: float((q(x) - ref).norm() / ref.norm())  # noqa: E731
+    assert err(smoothed) < err(plain) < 0.1
+    with torch.no_grad():
+        lin.weight.mul_(2)
+    before = plain(x)
+    plain.refresh(lin)
+    assert torch.allclose(plain(x), 2 * before, rtol=0.05, atol=1e-3)
+
+
+def test_fbgemm_w8a8_as_an_avx2_host_runs_it():
+    """Held to AVX2 (scripts/as-avx2.sh's switches: FBGEMM's own `vpmaddubsw` path, whose 16-bit
+    pair sums saturate past 32767), the layer quantizes activations to 7 bits and stays within its
+    rounding bound on the worst case for saturation: every activation at its row's maximum and
+    every weight at +-127 with the same sign. Run in a subprocess, as the switches are read at start."""
+    _needs_fbgemm()
+    code = ("import torch\n"
+            "from torch import nn\n"
+            "from onspec.models import fbgemm, kernels\n"
+            "assert not kernels.host().has('avx512_vnni') and fbgemm.activation_levels() == 63\n"
+            "lin = nn.Linear(512, 64, bias=False)\n"
+            "with torch.no_grad():\n"
+            "    lin.weight.copy_(torch.ones(64, 512) * 0.5)\n"
+            "    lin.weight[32:] *= -1\n"
+            "q = fbgemm.FbgemmW8A8Linear(lin)\n"
+            "x = torch.ones(3, 512) * 3.0\n"
+            "x[1] *= -1\n"
+            "err = (q(x) - lin(x)).abs().max().item()\n"
+            "assert err < 1e-2, err\n"
+            "print('ok', err)\n")
+    env = {**os.environ, "ONSPEC_CPU_FLAGS": "avx2,fma", "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2",
+           "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_speculation_is_lossless_against_an_fbgemm_w8a8_target(tokenizer, k):
+    """The portable path (float32 activations, as on an AVX2 host): greedy speculative output
+    equals the same quantized target's own target-only output, with a w8a8 draft on FBGEMM too;
+    the verify cost curve (T(n)) is measured on it as on any target."""
+    _needs_fbgemm()
+    from onspec.bench.machine import verify_cost_curve
+
+    target = copy.deepcopy(tiny_model("llama", 0))
+    draft = noisy_copy(target, 0.2, seed=1)
+    quantize_linears(target, "w8a8-fbgemm", skip_head=False)
+    prompts = [tokenizer.encode(t) for t in ("hello world", "def f(x):\n    return", "the quick brown fox")]
+    alone = SpeculativeEngine(target, tokenizer, None, k=0).generate(
+        [Request(p, SamplingParams(max_new_tokens=40)) for p in prompts])
+    outs = SpeculativeEngine(target, tokenizer, draft, k=k, draft_int8="w8a8-fbgemm").generate(
+        [Request(p, SamplingParams(max_new_tokens=40)) for p in prompts])
+    assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
+    assert 0 < sum(o.stats.accepted for o in outs) < sum(o.stats.evaluated for o in outs)
+    curve = verify_cost_curve(target, prompts[0], [1, 2, 5], repeats=1)
+    assert list(curve) == ["1", "2", "5"] and all(t > 0 for t in curve.values())
+
+
 @pytest.mark.parametrize("positions", [1, 5, 9])
 def test_w8a8_linear_is_its_int8_weight_within_the_activations_rounding(positions):
     """The output is x @ W_q^T for the int8 weight W_q, up to the activations' own int8 rounding
@@ -152,7 +260,7 @@ def test_target_quant_refuses_what_it_cannot_run():
     from onspec.models.quant import quantize_target
 
     with pytest.raises(ValueError, match="bfloat16"):
-        quantize_target(copy.deepcopy(tiny_model("llama", 0)), "w8a8")  # float32
+        quantize_target(copy.deepcopy(tiny_model("llama", 0)), "w8a8-vllm")  # float32
     with pytest.raises(ValueError, match="int2"):
         quantize_target(copy.deepcopy(tiny_model("llama", 0)), "int2")
     from onspec.models.pair import ModelConfig
@@ -197,11 +305,11 @@ def test_a_w8a8_draft_proposes_losslessly_and_follows_its_master(tokenizer):
     assert torch.equal(after, FastDraft(draft, int8="w8a8").model(x).logits)
 
 
-def test_draft_quant_w8a8_refuses_a_float32_draft():
+def test_draft_quant_w8a8_vllm_refuses_a_float32_draft():
     from onspec.engine.build import draft_int8
 
-    with pytest.raises(ValueError, match="draft-quant w8a8.*bfloat16"):
-        draft_int8("w8a8", copy.deepcopy(tiny_model("llama", 0)))
+    with pytest.raises(ValueError, match="draft-quant w8a8-vllm.*bfloat16"):
+        draft_int8("w8a8-vllm", copy.deepcopy(tiny_model("llama", 0)))
 
 
 def test_the_w8a8_kernel_loads_without_running_vllms_python():
@@ -222,33 +330,43 @@ def test_the_w8a8_kernel_loads_without_running_vllms_python():
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def test_auto_picks_w8a8_where_it_can_run_and_falls_back_elsewhere():
-    """--target-quant auto: w8a8 for a bf16 CPU model whose linears fit the kernel, none for float32
-    or unfitting shapes; --draft-quant auto: w8a8 likewise, else int8 on a CPU."""
+def test_auto_picks_the_first_kernel_path_that_runs_the_model():
+    """--target-quant auto: vLLM's w8a8 for a bf16 CPU model whose linears fit its kernel, FBGEMM's
+    for a float32 one (or where vLLM's cannot run), none where neither runs; --draft-quant auto:
+    the same w8a8 kernel, else int8 on a CPU."""
     from onspec.engine.build import draft_int8
+    from onspec.models import kernels
+    from onspec.models.fbgemm import FbgemmW8A8Linear, fbgemm_unavailable
     from onspec.models.quant import quantize_target, resolve
 
     f32 = copy.deepcopy(tiny_model("llama", 0))
-    assert resolve("auto", f32) == "none" and draft_int8("auto", f32) is True
-    assert quantize_target(f32, "auto") == 0
-    odd = nn.Sequential(nn.Linear(48, 32)).to(torch.bfloat16)
-    assert resolve("auto", odd) == "none"
-    assert resolve("int4", odd) == "int4"
+    if fbgemm_unavailable() is None:
+        assert resolve("auto", f32) == "w8a8-fbgemm" and draft_int8("auto", f32) == "w8a8-fbgemm"
+        assert quantize_target(f32, "auto") == sum(isinstance(m, FbgemmW8A8Linear) for m in f32.modules()) > 0
+    else:
+        assert resolve("auto", f32) == "none" and draft_int8("auto", f32) is True
+    assert resolve("int4", f32) == "int4"
     _needs_vllm_kernel()
     bf16 = copy.deepcopy(tiny_model("llama", 0)).to(torch.bfloat16)
-    assert resolve("auto", bf16) == "w8a8" and draft_int8("auto", bf16) == "w8a8"
+    assert resolve("auto", bf16) == "w8a8-vllm" and draft_int8("auto", bf16) == "w8a8-vllm"
+    assert resolve("w8a8", bf16) == "w8a8-vllm"
+    odd = nn.Sequential(nn.Linear(48, 32)).to(torch.bfloat16)  # vLLM's kernel needs in_features % 32
+    assert resolve("auto", odd) == ("w8a8-fbgemm" if fbgemm_unavailable() is None else "none")
     from onspec.models.quant import W8A8Linear
 
     assert quantize_target(bf16, "auto") == sum(isinstance(m, W8A8Linear) for m in bf16.modules()) > 0
+    assert kernels.choose() == "w8a8-vllm"
 
 
-@pytest.mark.parametrize("kind", ["int8", "w8a8"])  # int4's groups of 128 do not fit the tiny model
+@pytest.mark.parametrize("kind", ["int8", "w8a8", "w8a8-fbgemm"])  # int4's groups of 128 do not fit the tiny model
 def test_the_quantized_target_is_converted_once_into_the_cache(kind, tmp_path, monkeypatch):
     """quantize_target with a source directory writes the quantized layers into the cache once,
     keyed by the source's files; the next load takes them from there (no conversion) and computes
     the same logits; a changed weight file is a new key."""
     if kind == "w8a8":
         _needs_vllm_kernel()
+    if kind == "w8a8-fbgemm":
+        _needs_fbgemm()
     from onspec.models import quant
 
     monkeypatch.setenv("ONSPEC_CACHE", str(tmp_path / "cache"))
@@ -257,6 +375,7 @@ def test_the_quantized_target_is_converted_once_into_the_cache(kind, tmp_path, m
     base.save_pretrained(source)
     first = copy.deepcopy(base)
     n = quant.quantize_target(first, kind, source=str(source))
+    kind = quant.resolve(kind, base)  # w8a8: the kernel that ran
     path = quant.cached_layers_path(str(source), kind)
     assert n > 0 and path.is_file() and path.parent == tmp_path / "cache" / "quantized"
 
@@ -380,10 +499,10 @@ def test_a_w8a8_target_loads_with_a_smoothed_head_by_default_and_bf16_head_keeps
     tokenizer.save_pretrained(path)
     target, _ = load_pair(ModelConfig(target=str(path), dtype="bfloat16", no_draft=True))
     head = target.model.get_output_embeddings()
-    assert target.quant == "w8a8" and target.head == "w8a8, smoothed"
+    assert target.quant == "w8a8-vllm" and target.head == "w8a8-vllm, smoothed"
     assert isinstance(head, W8A8Linear) and head.smooth is not None
     kept, _ = load_pair(ModelConfig(target=str(path), dtype="bfloat16", no_draft=True, bf16_head=True))
-    assert kept.quant == "w8a8" and kept.head == "as loaded"
+    assert kept.quant == "w8a8-vllm" and kept.head == "as loaded"
     assert not isinstance(kept.model.get_output_embeddings(), W8A8Linear)
     with pytest.raises(ValueError, match="exclude"):
         ModelConfig(quant_head=True, bf16_head=True)

@@ -144,6 +144,12 @@ def cmd_models(args: argparse.Namespace) -> int:
             " [default draft]" if m.name in DEFAULT_DRAFT.values() else "")
         print(f"{m.name:<22} {'yes' if available(m) else 'no':<10} {', '.join(converted) or '-':<26} {m.summary}{role}")
     print(f"\nwheels: ./scripts/setup.sh installs them (--no-deps); cache: {cache_dir()} (ONSPEC_CACHE overrides)")
+    from onspec.models import kernels
+
+    host = kernels.host()
+    print(f"\nthis CPU: {host.machine}, {host.vector}; kernel paths (models/kernels.py), first that runs is the default:")
+    for path, why in kernels.table():
+        print(f"  {path.name:<12} {'runs here' if why is None else 'no: ' + why}   needs {path.needs}")
     print("also accepted by --target/--draft: a .gguf file, a model directory, or an HF model id")
     return 0
 

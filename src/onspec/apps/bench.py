@@ -62,6 +62,20 @@ def _print_tables(cfg: BenchConfig, result: dict) -> None:
                       fmt(e["tokens_per_target_pass"], ".2f"), fmt(e["mean_k"], ".2f"), fmt(e["cost_ratio_c"], ".3f"),
                       f"{e['outputs_differing_from_own_target_only']}/{n}")
     out.print(table)
+    host = result["host"]
+    out.print(f"host: {host['cpu']}, vector extensions {host['vector']}; kernel path: {host['kernels']} "
+              "(models/kernels.py)")
+    first = next(iter(result["ways"].values()))
+    if "by_dataset" in first:
+        per = Table(title="per dataset: tok/s (vs own target-only, vs onspec target-only)")
+        per.add_column("way")
+        for d in first["by_dataset"]:
+            per.add_column(d, justify="right")
+        for e in result["ways"].values():
+            per.add_row(e["label"], *(f"{v['tok_s']:.2f} ({fmt(v['ratio_to_own_target_only'], '.2f')}x, "
+                                      f"{fmt(v['ratio_to_onspec_target_only'], '.2f')}x)"
+                                      for v in e["by_dataset"].values()))
+        out.print(per)
     for name, e in result["ways"].items():
         if "bandwidth_fraction" in e:
             out.print(f"{e['label']}: {e['weight_bytes'] / 1e9:.2f} GB of weights per token at {e['tok_s']:.2f} tok/s "

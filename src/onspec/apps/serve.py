@@ -20,6 +20,7 @@ from pathlib import Path
 import safetensors.torch
 import uvicorn
 
+from onspec.models import kernels
 from onspec.durable import replace_synced
 from onspec.engine.engine import EngineConfig
 from onspec.engine.policy import PolicyConfig
@@ -63,10 +64,12 @@ def build_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Po
     metrics = ServerMetrics(pool.general.engine.k)
     for m in pool.all_members:
         metrics.add_draft(m.name)
+    host = kernels.describe(target.quant)
+    metrics.set_host(host)
     scheduler = Scheduler(pool, metrics, router, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
     name = cfg.served_model_name or model_cfg.target_name
     return ServerState(engine=pool.general.engine, scheduler=scheduler, metrics=metrics, cfg=cfg, model_name=name,
-                       pool=pool, router=router)
+                       pool=pool, router=router, kernels=host)
 
 
 def build_vllm_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, trainer_cfg: TrainerConfig, cfg: ServerConfig,
@@ -90,10 +93,12 @@ def build_vllm_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, trainer_c
     _reload_traffic(state_dir, cfg, member)
     metrics = ServerMetrics(member.engine.k)
     metrics.add_draft(member.name)
+    host = kernels.describe("vllm (its own CPU kernels)")
+    metrics.set_host(host)
     scheduler = Scheduler(pool, metrics, None, max_batch=cfg.max_batch, max_queue=cfg.max_queue)
     name = cfg.served_model_name or model_cfg.target_name
     return ServerState(engine=member.engine, scheduler=scheduler, metrics=metrics, cfg=cfg, model_name=name,
-                       pool=pool, router=None)
+                       pool=pool, router=None, kernels=host)
 
 
 def shutdown(state: ServerState) -> None:
@@ -193,6 +198,9 @@ def run_serve(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Poli
           f"learning {learning(state)}, drafts {len(state.pool.all_members)}"
           f"{'' if state.router is None else ' max ' + str(state.pool.cfg.drafts) + ', router ' + state.router.name}) on http://{host}:{port}  "
           f"(dashboard: /dashboard, metrics: /metrics)", file=sys.stderr, flush=True)
+    if state.kernels:
+        print(f"onspec serve: {state.kernels['cpu']} CPU with {state.kernels['vector']}; "
+              f"kernel path {state.kernels['kernels']}", file=sys.stderr, flush=True)
     config = uvicorn.Config(create_app(state), log_level="warning", http=_h11_with_read_timeout(cfg.read_timeout),
                             limit_concurrency=cfg.max_connections, timeout_graceful_shutdown=5)
     server = _DrainingServer(config, state.gate, cfg.shutdown_timeout)

@@ -30,6 +30,7 @@ from onspec.engine.engine import EngineConfig, Request
 from onspec.engine.policy import PolicyConfig
 from onspec.engine.records import RequestStats
 from onspec.engine.sampling import SamplingParams
+from onspec.models import kernels
 from onspec.models.attention import NAME as SHORT_ATTENTION, implementation as attention_implementation
 from onspec.models.pair import ModelConfig, load_pair
 
@@ -47,8 +48,10 @@ BASELINE = {"target": "target", "adaptive": "target", "fixed": "target", "target
 class BenchConfig:
     """Benchmark."""
 
-    dataset: str = option("humaneval", "prompts: humaneval (code completions), sharegpt (chat), or a .jsonl file")
-    prompts: int = option(8, "prompts to decode (the same ones every way)")
+    dataset: str = option("humaneval", "prompts: humaneval (code completions), sharegpt (chat), a .jsonl file, or "
+                          "several comma-separated (--prompts from each, alternating; the summary has each one's "
+                          "figures too)")
+    prompts: int = option(8, "prompts to decode per dataset (the same ones every way)")
     max_new_tokens: int = option(64, "tokens generated per prompt")
     seed: int = option(0, "seed that picks the prompts")
     pool: int = option(2000, "prompts are drawn from the first N queries of the dataset")
@@ -95,13 +98,21 @@ class WayResult:
     startup_s: float | None = None
     """vLLM: seconds its engine took to start."""
 
+    by_dataset: dict[str, list[float]] = field(default_factory=dict)
+    """dataset -> [tokens, seconds]."""
+
     @property
     def tok_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
-    def add(self, token_ids: list[int], seconds: float, stats: RequestStats | None = None) -> None:
+    def add(self, token_ids: list[int], seconds: float, stats: RequestStats | None = None,
+            dataset: str | None = None) -> None:
         self.tokens += len(token_ids)
         self.seconds += seconds
+        if dataset is not None:
+            pair = self.by_dataset.setdefault(dataset, [0, 0.0])
+            pair[0] += len(token_ids)
+            pair[1] += seconds
         self.outputs.append(token_ids)
         if stats is not None:
             self.stats = stats if self.stats is None else self.stats.merge(stats)
@@ -123,11 +134,20 @@ Decode = Callable[[list[int]], tuple[list[int], float, RequestStats | None]]
 
 
 def pick_prompts(tokenizer, cfg: BenchConfig) -> list[list[int]]:
-    pool = [q.encode(tokenizer) for q in itertools.islice(iter_queries(cfg.dataset), cfg.pool)]
-    pool = [p for p in pool if 0 < len(p) <= cfg.max_prompt_tokens]
-    if len(pool) < cfg.prompts:
-        raise ValueError(f"only {len(pool)} prompts of <= {cfg.max_prompt_tokens} tokens in {cfg.dataset}")
-    return random.Random(cfg.seed).sample(pool, cfg.prompts)
+    """--prompts from each dataset of --dataset, alternating between them."""
+    return [ids for _, ids in pick_labelled_prompts(tokenizer, cfg)]
+
+
+def pick_labelled_prompts(tokenizer, cfg: BenchConfig) -> list[tuple[str, list[int]]]:
+    """(dataset, prompt ids): --prompts from each dataset of --dataset, alternating between them."""
+    picked = []
+    for dataset in [d.strip() for d in cfg.dataset.split(",") if d.strip()]:
+        pool = [q.encode(tokenizer) for q in itertools.islice(iter_queries(dataset), cfg.pool)]
+        pool = [p for p in pool if 0 < len(p) <= cfg.max_prompt_tokens]
+        if len(pool) < cfg.prompts:
+            raise ValueError(f"only {len(pool)} prompts of <= {cfg.max_prompt_tokens} tokens in {dataset}")
+        picked.append([(dataset, p) for p in random.Random(cfg.seed).sample(pool, cfg.prompts)])
+    return [pair for group in zip(*picked) for pair in group]
 
 
 def onspec_way(engine, max_new_tokens: int) -> Decode:
@@ -180,17 +200,18 @@ def measure(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Policy
     target, draft = load_pair(model_cfg)
     if draft is None:
         raise ValueError("bench compares speculation against target-only: it needs a draft (drop --no-draft)")
-    prompts = pick_prompts(target.tokenizer, cfg)
+    labelled = pick_labelled_prompts(target.tokenizer, cfg)
+    prompts = [ids for _, ids in labelled]
     device = next(target.model.parameters()).device
     dtype = next(target.model.parameters()).dtype
     ways, decoders, servers = _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log)
     try:
         for name in ways:  # warm-up: first calls allocate, compile kernels, fill caches
             decoders[name](prompts[0][:16])
-        for i, prompt in enumerate(prompts):
+        for i, (dataset, prompt) in enumerate(labelled):
             order = list(ways)[i % len(ways):] + list(ways)[: i % len(ways)]
             for name in order:
-                ways[name].add(*decoders[name](prompt))
+                ways[name].add(*decoders[name](prompt), dataset=dataset)
             log(f"[{i + 1}/{len(prompts)}] " + "  ".join(f"{n} {w.tok_s:.1f}" for n, w in ways.items()) + " tok/s")
     finally:
         for s in servers:
@@ -430,6 +451,19 @@ def _summarise(cfg, ways, prompts, bandwidth, k, device, dtype, curve, model_cfg
         if name in ways:
             d = ways[name]
             per_way[name]["drafted"], per_way[name]["draft_accepted"] = d.drafted, d.draft_accepted
+    datasets = list(ways["target"].by_dataset)
+    if len(datasets) > 1:
+        for name, w in ways.items():
+            base = ways.get(BASELINE[name]) or ways["target"]
+            per_way[name]["by_dataset"] = {}
+            for d in datasets:
+                tok, sec = w.by_dataset.get(d, (0, 0.0))
+                btok, bsec = base.by_dataset.get(d, (0, 0.0))
+                otok, osec = ways["target"].by_dataset[d]
+                rate = tok / sec if sec else 0.0
+                per_way[name]["by_dataset"][d] = {
+                    "tok_s": rate, "ratio_to_own_target_only": rate / (btok / bsec) if bsec and btok else None,
+                    "ratio_to_onspec_target_only": rate / (otok / osec) if osec and otok else None}
     tgt = ways["target"]
     best = max((n for n in per_way if n in ("adaptive", "fixed")), key=lambda n: per_way[n]["tok_s"], default=None)
     result = {
@@ -441,6 +475,7 @@ def _summarise(cfg, ways, prompts, bandwidth, k, device, dtype, curve, model_cfg
         "draft": model_cfg.draft_spec or "derived",
         "dtype": str(dtype).removeprefix("torch."),
         "target_quant": quant,
+        "host": kernels.describe(quant),
         "device": str(device),
         "threads": torch.get_num_threads(),
         "target_only_tok_s": tgt.tok_s,
@@ -459,6 +494,8 @@ def _summarise(cfg, ways, prompts, bandwidth, k, device, dtype, curve, model_cfg
                 result["speedup_vs_" + hf.replace("-", "_")] = per_way[best]["tok_s"] / per_way[hf]["tok_s"]
     if "llamacpp" in per_way and "llamacpp-target" in per_way:
         result["llamacpp_speedup"] = per_way["llamacpp"]["ratio_to_own_target_only"]
+    if "llamacpp-target" in per_way and "adaptive" in per_way and per_way["llamacpp-target"]["tok_s"]:
+        result["adaptive_vs_llamacpp_target"] = per_way["adaptive"]["tok_s"] / per_way["llamacpp-target"]["tok_s"]
     if "adaptive" in per_way and per_way["adaptive"]["alpha"] is not None:
         st = ways["adaptive"].stats
         result["speedup_model_adaptive"] = speedup_model(st.alpha, round(st.proposed / max(st.steps, 1)),

@@ -55,15 +55,12 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-@functools.cache
 def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16 in /proc/cpuinfo):
-    there oneDNN's bf16 GEMMs run at about twice float32's speed and read half the bytes."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX-BF16; models/kernels.py reads
+    the flags): there oneDNN's bf16 GEMMs run at about twice float32's speed and read half the bytes."""
+    from onspec.models import kernels
+
+    return kernels.host().native_bf16
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -80,7 +77,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def resolve_spec(spec: str | None, dtype: torch.dtype = torch.float32) -> str:
-    """Map a spec to something `from_pretrained` can load (a directory or a model id)."""
+    """Map a spec to something `from_pretrained` can load (a directory or a model id); a named
+    model or a .gguf file is converted once into the cache in `dtype`."""
     name = DEFAULT_TARGET if spec in (None, "", "default") else spec
     dtype_name = str(dtype).removeprefix("torch.")
     if name in MODELS:
@@ -108,10 +106,14 @@ def resolve_spec(spec: str | None, dtype: torch.dtype = torch.float32) -> str:
     return name  # a Hugging Face model id
 
 
-def load_model(spec: str | None, device: str | torch.device = "cpu", dtype: str = "auto") -> LoadedModel:
+def load_model(spec: str | None, device: str | torch.device = "cpu", dtype: str = "auto",
+               stored: torch.dtype | None = None) -> LoadedModel:
+    """`stored`: the dtype a named or .gguf model is converted to on disk when it differs from the
+    dtype it computes in (a model quantized on load needs no float32 copy: bf16 on disk, float32
+    in memory); default: the compute dtype."""
     device = resolve_device(device) if isinstance(device, str) else device
     torch_dtype = resolve_dtype(dtype, device)
-    source = resolve_spec(spec, torch_dtype)
+    source = resolve_spec(spec, stored or torch_dtype)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype)

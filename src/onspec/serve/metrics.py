@@ -57,6 +57,8 @@ class ServerMetrics:
         self.suffix_version = Gauge(f"{PREFIX}suffix_learner_outputs", "served outputs the suffix learner has learned "
                                     "(its version)", registry=r)
         self.suffix_history = Gauge(f"{PREFIX}suffix_learner_history", "earlier outputs it matches in now", registry=r)
+        self.host = Gauge(f"{PREFIX}host_info", "the CPU, its vector extensions and the kernel path the target runs "
+                          "on (models/kernels.py); always 1", ["cpu", "vector", "kernels"], registry=r)
         self.running = Gauge(f"{PREFIX}num_requests_running", "requests in the decoding batch", registry=r)
         self.waiting = Gauge(f"{PREFIX}num_requests_waiting", "requests queued for the batch", registry=r)
         self.requests = Counter(f"{PREFIX}request_success", "finished requests by finish reason", ["finished_reason"],
@@ -76,6 +78,10 @@ class ServerMetrics:
         self.add_draft("general")
         self.timeline: deque[dict] = deque(maxlen=timeline)
         self.started = time.time()
+
+    def set_host(self, host: dict) -> None:
+        """The host's line (models/kernels.describe): cpu, vector, kernels."""
+        self.host.labels(host["cpu"], host["vector"], host["kernels"]).set(1)
 
     def add_draft(self, name: str) -> None:
         """Create a pool member's series (so they exist, at 0, before its first step)."""
