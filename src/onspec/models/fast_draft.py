@@ -21,6 +21,20 @@ import torch
 from torch import nn
 
 
+def int8_per_channel(source: nn.Linear, inverse_smooth: torch.Tensor | None = None, pad: int = 0
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`source`'s weight as symmetric int8 with one float32 scale per output channel (absmax / 127):
+    (q [out + pad, in], scale [out + pad]). With `inverse_smooth` (1 / s, SmoothQuant's), W * s is
+    quantized; `pad` zero rows are appended (kernels that pack whole blocks of outputs)."""
+    w = source.weight.detach().float()
+    if inverse_smooth is not None:
+        w = w / inverse_smooth  # W * s
+    if pad:
+        w = torch.cat([w, w.new_zeros(pad, w.shape[1])])
+    scale = (w.abs().amax(1) / 127.0).clamp_min(1e-8)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
 class Int8Linear(nn.Module):
     """nn.Linear with int8 weights and one scale per output channel (symmetric, absmax / 127)."""
 

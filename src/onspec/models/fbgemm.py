@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from onspec.models import kernels
+from onspec.models.fast_draft import int8_per_channel
 
 
 _LINEAR = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32
@@ -63,11 +64,8 @@ class FbgemmW8A8Linear(nn.Module):
 
     @torch.no_grad()
     def refresh(self, source: nn.Linear) -> None:
-        w = source.weight.detach().float()
-        if self.smooth is not None:
-            w = w / self.smooth  # W * s
-        scale = (w.abs().amax(1) / 127.0).clamp_min(1e-8)  # [out]
-        self.register_buffer("qweight", torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8))
+        q, scale = int8_per_channel(source, self.smooth)  # [out, in], [out]
+        self.register_buffer("qweight", q)
         self.register_buffer("scale", scale.contiguous())
         self.register_buffer("bias", None if source.bias is None else source.bias.detach().float().clone())
         self.pack()

@@ -38,7 +38,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from onspec.models import kernels
-from onspec.models.fast_draft import Int8Linear
+from onspec.models.fast_draft import Int8Linear, int8_per_channel
 from onspec.models.fbgemm import FbgemmW8A8Linear, fbgemm_unavailable
 from onspec.models.progress import note
 from onspec.models.registry import cache_dir
@@ -108,13 +108,8 @@ class W8A8Linear(nn.Module):
 
     @torch.no_grad()
     def refresh(self, source: nn.Linear) -> None:
-        w = source.weight.detach().float()
-        if self.smooth is not None:
-            w = w / self.smooth  # W * s
         pad = -self.out_features % 32  # the kernel packs whole blocks of 32 outputs: zero rows, cut off after
-        w = torch.cat([w, w.new_zeros(pad, self.in_features)]) if pad else w
-        scale = (w.abs().amax(1) / 127.0).clamp_min(1e-8)  # [out + pad]
-        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        q, scale = int8_per_channel(source, self.smooth, pad)  # [out + pad, in], [out + pad]
         self.register_buffer("packed", torch.ops._C.convert_weight_packed(q))
         self.register_buffer("scale", scale.contiguous())
         bias = None if source.bias is None else source.bias.detach().float()
