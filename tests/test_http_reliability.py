@@ -227,6 +227,24 @@ def test_a_prompt_beyond_any_tokenisation_of_the_context_is_refused_before_token
     assert openai_error(r, 400, "context_length_exceeded")["param"] == "messages" and not calls
 
 
+def test_an_unsupported_field_is_refused_before_tokenising(app_client, monkeypatch):
+    """A body refused for its fields costs no tokenizer call, however long its prompt (here one the
+    length bound lets through, so only the field check can stop it)."""
+    c, state = app_client()
+
+    def tokenised(*a, **k):
+        raise AssertionError("the tokenizer was called for a body refused by its fields")
+
+    for method in ("encode", "apply_chat_template", "__call__"):
+        monkeypatch.setattr(type(state.tokenizer), method, tokenised)
+    prompt = "the quick brown fox " * (CONTEXT // 20)  # 200,000 characters: within the cheap bound
+    for path, body in (("/v1/completions", {"prompt": prompt}),
+                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]})):
+        err = openai_error(c.post(path, json=body | {"logit_bias": {"1": 5}, "max_tokens": 5}), 400,
+                           "unsupported_parameter")
+        assert err["param"] == "logit_bias" and "logit_bias" in err["message"], (path, err)
+
+
 # -- bad text, bad numbers ---------------------------------------------------------------------------------
 
 

@@ -4,9 +4,10 @@ Every way a request can be wrong ends in a JSON error with a 4xx status
 ({"error": {"message", "type", "param", "code"}}), never a traceback or a hang. What a request
 passes before an endpoint sees it (Host, key, body limits, drain) is `guard.py`.
 
-A generation request: the body is checked (a cheap length bound first), tokenised on a worker
-thread (never on the event loop), submitted (429 past --max-queue), and then listened to: the
-scheduler's events, plus the server's own stops (client gone, --request-timeout, shutdown)."""
+A generation request: the body is checked (its fields, then a cheap length bound on the prompt),
+tokenised on a worker thread (never on the event loop), submitted (429 past --max-queue), and then
+listened to: the scheduler's events, plus the server's own stops (client gone, --request-timeout,
+shutdown). Nothing a body can be refused for costs a tokenizer call."""
 
 from __future__ import annotations
 
@@ -125,18 +126,20 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: HTTPRequest):
+        params = _params(body, state, "completion")
         prompt_ids, text = await prompts.completion(body)
         query = Query("http", "http", text=text, domain=body.domain)
-        return await _serve(request, state, body, prompt_ids, "completion", query)
+        return await _serve(request, state, body, params, prompt_ids, "completion", query)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
         if body.max_completion_tokens is not None and body.max_tokens is None:
             body.max_tokens = body.max_completion_tokens
+        params = _params(body, state, "chat")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         ids = await prompts.chat(messages)
         query = Query("http", "http", messages=tuple(messages), domain=body.domain)
-        return await _serve(request, state, body, ids, "chat", query)
+        return await _serve(request, state, body, params, ids, "chat", query)
 
     @app.get("/metrics")
     async def metrics():
@@ -230,8 +233,9 @@ class _Prompts:
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
 
-def _request(body, state: ServerState, kind: str, prompt_ids: list[int]) -> Request:
-    """The engine request of an HTTP body: the server's own limits here, the engine's checks mapped."""
+def _params(body, state: ServerState, kind: str) -> SamplingParams:
+    """What an HTTP body asks for, checked before its prompt is tokenised (a refused body costs no
+    tokenizer time): the server's own limits here, the engine's checks mapped."""
     if body.model is not None and body.model != state.model_name:
         raise OpenAIError(404, f"the model {body.model!r} does not exist; this server serves {state.model_name!r}",
                           param="model", code="model_not_found")
@@ -247,15 +251,27 @@ def _request(body, state: ServerState, kind: str, prompt_ids: list[int]) -> Requ
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if len(stop) > 8:
         raise OpenAIError(400, f"at most 8 stop strings, got {len(stop)}", param="stop")
-    try:  # the engine's own checks, mapped to a 400 (they are not repeated here)
-        params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
-                                max_new_tokens=max_tokens, stop=stop, seed=body.seed, ignore_eos=body.ignore_eos)
+    try:
+        return SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=max(body.top_k, 0),
+                              max_new_tokens=max_tokens, stop=stop, seed=body.seed, ignore_eos=body.ignore_eos)
+    except InvalidRequest as e:
+        raise _invalid(e, kind) from None
+
+
+def _request(params: SamplingParams, state: ServerState, kind: str, prompt_ids: list[int]) -> Request:
+    """The engine request of checked parameters and a tokenised prompt; the engine's checks (they
+    are not repeated here) mapped to a 400."""
+    try:
         request = Request(prompt_ids, params)
         state.engine.check(request)
     except InvalidRequest as e:
-        param = "messages" if kind == "chat" and e.param == "prompt" else e.param
-        raise OpenAIError(400, str(e), param=param, code=e.code) from None
+        raise _invalid(e, kind) from None
     return request
+
+
+def _invalid(e: InvalidRequest, kind: str) -> OpenAIError:
+    param = "messages" if kind == "chat" and e.param == "prompt" else e.param
+    return OpenAIError(400, str(e), param=param, code=e.code)
 
 
 DISCONNECTED = 499  # nginx's "client closed request": nobody reads it
@@ -331,8 +347,9 @@ class _EventStream(StreamingResponse):
             self.listener.close()
 
 
-async def _serve(http: HTTPRequest, state: ServerState, body, prompt_ids: list[int], kind: str, query: Query):
-    request = _request(body, state, kind, prompt_ids)
+async def _serve(http: HTTPRequest, state: ServerState, body, params: SamplingParams, prompt_ids: list[int], kind: str,
+                 query: Query):
+    request = _request(params, state, kind, prompt_ids)
     if state.gate.ended:
         raise OpenAIError(503, SHUTTING_DOWN, type="server_error", code="server_shutting_down")
     listener = _Listener(state, request, http, watch_disconnect=not body.stream)
