@@ -27,6 +27,7 @@ from onspec.engine.policy import PolicyConfig
 from onspec.engine.suffix import SuffixLearner
 from onspec.engine.vllm_engine import check_engine_options
 from onspec.models.pair import ModelConfig, load_pair
+from onspec.online.buffer import save_traffic
 from onspec.online.distiller import TrainerConfig
 from onspec.pool.pool import GENERAL, Member, PoolConfig
 from onspec.wiring import build_pool, member_dir
@@ -110,10 +111,8 @@ def shutdown(state: ServerState) -> None:
             continue
         m.trainer.close()  # waits for a running update, writes the final checkpoint
         if state.cfg.persist_traffic:
-            path = _traffic_file(Path(state.cfg.state_dir), m.name)
-            written = m.trainer.buffer.save(path)  # owner only from the first byte
-            log.info("wrote %d buffered requests to %s", written, path)
-    if state.router is not None:
+            save_traffic(m.trainer.buffer, _traffic_file(Path(state.cfg.state_dir), m.name))  # never raises
+    if state.router is not None:  # never raises either
         state.pool.save_manifest(Path(state.cfg.state_dir) / "checkpoints", state.router.state_dict())
     close = getattr(state.engine, "close", None)  # vLLM's engine core; onspec's engine holds nothing to release
     if close is not None:

@@ -21,6 +21,7 @@ import torch
 
 from onspec.engine.records import Example
 from onspec.models.pair import ModelConfig, load_pair
+from onspec.online.buffer import save_traffic
 from onspec.online.checkpoint import CheckpointStore
 from onspec.online.distiller import Distiller, TrainerConfig
 from onspec.online.worker import TrainerWorker
@@ -122,7 +123,5 @@ class TrainerActor:
         self._closing.set()
         self.worker.close()
         if self.persist_traffic:
-            path = self.state_dir / "traffic.pt"
-            written = self.worker.buffer.save(path)  # owner only from the first byte
-            log.info("wrote %d buffered requests to %s", written, path)
+            save_traffic(self.worker.buffer, self.state_dir / "traffic.pt")  # never raises
         return self.stats()

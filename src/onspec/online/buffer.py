@@ -9,6 +9,7 @@ distiller's guard can measure a new draft on data it has not seen.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 from collections import deque
@@ -19,7 +20,8 @@ import torch
 from onspec.durable import replace_synced
 from onspec.engine.records import Example
 
-__all__ = ["Example", "ReplayBuffer"]
+__all__ = ["Example", "ReplayBuffer", "save_traffic"]
+log = logging.getLogger("onspec.trainer")
 
 
 class ReplayBuffer:
@@ -118,3 +120,15 @@ class ReplayBuffer:
 
     def __len__(self) -> int:
         return len(self.examples)
+
+
+def save_traffic(buffer: ReplayBuffer, path: Path) -> None:
+    """The shutdown's write of the buffered traffic (`--persist-traffic`), durable and owner-only.
+    Never raises for a write that fails (a full or read-only state directory): one log line, and
+    the file of the previous shutdown stays as it was."""
+    try:
+        written = buffer.save(path)
+    except OSError as e:
+        log.error("could not write the buffered traffic to %s: %s; the previous file is kept", path, e)
+        return
+    log.info("wrote %d buffered requests to %s", written, path)

@@ -31,15 +31,13 @@ import re
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from onspec.durable import fsync_dir, replace_synced
+from onspec.durable import fsync_dir, naming_errors, replace_synced
 
 log = logging.getLogger("onspec.checkpoint")
 
@@ -52,29 +50,6 @@ _LATEST_TMP = ".LATEST.tmp"
 
 class CorruptCheckpoint(Exception):
     """A version directory that does not verify; the message names the file."""
-
-
-class CheckpointWriteError(OSError):
-    """Writing a checkpoint failed (a full disk, say) where the error did not come as an OSError; the
-    message names the file and the error, on one line."""
-
-
-@contextmanager
-def _writing(path: Path):
-    """What fails while writing `path` is an OSError naming it (one that names its own file is left
-    as it is): a full disk comes as an OSError without a name (write, fsync), or as safetensors' or
-    torch.save's own error types. The trainer logs an OSError as one line (`TrainerWorker`)."""
-    try:
-        yield
-    except OSError as e:
-        if e.filename is None:
-            e.filename = str(path)
-        raise
-    except (RuntimeError, SafetensorError) as e:
-        cause = e.__cause__ or e.__context__
-        if isinstance(cause, OSError):  # the write's own error, e.g. [Errno 28] No space left on device
-            raise CheckpointWriteError(cause.errno, cause.strerror, str(path)) from e
-        raise CheckpointWriteError(f"{path}: {type(e).__name__}: {' '.join(str(e).split())[:500]}") from e
 
 
 @dataclass
@@ -107,23 +82,23 @@ class CheckpointStore:
         name = version_name(version if not numbers or version > numbers[-1] else numbers[-1] + 1)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=self.root))
         try:
-            with _writing(tmp / "model.safetensors"):
+            with naming_errors(tmp / "model.safetensors"):
                 model.save_pretrained(tmp, state_dict=state_dict)
             if tokenizer is not None:
-                with _writing(tmp):
+                with naming_errors(tmp):
                     tokenizer.save_pretrained(tmp)
             if optimizer is not None:
-                with _writing(tmp / OPTIMIZER), open(tmp / OPTIMIZER, "wb") as f:  # a file object: a failed
+                with naming_errors(tmp / OPTIMIZER), open(tmp / OPTIMIZER, "wb") as f:  # a file object: a failed
                     torch.save(optimizer.state_dict(), f)  # write's OSError stays behind torch's RuntimeError
             files = {}
             for f in sorted(tmp.rglob("*")):
                 if f.is_file():
-                    with _writing(f):
+                    with naming_errors(f):
                         files[f.relative_to(tmp).as_posix()] = _sha256(f, sync=True)
-            with _writing(tmp / META):
+            with naming_errors(tmp / META):
                 _write_synced(tmp / META, json.dumps({"version": version, "saved_at": time.time(), **meta,
                                                       "files": files}, indent=2))
-            with _writing(tmp):
+            with naming_errors(tmp):
                 for d in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
                     fsync_dir(d)
                 fsync_dir(tmp)
@@ -132,8 +107,7 @@ class CheckpointStore:
             fsync_dir(self.root)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        with _writing(self.root / "LATEST"):
-            replace_synced(self.root / "LATEST", lambda f: f.write(name.encode()))  # written as _LATEST_TMP first
+        replace_synced(self.root / "LATEST", lambda f: f.write(name.encode()))  # written as _LATEST_TMP first
         self._prune()
         return final
 

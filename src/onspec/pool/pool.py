@@ -260,13 +260,18 @@ class DraftPool:
 
     def save_manifest(self, root: Path, router_state: dict | None = None) -> None:
         """Which routes have specialists (each member checkpoints into its own directory), written
-        durably: a temporary file, fsynced, renamed over the old one, the directory fsynced."""
-        root.mkdir(parents=True, exist_ok=True)
+        durably: a temporary file, fsynced, renamed over the old one, the directory fsynced. Never
+        raises for a write that fails (a full or read-only state directory, at shutdown too): one
+        log line, and the previous files stay as they were."""
         manifest = {"members": {k: {"degraded": m.degraded, "queries": m.queries} for k, m in self.members.items()},
                     "seen": dict(self.seen)}
-        replace_synced(root / "pool.json", lambda f: f.write(json.dumps(manifest, indent=2).encode()))
-        if router_state is not None:
-            replace_synced(root / "router.pt", lambda f: torch.save(router_state, f))
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            replace_synced(root / "pool.json", lambda f: f.write(json.dumps(manifest, indent=2).encode()))
+            if router_state is not None:
+                replace_synced(root / "router.pt", lambda f: torch.save(router_state, f))
+        except OSError as e:
+            log.error("could not write the pool's manifest into %s: %s; the previous one is kept", root, e)
 
     def restore(self, root: Path) -> dict | None:
         """Re-open the specialists a previous run had (their trainers resume their own
