@@ -91,7 +91,7 @@ class Controller:
     def choose(self, policy: AdaptiveK | None, k_draft: int, proposal: SuffixProposal, switch: bool = False) -> int:
         """Suffix tokens to verify this step (0: the draft proposes, its k chosen by its policy).
         `switch`: the row's last step was not the suffix learner's (see `suffix_offer`)."""
-        if policy is not None and policy.plain:  # the policy steps aside (or measures plain decoding)
+        if policy is not None and policy.measuring:  # a plain step that measures target-only decoding
             return 0
         if policy is None or not proposal.tokens or policy.draft_time is None:
             self.draft_steps += 1

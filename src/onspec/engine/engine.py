@@ -437,6 +437,7 @@ class SpeculativeEngine:
         shadows: list[SuffixProposal | None] = [None] * len(rows)  # the learner's proposals the draft beat
         proposals: list[tuple[list[int], Proposal]] = []
         drafted: list[tuple[Drafter, list[int], int, float]] = []  # (drafter, its rows, k, seconds proposing)
+        catch_ups: dict[str, float] = {}  # drafter -> seconds its catch-up pass took this step
         for name, idx in self._groups(rows).items():
             d, runner = self.drafters[name], self._draft_runners[name]
             d.before_step()
@@ -468,6 +469,7 @@ class SpeculativeEngine:
                 rows[r].stats.draft_time_s += t1 - t_start
                 rows[r].stats.draft_forwards += k
             drafted.append((d, idx, k, t1 - t0))
+            catch_ups[name] = t0 - t_start
             if self.suffix is not None and self.suffix_extension and k:  # the learner continues the draft's proposal
                 for j, r in enumerate(idx):
                     if group_ks[j]:
@@ -520,10 +522,13 @@ class SpeculativeEngine:
             if on_record is not None:
                 on_record(self._record(s, draws[r], target_logits[r], v))
             steps.append((self._commit(s, v.tokens), ks[r], v))
-        seconds = self.clock() - t_step  # the whole step, as the policies' achieved rates count it
+        # the whole step, as the policies' achieved rates count it, but for the draft's catch-up on
+        # tokens it did not see: a cost of having stepped aside, paid once, not of speculating
+        seconds = self.clock() - t_step
         for d, idx, _, _ in drafted:
-            if d.policy is not None:
-                d.policy.observe_step(any(ks[r] for r in idx), sum(len(emitted[r]) for r in idx) / len(idx), seconds)
+            if d.policy is not None and not any(suffixed[r] for r in idx):  # the learner's steps are priced apart
+                d.policy.observe_step(any(ks[r] for r in idx), sum(len(emitted[r]) for r in idx) / len(idx),
+                                      seconds - catch_ups[d.name])
         return steps
 
     def propose(self, drafter: Drafter, runner: ModelRunner, rows: list[_Sequence], ks: list[int]) -> Proposal:

@@ -22,10 +22,12 @@ whose multi-position pass costs more than its fit says) can make speculation slo
 decoding while the model predicts a gain. So the policy also keeps the rate each way actually
 achieved, whole steps timed by the engine's clock (`observe_step`: tokens emitted over the step's
 wall time, draft passes, verify pass, catch-up and overhead included): speculating steps against
-plain (k = 0) steps, both decayed over a few steps. When speculating achieves less, the policy
-steps aside (k = 0, no learner proposal either), probing again after as many plain steps as keep
-the probes' cost within PROBE_BUDGET; plain steps are re-measured every `PLAIN_EVERY` steps while
-it speculates.
+plain (k = 0) steps, both decayed over a few steps. The draft's catch-up pass after plain steps
+is left out (a one-time cost of having stepped aside), and so are the suffix learner's steps, which
+the controller prices on their own. When the draft's steps achieve less, the policy steps aside
+(k = 0; the learner may still propose where the controller finds it pays), probing again after as
+many plain steps as keep the probes' cost within PROBE_BUDGET; plain steps are re-measured every
+`PLAIN_EVERY` steps while the draft speculates.
 """
 
 from __future__ import annotations
@@ -102,8 +104,9 @@ class AdaptiveK:
         self._achieved = {True: [0.0, 0.0, 0.0], False: [0.0, 0.0, 0.0]}
         self._since_plain = 0
         self._aside_left = 0  # plain steps before the next probe while speculation loses
-        self.plain = False
-        """True when this step's k = 0 is the policy stepping aside or measuring: propose nothing at all."""
+        self.measuring = False
+        """True when this step's k = 0 measures plain decoding: nothing at all is proposed (the suffix
+        learner neither). Stepping aside (the draft losing) leaves the learner's offers to the controller."""
         self.aside_steps = 0
 
     @property
@@ -142,10 +145,10 @@ class AdaptiveK:
         return spec is not None and plain is not None and spec < plain
 
     def choose(self) -> int:
-        self.plain = False
+        self.measuring = False
         timed, plain_steps = self._achieved[True][0] + self._achieved[False][0], self._achieved[False][0]
         if timed and (plain_steps < MIN_STEPS or self._since_plain >= PLAIN_EVERY):
-            self.plain = True  # measure the target-only rate (a plain step never loses)
+            self.measuring = True  # measure the target-only rate (a plain step never loses)
             return 0
         best = max(range(self.k_max + 1), key=self.expected_speedup)
         if best == 0 and self.k_max > 0 and self._rng.random() < self.cfg.probe_share:
@@ -154,7 +157,6 @@ class AdaptiveK:
         if best and self.losing:
             if self._aside_left > 0:
                 self._aside_left -= 1
-                self.plain = True
                 self.aside_steps += 1
                 return 0
             # probe now; the next probe waits until its expected loss is PROBE_BUDGET of the plain steps between
