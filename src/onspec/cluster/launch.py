@@ -50,21 +50,32 @@ class RunningCluster:
 
     def close(self, timeout: float = 60.0) -> dict | None:
         """Replicas drain (Serve waits for their running requests) and stop; then the trainer
-        writes its final checkpoint; then Ray stops if this process started it. Returns the
-        trainer's last stats (None without a trainer or when it could not answer)."""
+        writes its final checkpoint; then Ray stops if this process started it. Each step runs
+        whatever the one before did; a step that fails is one log line (Ray's errors run to many).
+        Returns the trainer's last stats (None without a trainer or when it could not answer)."""
         stats = None
         try:
             serve.delete(APP)
-        finally:
-            if self.trainer is not None:
-                try:
-                    stats = ray.get(self.trainer.close.remote(), timeout=timeout)
-                except Exception:
-                    log.exception("the trainer's final checkpoint failed")
+        except Exception as e:
+            log.error("the replicas did not stop cleanly: %s", _one_line(e))
+        if self.trainer is not None:
+            try:
+                stats = ray.get(self.trainer.close.remote(), timeout=timeout)
+            except Exception as e:  # the trainer is gone, or its final checkpoint ran past `timeout`
+                log.error("the trainer's final checkpoint failed: %s", _one_line(e))
+        try:
             serve.shutdown()
+        except Exception as e:
+            log.error("Serve did not shut down cleanly: %s", _one_line(e))
+        finally:
             if self.started_ray:
                 ray.shutdown()
         return stats
+
+
+def _one_line(e: BaseException) -> str:
+    first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+    return f"{type(e).__name__}: {first[:300]}"
 
 
 def start_cluster(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: PolicyConfig,
@@ -82,8 +93,12 @@ def start_cluster(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: 
     port = server_cfg.port or _free_port(server_cfg.host)  # Serve's proxy needs a fixed port
     started = not ray.is_initialized()
     if started:
+        caller_sigterm = signal.getsignal(signal.SIGTERM)
         ray.init(address=cluster_cfg.ray_address, namespace=NAMESPACE, include_dashboard=False,
                  logging_level=logging.WARNING)
+        if caller_sigterm is not None and threading.current_thread() is threading.main_thread():
+            # ray.init sets its own, which exits at once (sys.exit): the caller's stays in charge
+            signal.signal(signal.SIGTERM, caller_sigterm)
     times["ray"] = time.perf_counter() - t0
     cores = os.cpu_count() or 1
     threads = cluster_cfg.replica_threads or max(1, cores // cluster_cfg.replicas)
@@ -107,14 +122,17 @@ def start_cluster(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: 
         spec = ReplicaSpec(model_cfg, engine_cfg, policy_cfg, trainer_cfg if online else None, server_cfg,
                            cluster_cfg, NAMESPACE, HUB, TRAINER, threads)
         t = time.perf_counter()
+        # Serve's controller, proxy and replicas log warnings and errors, as uvicorn does behind
+        # `onspec serve` (not every request, nor every step of a deploy)
         deployment = serve.deployment(serve.ingress()(EngineReplica), name="EngineReplica",
                                       num_replicas=cluster_cfg.replicas,
                                       max_ongoing_requests=server_cfg.max_batch + server_cfg.max_queue + 8,
                                       graceful_shutdown_timeout_s=server_cfg.shutdown_timeout,
                                       health_check_period_s=2.0, health_check_timeout_s=60.0,
                                       max_replicas_per_node=cluster_cfg.max_replicas_per_node or None,
+                                      logging_config={"log_level": "WARNING"},
                                       ray_actor_options={"num_cpus": 0, "num_gpus": gpus})
-        serve.start(http_options={"host": server_cfg.host, "port": port})
+        serve.start(http_options={"host": server_cfg.host, "port": port}, logging_config={"log_level": "WARNING"})
         serve.run(deployment.bind(spec), name=APP, route_prefix="/", blocking=False)
         _wait_running(timeout=600)
         times["replicas"] = time.perf_counter() - t
@@ -152,14 +170,32 @@ def _free_port(host: str) -> int:
 def run_cluster_serve(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: PolicyConfig,
                       trainer_cfg: TrainerConfig, server_cfg: ServerConfig, cluster_cfg: ClusterConfig,
                       pool_cfg: PoolConfig | None = None) -> None:
-    """`onspec serve --replicas N`: start, print the address, serve until SIGINT/SIGTERM, stop."""
+    """`onspec serve --replicas N`: start, print the address, serve until SIGINT/SIGTERM, stop.
+    A signal while the cluster starts stops what has started; one after it drains the replicas and
+    writes the trainer's final checkpoint (`RunningCluster.close`). Either way the process says so
+    in a line and exits 0; a second signal changes nothing (the final checkpoint is not cut short)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # this process's Serve client, as start_cluster's
     print(f"onspec serve: starting {cluster_cfg.replicas} replicas on Ray "
           f"({cluster_cfg.ray_address or 'a local instance'}) ...", file=sys.stderr, flush=True)
-    cluster = start_cluster(model_cfg, engine_cfg, policy_cfg, trainer_cfg, server_cfg, cluster_cfg, pool_cfg)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
-        signal.signal(sig, lambda *_: stop.set())
+    stop, running = threading.Event(), threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        stop.set()
+        if not running.is_set():  # out of start_cluster, which stops what it started; Ray's blocking
+            raise KeyboardInterrupt  # calls give this one back as raised (another becomes a SystemError)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
+    cluster = None
+    try:
+        cluster = start_cluster(model_cfg, engine_cfg, policy_cfg, trainer_cfg, server_cfg, cluster_cfg, pool_cfg)
+        running.set()
+    except KeyboardInterrupt:
+        if cluster is None:
+            print("onspec serve: stopped while starting", file=sys.stderr, flush=True)
+            return
+        running.set()  # the signal came just after the start: stop as below
     state = cluster.state()
     print(f"onspec serve: {server_cfg.served_model_name or model_cfg.target_name} on {cluster.url} "
           f"({len(state['replicas'])} replicas, draft v{state['version'] if state['version'] is not None else 0}, "
