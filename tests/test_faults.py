@@ -1,7 +1,7 @@
 """The faults issue 41 left open, each tried for real: a state directory on a full disk (a tiny
 tmpfs, mounted by the test: they run as root; skipped where mounting is not permitted) at the
 writes and at shutdown; SIGTERM to `onspec serve --replicas 2` (Ray), once serving and while
-starting."""
+starting; "terminate called without an active exception" at exit."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -203,3 +204,75 @@ def test_sigterm_while_serve_replicas_starts_stops_what_started_and_exits_0(mode
     finally:
         proc.send_signal(signal.SIGTERM)
     _stops_cleanly(proc, log, "onspec serve: stopped while starting")
+
+
+# -- "terminate called without an active exception" ------------------------------------------------------
+# Its cause: a daemon thread still running torch code when the interpreter exits. CPython ends such a
+# thread with pthread_exit when it next takes the GIL; the unwind meets a noexcept C++ frame in torch
+# and std::terminate aborts the process (exit code 134), after everything was saved.
+
+_BUSY_AT_SHUTDOWN = """
+import sys, time, torch
+sys.path.insert(0, {tests!r})
+from onspec.apps.serve import build_state, shutdown
+from onspec.engine.engine import EngineConfig, Request
+from onspec.engine.policy import PolicyConfig
+from onspec.engine.sampling import SamplingParams
+from onspec.models.pair import ModelConfig
+from onspec.online.distiller import TrainerConfig
+from onspec.pool.pool import PoolConfig
+from onspec.serve.config import ServerConfig
+
+def busy(seconds):  # torch code, as a long decoding step or a draft's build runs it
+    x, t0 = torch.randn(256, 256), time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        x = torch.tanh(x @ x)
+
+state = build_state(ModelConfig(target={target!r}, draft={draft!r}, dtype="float32"), EngineConfig(k=3),
+                    PolicyConfig(), TrainerConfig(), ServerConfig(state_dir={state!r}, learn="draft"),
+                    PoolConfig(drafts=2, router="field", open_after=1))
+state.scheduler.start()
+make_member = state.pool.make_member
+state.pool.make_member = lambda name, model: busy(2) or make_member(name, model)
+engine_step = state.pool.engine.step
+state.pool.engine.step = lambda: busy(1) or engine_step()
+assert state.pool.pick("code", opens_at_once=True) is None  # its draft is being built on a thread of its own
+state.scheduler.submit(Request(state.tokenizer.encode("hello"), SamplingParams(max_new_tokens=4)), lambda ev: None)
+time.sleep(0.3)  # the decoding thread is in its step
+shutdown(state)
+print("shut down", flush=True)
+"""
+
+
+def test_no_thread_of_ours_is_inside_torch_when_serve_exits(models, tmp_path):
+    """Shutdown while a decoding step runs and a specialist's draft is being built: both are waited
+    for (the build was not, and a step only up to 30 s), so the process exits 0, quietly."""
+    target, draft = models
+    code = _BUSY_AT_SHUTDOWN.format(tests=str(Path(__file__).parent), target=str(target), draft=str(draft),
+                                    state=str(tmp_path / "state"))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert "shut down" in out.stdout, out.stderr[-3000:]
+    assert "terminate called" not in out.stderr and out.returncode == 0, (out.returncode, out.stderr[-3000:])
+
+
+def test_serve_and_generate_exit_without_terminate_called(models, tmp_path):
+    """The commands themselves: `onspec generate`, and `onspec serve` stopped by SIGTERM while a
+    request decodes (the drain ends it, the scheduler stops after its step)."""
+    import httpx
+    from test_server import ONSPEC, Server
+
+    target, draft = models
+    out = subprocess.run([*ONSPEC, "generate", "--target", str(target), "--draft", str(draft), "--dtype", "float32",
+                          "--prompt", "hello", "--max-new-tokens", "16"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "terminate called" not in out.stderr, out.stderr[-3000:]
+
+    server = Server(models, tmp_path / "state", "--learn", "both", "--shutdown-timeout", "0.5")
+    body = {"prompt": "hello", "max_tokens": 200, "ignore_eos": True, "temperature": 0}
+    streaming = threading.Thread(target=lambda: httpx.post(server.url + "/v1/completions", json=body, timeout=60))
+    streaming.start()
+    try:
+        log = server.stop()
+    finally:
+        streaming.join(timeout=60)
+    assert server.proc.returncode == 0 and "onspec serve: stopped" in log, log[-3000:]
+    assert "terminate called" not in log and "Traceback" not in log, log[-3000:]

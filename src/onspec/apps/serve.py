@@ -103,7 +103,8 @@ def build_vllm_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, trainer_c
 
 
 def shutdown(state: ServerState) -> None:
-    state.scheduler.close()
+    state.scheduler.close()  # after its current step: no thread of ours is left inside torch at exit
+    state.pool.wait_built()
     if state.engine.suffix is not None and not state.engine.suffix.frozen:
         save_suffix(state.engine.suffix, Path(state.cfg.state_dir) / SUFFIX_FILE)
     for m in state.pool.all_members:

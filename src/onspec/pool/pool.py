@@ -124,6 +124,7 @@ class DraftPool:
         self.open_in_background = False
         self.on_opened: Callable[[], None] | None = None
         self._opening: set[str] = set()
+        self._builders: list[threading.Thread] = []
         self._built: dict[str, Member | Exception] = {}  # written by the builder threads, under _lock
         self._lock = threading.Lock()
         self._rng = random.Random(seed)
@@ -198,7 +199,17 @@ class DraftPool:
                 self.on_opened()
 
         self._opening.add(key)
-        threading.Thread(target=build, name=f"onspec-open-{key}", daemon=True).start()
+        builder = threading.Thread(target=build, name=f"onspec-open-{key}", daemon=True)
+        self._builders = [t for t in self._builders if t.is_alive()] + [builder]
+        builder.start()
+
+    def wait_built(self) -> None:
+        """Wait for the drafts being built on their threads (at shutdown: a thread still inside
+        torch when the interpreter exits aborts the process, "terminate called without an active
+        exception"). What they built is left unadopted."""
+        for builder in self._builders:
+            builder.join()
+        self._builders = []
 
     def _serve(self, member: Member) -> Member:
         """A specialist, unless it is degraded or this query is one of the general draft's checks."""

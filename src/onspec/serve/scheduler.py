@@ -131,11 +131,18 @@ class Scheduler:
         return self.pool.engine.num_running
 
     def close(self) -> None:
+        """Stop the decoding thread once its current step ends, however long that takes: a thread
+        still inside torch when the interpreter exits aborts the process ("terminate called
+        without an active exception", exit code 134) after the state was saved."""
         with self._cond:
             self._closing = True
             self._cond.notify()
-        if self._thread.is_alive():
+        waited = 0
+        while self._thread.is_alive():
             self._thread.join(timeout=30)
+            waited += 30
+            if self._thread.is_alive():
+                log.warning("waiting for the decoding step in progress to end (%d s so far)", waited)
 
     def _wake(self) -> None:
         """A specialist finished building (called on its builder thread)."""
