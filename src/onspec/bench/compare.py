@@ -133,11 +133,6 @@ class WayResult:
 Decode = Callable[[list[int]], tuple[list[int], float, RequestStats | None]]
 
 
-def pick_prompts(tokenizer, cfg: BenchConfig) -> list[list[int]]:
-    """--prompts from each dataset of --dataset, alternating between them."""
-    return [ids for _, ids in pick_labelled_prompts(tokenizer, cfg)]
-
-
 def pick_labelled_prompts(tokenizer, cfg: BenchConfig) -> list[tuple[str, list[int]]]:
     """(dataset, prompt ids): --prompts from each dataset of --dataset, alternating between them."""
     picked = []

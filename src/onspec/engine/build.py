@@ -54,10 +54,7 @@ def draft_int8(quant: str, draft_model: nn.Module | None) -> bool | str:
     if draft_model is None or quant == "none":
         return False
     if quant in ("w8a8", *W8A8):
-        try:
-            kind = resolve(quant, draft_model)
-        except ValueError as e:
-            raise ValueError(str(e).replace("--target-quant", "--draft-quant")) from None
+        kind = resolve(quant, draft_model, "--draft-quant")
         check_w8a8(draft_model, f"--draft-quant {quant}", kind)
         return kind
     if quant == "int8":

@@ -117,12 +117,9 @@ def table() -> list[tuple[KernelPath, str | None]]:
     return [(p, p.unavailable()) for p in PATHS]
 
 
-def choose(kinds: tuple[str, ...] | None = None) -> str:
-    """The first path in `PATHS` that runs here (among `kinds`, if given)."""
-    for p, why in table():
-        if why is None and (kinds is None or p.name in kinds):
-            return p.name
-    return "none"
+def choose() -> str:
+    """The first path in `PATHS` that runs here."""
+    return next(p.name for p, why in table() if why is None)
 
 
 def describe(kind: str) -> dict:

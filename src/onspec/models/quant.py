@@ -287,7 +287,7 @@ def has_vnni() -> bool:
     return host.has("avx512_vnni") or host.has("amx_int8")
 
 
-def resolve(kind: str, model: nn.Module) -> str:
+def resolve(kind: str, model: nn.Module, flag: str = "--target-quant") -> str:
     """`auto`: the first path of models/kernels.py that runs `model` here (none if no w8a8 kernel
     does); `w8a8`: the first w8a8 kernel that does (vLLM's where it runs, else FBGEMM's; an error
     naming both when neither does); any other kind as it is."""
@@ -298,7 +298,7 @@ def resolve(kind: str, model: nn.Module) -> str:
             return path.name
     if kind == "auto":
         return "none"
-    raise ValueError("--target-quant w8a8: " + "; ".join(f"{k}: {w8a8_unavailable(model, k)}" for k in W8A8))
+    raise ValueError(f"{flag} w8a8: " + "; ".join(f"{k}: {w8a8_unavailable(model, k)}" for k in W8A8))
 
 
 def quantize_target(model: nn.Module, kind: str, source: str | None = None, head: bool = False,
