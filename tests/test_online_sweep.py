@@ -1,4 +1,4 @@
-"""benchmarks/online_sweep.py's measurements on tiny models: the anatomy of the static draft's
+"""experiments/online_sweep.py's measurements on tiny models: the anatomy of the static draft's
 disagreements (bands add up, ceilings ordered, a draft equal to the target has none) and the
 prequential replay's in-sample measurement (an update raises agreement on the block it was taught)."""
 
@@ -15,7 +15,7 @@ from test_online import PARAMS, TEXTS
 from onspec.engine.engine import Request, SpeculativeEngine
 from onspec.online.distiller import TrainerConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 import online_sweep  # noqa: E402
 
 CFG = TrainerConfig(background=False, train_layers=1, lr=3e-3, steps=8, positions="all", update_interval=4,

@@ -2,7 +2,7 @@
 `real_model`, in CI: float32 speculative greedy output equals target-only output, 32 tokens.
 
 float32, not the bf16 the CLI picks on this CPU: exact equality is a float32 property; the bf16
-divergence is measured by benchmarks/bf16_divergence.py and stated in the README.
+divergence is measured by experiments/bf16_divergence.py and stated in the README.
 The first run converts both GGUF files to float32 safetensors in the cache (~2-3 minutes).
 """
 

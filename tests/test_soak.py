@@ -1,4 +1,4 @@
-"""A bounded soak of a live `onspec serve` (benchmarks/soak.py, shortened for CI): mixed streaming,
+"""A bounded soak of a live `onspec serve` (experiments/soak.py, shortened for CI): mixed streaming,
 non-streaming, abandoned, sampling and bad requests for 45 s while the trainer updates the draft
 every 2 requests. No 5xx, every bad request a 4xx with an OpenAI-shaped body, every greedy answer
 equal to the same prompt served alone (float32), and the draft really changed during the soak."""
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import save_tiny_pair
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
 from soak import soak  # noqa: E402
 
 pytestmark = pytest.mark.server

@@ -1,5 +1,5 @@
 """Start and stop an onspec cluster: the hub, the trainer actor, and N engine replicas behind
-Ray Serve's HTTP proxy (`onspec serve --replicas N`, tests, benchmarks/load.py)."""
+Ray Serve's HTTP proxy (`onspec serve --replicas N`, tests, experiments/load.py)."""
 
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ reads fewer bytes). Which of them runs by default is the host's choice: models/k
 The kernels accumulate in float32 (w8a8: int32). All are inference-only: the quantized weights
 are buffers, not parameters. The losslessness of speculation is against the quantized target (as
 llama.cpp's is against its 4-bit target): what quantization changes against the unquantized
-target is measured, not hidden (benchmarks/target_quant.py).
+target is measured, not hidden (experiments/target_quant.py).
 """
 
 from __future__ import annotations
@@ -337,7 +337,7 @@ def quantize_head(model: nn.Module, kind: str, tokenizer=None) -> int:
     output has a few channels 10x the median (Qwen2.5-Coder-1.5B: 173 against 13), and one scale per
     token for all of them rounds the rest coarsely; measured on 2,300 code and 5,600 chat positions,
     top-1 agreement with the bf16 head 0.974 / 0.976 unsmoothed, 0.986 / 0.988 smoothed
-    (docs/results.md, benchmarks/head_quant.py)."""
+    (docs/results.md, experiments/head_quant.py)."""
     linear = model.get_output_embeddings()
     if not isinstance(linear, nn.Linear):
         raise ValueError(f"the LM head is a {type(linear).__name__}, not a linear layer")

@@ -17,7 +17,7 @@ which is what the feature loss teaches. The inputs of a training example come fr
 verify pass (the features of the positions the target just scored), so training needs no extra
 target forward. EAGLE-3's refinements (low/mid/high features fused, training-time test over the
 chain) are not here: this is the smallest head that can be measured for cost and learning speed
-(benchmarks/feature_head.py).
+(experiments/feature_head.py).
 
 Losses (`head_loss`): cross-entropy against the target's greedy token at t+2 (what greedy
 acceptance counts), plus `feature_weight` x smooth-L1 between g and f_{t+1} (what makes the chain

@@ -2,7 +2,7 @@
 
 The suffix learner (engine/suffix.py) proposes from two indexes: the request's own (its prompt and
 output so far: needs no learning) and the stream's (earlier outputs: what it learns). This replays
-served streams (caches made by benchmarks/online_sweep.py: the default pair's greedy outputs, in
+served streams (caches made by experiments/online_sweep.py: the default pair's greedy outputs, in
 stream order) through three learners built from the real class:
 - local: the request's own index only (`--suffix-history 0`);
 - history: the stream's index only;
@@ -15,8 +15,8 @@ without a proposal emits one token). Tokens per target pass (the learner alone, 
 tokens (local), fewer (the stream added tokens), or more (the stream's counts outvoted a correct
 local continuation). Finished requests join the index after they are decoded, as in serving.
 
-    .venv/bin/python benchmarks/suffix_sources.py --stream runs/sweep-humaneval-0-164-64.pt
-    .venv/bin/python benchmarks/suffix_sources.py --stream runs/sweep-humaneval-0-164-64.pt:0:82 \\
+    .venv/bin/python experiments/suffix_sources.py --stream runs/sweep-humaneval-0-164-64.pt
+    .venv/bin/python experiments/suffix_sources.py --stream runs/sweep-humaneval-0-164-64.pt:0:82 \\
         runs/sweep-sharegpt-0-240-64.pt:0:131 runs/sweep-humaneval-0-164-64.pt:0:82   # the shift stream
 
 Prints a table per segment and window and a final JSON line. CPU only, seconds.

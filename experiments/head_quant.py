@@ -10,7 +10,7 @@ agreement with the reference, the mean log-probability of the reference's top-1,
 head). Also the activations' largest magnitude per channel (why per-token scales struggle).
 Prints a table and, last, one JSON line.
 
-    .venv/bin/python benchmarks/head_quant.py --prompts 24 --out docs/results/head-quant
+    .venv/bin/python experiments/head_quant.py --prompts 24 --out docs/results/head-quant
 """
 
 from __future__ import annotations

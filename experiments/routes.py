@@ -5,8 +5,8 @@ the words most over-represented in its prompts against the whole stream, and the
 few prompts. With `--replay-dir` (a replay run's output) it adds each route's specialist alpha
 from the run's CSV. Prints a table and, last, one JSON line.
 
-    .venv/bin/python benchmarks/routes.py --router cluster --dataset sharegpt --limit 400 --drafts 4
-    .venv/bin/python benchmarks/routes.py --router language --dataset sharegpt --limit 5000 --min-size 8
+    .venv/bin/python experiments/routes.py --router cluster --dataset sharegpt --limit 400 --drafts 4
+    .venv/bin/python experiments/routes.py --router language --dataset sharegpt --limit 5000 --min-size 8
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ the serving drafts, the trainers' copies and AdamW state after one update each; 
 embedding table counted once) and each router's time per request on ShareGPT prompts.
 Prints a table and, last, one JSON line.
 
-    .venv/bin/python benchmarks/pool_cost.py --drafts 4 --prompts 200
+    .venv/bin/python experiments/pool_cost.py --drafts 4 --prompts 200
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ and speculative with a trainer listening (the engine keeps the target's top-32 p
 The ways are interleaved round by round; the median over rounds is reported.
 Prints a table and, last, one JSON line.
 
-    .venv/bin/python benchmarks/step_overhead.py --target smollm2-135m --rounds 5
+    .venv/bin/python experiments/step_overhead.py --target smollm2-135m --rounds 5
 """
 
 from __future__ import annotations

@@ -17,9 +17,9 @@ single-position pass of the packed bf16 target (and the whole draft's c beside i
 Each way reports its trainer seconds per update and per trained token, and the peak resident
 memory it added (VmHWM, reset per way through /proc/self/clear_refs, less VmRSS before the way).
 
-    .venv/bin/python benchmarks/online_sweep.py --dataset sharegpt --prompts 96 \\
+    .venv/bin/python experiments/online_sweep.py --dataset sharegpt --prompts 96 \\
         --ways "static;lr=1e-4;lr=2e-5;lora_rank=16,lr=2e-4" --plot sweep.png
-    .venv/bin/python benchmarks/online_sweep.py --dataset humaneval --prompts 64 --draft-layers 4 \\
+    .venv/bin/python experiments/online_sweep.py --dataset humaneval --prompts 64 --draft-layers 4 \\
         --ways "static;lr=1e-3,steps=8;lr=3e-4,steps=8" --out docs/results/derived-draft-learner
 """
 

@@ -17,8 +17,8 @@ generated position, as the engine's `Example`).
   speculative (k = 4): ms per target step and per draft forward. Acceptance is meaningless with
   random weights and is not reported.
 
-    PYTHONPATH=src python benchmarks/gpu_train_cost.py --device cuda          # the real shapes
-    PYTHONPATH=src python benchmarks/gpu_train_cost.py --device cpu --shape tiny  # a quick check
+    PYTHONPATH=src python experiments/gpu_train_cost.py --device cuda          # the real shapes
+    PYTHONPATH=src python experiments/gpu_train_cost.py --device cpu --shape tiny  # a quick check
 
 Prints a table and, last, one JSON line.
 """

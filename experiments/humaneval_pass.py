@@ -8,7 +8,7 @@ Writes one JSON line per completion to --out as it goes, prints a table and, las
 a run stopped early (Ctrl-C, SIGTERM) summarises the problems it finished, and `--summarise`
 summarises an earlier run's file.
 
-    .venv/bin/python benchmarks/humaneval_pass.py --quant none,w8a8 --problems 164 --out docs/results/humaneval-pass
+    .venv/bin/python experiments/humaneval_pass.py --quant none,w8a8 --problems 164 --out docs/results/humaneval-pass
 """
 
 from __future__ import annotations

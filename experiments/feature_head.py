@@ -1,11 +1,11 @@
 """Can a head on the target's own features learn fast enough to pay here (issue 23, item 1)?
 
 Measures the EAGLE-style head of online/feature_head.py on a served stream, before any engine
-wiring. The stream is a cache of served requests made by benchmarks/online_sweep.py (the default
+wiring. The stream is a cache of served requests made by experiments/online_sweep.py (the default
 pair, greedy, the target's own outputs):
 
-    .venv/bin/python benchmarks/online_sweep.py --dataset humaneval --prompts 164 --ways static
-    .venv/bin/python benchmarks/feature_head.py --served runs/sweep-humaneval-0-164-64.pt --out docs/results/feature-head
+    .venv/bin/python experiments/online_sweep.py --dataset humaneval --prompts 164 --ways static
+    .venv/bin/python experiments/feature_head.py --served runs/sweep-humaneval-0-164-64.pt --out docs/results/feature-head
 
 The default target (w8a8 on this CPU) reads each served request once, prompt and output (one
 prefill pass; in serving these features come free with the verify passes), giving the features
@@ -231,7 +231,7 @@ def projected(summary: dict, rows: list[dict], k_max: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--served", type=Path, required=True, help="served requests cache from benchmarks/online_sweep.py")
+    ap.add_argument("--served", type=Path, required=True, help="served requests cache from experiments/online_sweep.py")
     ap.add_argument("--limit", type=int, default=0, help="first N served requests (0: all)")
     ap.add_argument("--vocab", type=int, default=32768, help="ids of the head (the draft vocabulary's); 0: all")
     ap.add_argument("--intermediate", type=int, default=0, help="the head's MLP width (0: the target's)")

@@ -6,8 +6,8 @@ streams the client abandons after a few chunks, sampling requests, and bad reque
 (must be 0 in float32), the draft versions served, and the server's resident memory at the start
 and end of the soak. Prints a table and, last, one JSON line.
 
-    .venv/bin/python benchmarks/soak.py --seconds 300
-    .venv/bin/python benchmarks/soak.py --seconds 60 --server-args "--target DIR --draft DIR --dtype float32"
+    .venv/bin/python experiments/soak.py --seconds 300
+    .venv/bin/python experiments/soak.py --seconds 60 --server-args "--target DIR --draft DIR --dtype float32"
 """
 
 from __future__ import annotations

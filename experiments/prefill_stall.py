@@ -7,7 +7,7 @@ here) and its latency; the long prompt's own time to first token; how many reque
 have counted as running while the long prompt was prefilled. Prints a table and, last, one JSON line.
 Runs on code from before chunked prefill too (it then says `prefill_chunk: null`).
 
-    .venv/bin/python benchmarks/prefill_stall.py --target smollm2-135m --dtype float32 --prefill-chunk 512
+    .venv/bin/python experiments/prefill_stall.py --target smollm2-135m --dtype float32 --prefill-chunk 512
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ medians of cached forward passes after a real prompt, the ways taking turns roun
 prompt greedily; every way is then scored teacher-forced on those tokens: top-1 agreement with
 them and the mean float32 log-probability it gives them.
 
-    .venv/bin/python benchmarks/target_quant.py --prompts 8 --out docs/results/target-quant
+    .venv/bin/python experiments/target_quant.py --prompts 8 --out docs/results/target-quant
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ two are the same tokens, so the same score). `--fp32-head` adds the same two way
 target's final projection (LM head) computed in float32 from the bf16 hidden state, the cheap fix
 for ties made by rounding logits to bf16.
 
-    .venv/bin/python benchmarks/bf16_divergence.py --prompts 64 --out docs/results/bf16-divergence
+    .venv/bin/python experiments/bf16_divergence.py --prompts 64 --out docs/results/bf16-divergence
 Prints a table and, last, one JSON line.
 """
 

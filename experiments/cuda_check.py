@@ -3,7 +3,7 @@ float32 on the GPU, with the full and a reduced draft head, the int8 draft, adap
 learner beside the draft (the default engine); sampling runs; a
 bf16 run reports how many outputs differ. For the device machine (no network; carry the repo):
 
-    PYTHONPATH=src python benchmarks/cuda_check.py
+    PYTHONPATH=src python experiments/cuda_check.py
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ verification. c = one-position draft pass / one-position target pass (median ove
 variants timed in rotating order so drift hits all alike). coverage = share of the target's
 tokens inside the kept ids.
 
-    .venv/bin/python benchmarks/draft_heads.py --prompts 8 --out docs/results/draft-heads
+    .venv/bin/python experiments/draft_heads.py --prompts 8 --out docs/results/draft-heads
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ alternating. Quality: both forwards teacher-forced on the bf16 target's greedy o
 agreement, mean log-probability), and whether speculative output equals target-only output with
 each. Prints a line per prompt and, last, one JSON line.
 
-    .venv/bin/python benchmarks/fused_kernels.py --prompts 8 --out docs/results/fused-norms
+    .venv/bin/python experiments/fused_kernels.py --prompts 8 --out docs/results/fused-norms
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ Reports seconds per step and per trained token, the one-time boundary cost per b
 the trainer's memory (its own tensors: student copies not shared with the serving draft, gradients,
 AdamW state) and bytes per buffered token. Prints a table and, last, one JSON line.
 
-    .venv/bin/python benchmarks/train_cost.py --prompts 8 --layers 0,4,2 --freeze-head both
-    .venv/bin/python benchmarks/train_cost.py --prompts 8 --layers 2 --freeze-head on --lora-ranks 16
+    .venv/bin/python experiments/train_cost.py --prompts 8 --layers 0,4,2 --freeze-head both
+    .venv/bin/python experiments/train_cost.py --prompts 8 --layers 2 --freeze-head on --lora-ranks 16
 """
 
 from __future__ import annotations
