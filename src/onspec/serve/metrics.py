@@ -14,6 +14,7 @@ from onspec.engine.records import RequestOutput, StepOutput
 
 PREFIX = "onspec:"
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5, 5, 10, 20, 40, 80)  # vLLM's
 
 
 class ServerMetrics:
@@ -65,10 +66,19 @@ class ServerMetrics:
                                 registry=r)
         self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "prompt tokens of finished requests", registry=r)
         self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "tokens generated", registry=r)
-        self.e2e_latency = Histogram(f"{PREFIX}e2e_request_latency_seconds", "request latency, arrival to last token",
+        # latencies are taken in the scheduler (serve/scheduler.py): arrival = the request queued
+        # (after tokenising), a token delivered = the engine step that produced it ended
+        self.e2e_latency = Histogram(f"{PREFIX}e2e_request_latency_seconds", "finished requests' latency, arrival to "
+                                     "last token (vLLM: vllm:e2e_request_latency_seconds)",
                                      buckets=LATENCY_BUCKETS, registry=r)
-        self.ttft = Histogram(f"{PREFIX}time_to_first_token_seconds", "arrival to first token",
+        self.ttft = Histogram(f"{PREFIX}time_to_first_token_seconds", "arrival to the first delivered token, one per "
+                              "request that got one (vLLM: vllm:time_to_first_token_seconds)",
                               buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram(f"{PREFIX}inter_token_latency_seconds", "gap between a request's successive token "
+                             "deliveries, divided among the tokens delivered: a step that delivers n tokens g seconds "
+                             "after the last delivery counts n tokens of g/n each, so the count is every token after "
+                             "each request's first delivery (vLLM: vllm:inter_token_latency_seconds)",
+                             buckets=ITL_BUCKETS, registry=r)
         self._lock = threading.Lock()
         self._recent: deque[tuple[int, int]] = deque(maxlen=window)
         self._recent_by_draft: dict[str, deque] = {}
@@ -115,15 +125,22 @@ class ServerMetrics:
             for pos in range(out.accepted):
                 self.accepted_per_pos.labels(draft=draft, position=str(pos)).inc()
 
-    def observe_finish(self, out: RequestOutput, latency_s: float, ttft_s: float | None, draft_version: int,
+    def observe_delivery(self, tokens: int, since_s: float, first: bool) -> None:
+        """A request's step delivered `tokens` tokens, `since_s` after its arrival (`first`) or after
+        its previous delivery."""
+        if first:
+            self.ttft.observe(since_s)
+            return
+        for _ in range(tokens):
+            self.itl.observe(since_s / tokens)
+
+    def observe_finish(self, out: RequestOutput, latency_s: float, draft_version: int,
                        draft: str = "general", route: str | None = None) -> None:
         s = out.stats
         self.requests.labels(finished_reason=out.finish_reason).inc()
         self.prompt_tokens.inc(len(out.prompt_ids))
         self.generation_tokens.inc(len(out.token_ids))
         self.e2e_latency.observe(latency_s)
-        if ttft_s is not None:
-            self.ttft.observe(ttft_s)
         with self._lock:
             if s.evaluated:
                 self._recent.append((s.accepted, s.evaluated))

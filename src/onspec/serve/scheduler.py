@@ -57,7 +57,8 @@ class _Ticket:
     arrived: float = field(default_factory=time.perf_counter)
     member: Member | None = None
     route: str | None = None
-    first_token_at: float | None = None
+    delivered_at: float | None = None
+    """When the last step that gave this request tokens ended (None: none yet)."""
     versions: set[int] = field(default_factory=set)
 
 
@@ -250,8 +251,10 @@ class Scheduler:
             member = t.member
             self.metrics.observe_step(o, member.name)
             t.versions.add(o.draft_version)
-            if t.first_token_at is None and o.token_ids:
-                t.first_token_at = now
+            if o.token_ids:
+                self.metrics.observe_delivery(len(o.token_ids), now - (t.delivered_at or t.arrived),
+                                              first=t.delivered_at is None)
+                t.delivered_at = now
             if not o.finished:
                 if o.text:
                     t.sink(Event(delta=o.text))
@@ -264,8 +267,7 @@ class Scheduler:
             if member.trainer is not None:
                 member.trainer.on_output(o)
             self.pool.observe(t.route, member, out.stats.alpha)
-            ttft = t.first_token_at - t.arrived if t.first_token_at is not None else None
-            self.metrics.observe_finish(out, now - t.arrived, ttft, member.version, member.name, t.route)
+            self.metrics.observe_finish(out, now - t.arrived, member.version, member.name, t.route)
             t.sink(Event(delta=o.text, output=out, draft_versions=sorted(t.versions), draft=member.name, route=t.route))
 
     def _fail_all(self, message: str) -> None:
