@@ -55,7 +55,8 @@ STREAM_ALIASES = {
 class ReplayConfig:
     """Stream replay."""
 
-    dataset: str = option("sharegpt", "sharegpt | humaneval | a .jsonl file (prompt or messages per line) | shift | "
+    dataset: str = option("sharegpt", "sharegpt | humaneval | edits | agent | multiturn | a .jsonl file (prompt or "
+                          "messages per line) | shift | "
                           "mixed | segments NAME[:SKIP[:LIMIT]] joined by '+' (one after another) or '|' "
                           "(interleaved)")
     limit: int = option(200, "queries to serve (after --skip)")

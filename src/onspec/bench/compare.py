@@ -48,7 +48,8 @@ BASELINE = {"target": "target", "adaptive": "target", "fixed": "target", "target
 class BenchConfig:
     """Benchmark."""
 
-    dataset: str = option("humaneval", "prompts: humaneval (code completions), sharegpt (chat), a .jsonl file, or "
+    dataset: str = option("humaneval", "prompts: humaneval (code completions), sharegpt (chat), edits, agent, multiturn "
+                          "(streams that repeat: onspec.data.repeating), a .jsonl file, or "
                           "several comma-separated (--prompts from each, alternating; the summary has each one's "
                           "figures too)")
     prompts: int = option(8, "prompts to decode per dataset (the same ones every way)")
