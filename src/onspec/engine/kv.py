@@ -1,15 +1,33 @@
-"""A KV cache in slots, with explicit positions, so rejected tokens are a cheap rollback.
+"""KV caches with explicit positions, so rejected tokens are a cheap rollback.
 
-Every forward pass appends L slots to every row of the batch (the HF `DynamicCache` holds the
-keys/values). Each slot is valid or not per row: rows of different prompt lengths are left-padded
-with invalid slots, rows that accepted fewer tokens than others mark the rejected slots invalid.
-The attention mask (4D, built here) lets a query see only valid earlier slots, and `position_ids`
-count valid slots only, so a row behaves exactly as if its invalid slots did not exist.
-Rollback = clear validity bits, then crop trailing slots that no row uses (for batch size 1 the
-cache is physically cropped after every step, nothing is wasted).
+Two layouts, one interface (`forward`, `rollback`, `extend`, `select`, `lengths`); `ModelRunner`
+picks one by the forward it runs.
+
+`RaggedKVCache` (the engine's own forward, models/decode.py; every Llama/Qwen2 model on a CPU):
+each row holds its own keys and values, one tensor per row `[layers, 2, kv_heads, capacity, dim]`
+grown in blocks of `BLOCK` positions (about 1/8 more once a row is long, so growing copies a row
+a bounded number of times; a prefill reserves the whole prompt at its first chunk). A pass packs
+the rows' new tokens into one sequence: the linear layers run batched over all of them, attention
+runs per row over that row's own keys (a short loop over rows per layer; for one row it is the
+single-sequence path). So a row's memory and its attention cost depend on its own length only: a
+short request beside an 8k-token prompt attends over its own few hundred keys and holds a block or
+two. Positions are each row's length. Rollback = shorten the row (nothing is copied or freed); a
+row that leaves (`select`) frees its tensor; a joining row (`extend`) is appended, no copy.
+
+`SlotKVCache` (transformers' own forward: `--forward transformers`, and models decode.py does not
+run): the batch is one rectangle of slots in an HF `DynamicCache`, where every forward pass appends
+L slots to every row. Each slot is valid or not per row: rows of different prompt lengths are
+left-padded with invalid slots, rows that accepted fewer tokens than others mark the rejected slots
+invalid. The attention mask (4D, built here) lets a query see only valid earlier slots, and
+`position_ids` count valid slots only, so a row behaves exactly as if its invalid slots did not
+exist. Rollback = clear validity bits, then crop trailing slots that no row uses (for batch size 1
+the cache is physically cropped after every step, nothing is wasted). NOTE: here every row costs
+the longest row's length (memory and attention); only the fallback path pays it.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -118,6 +136,135 @@ class SlotKVCache:
         self.cache.batch_select_indices(rows)
         self.valid = self.valid[rows]
         self.trim()
+
+
+BLOCK = 256
+"""Positions a row's cache grows by (at least): the granularity of a row's memory."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One row's new tokens in a packed pass: tokens [offset, offset + count) of the packed
+    sequence, at positions [start, start + count) of row `row`."""
+
+    row: int
+    offset: int
+    start: int
+    count: int
+
+
+class RaggedKVCache:
+    """Per-row keys and values, each row as long as itself (see the module docstring).
+
+    `forward` runs a `DecodeForward` (its `ragged` method): the forward calls `write` once per
+    layer and row of `segments`, which stores the new keys and values and returns the row's keys
+    and values so far."""
+
+    def __init__(self, batch_size: int, device: torch.device | str, layers: int, block: int = BLOCK) -> None:
+        self.device = torch.device(device)
+        self.layers = layers
+        self.block = block
+        self.rows: list[torch.Tensor | None] = [None] * batch_size  # each [layers, 2, kv_heads, capacity, dim]
+        self.lens = [0] * batch_size  # tokens held per row (= the next token's position)
+        self.hint = [0] * batch_size  # positions to allocate at a row's first write (`reserve`)
+        self.segments: list[Segment] = []  # the pass in progress
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.rows)
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """Tokens held per row (= the next token's position). [batch]"""
+        return torch.tensor(self.lens, dtype=torch.long)
+
+    def nbytes(self, row: int) -> int:
+        """Bytes of keys and values `row` holds (its capacity: its length rounded up to blocks)."""
+        t = self.rows[row]
+        return 0 if t is None else t.numel() * t.element_size()
+
+    def reserve(self, sizes: list[int]) -> None:
+        """Allocate room for sizes[b] positions at row b's first write (a prompt being prefilled
+        in chunks grows once, not once per chunk)."""
+        self.hint = [max(h, n) for h, n in zip(self.hint, sizes)]
+
+    def forward(self, model, input_ids: torch.Tensor, chunk_valid: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+        """Run `model` (a DecodeForward) on a chunk of new tokens, appending them to their rows.
+
+        input_ids: [batch, L]; chunk_valid: [batch, L] bool (False = padding, not a token: each
+        row's valid entries are its new tokens, in order). Returns logits: [batch, L, vocab], or
+        only the last `logits_to_keep` columns (0 = all); logits at invalid entries are zeros.
+        """
+        batch, L = input_ids.shape
+        keep = L if logits_to_keep <= 0 else min(logits_to_keep, L)
+        counts = chunk_valid.sum(1).tolist()
+        self.segments, offset = [], 0
+        for b, c in enumerate(counts):
+            if c:
+                self.segments.append(Segment(b, offset, self.lens[b], c))
+                offset += c
+        ids = input_ids[chunk_valid][None]  # [1, tokens]: row after row
+        positions = torch.cat([torch.arange(s.start, s.start + s.count) for s in self.segments] or
+                              [torch.zeros(0, dtype=torch.long)]).to(self.device)[None]  # [1, tokens]
+        packed = chunk_valid.flatten().cumsum(0).view(batch, L) - 1  # packed index of each valid entry
+        kept = chunk_valid[:, L - keep:]  # [batch, keep]
+        index = packed[:, L - keep:][kept]  # packed tokens whose logits are returned
+        try:
+            logits = model.ragged(ids, positions, self, index)  # [len(index), vocab]
+        finally:
+            self.segments = []
+        for b, c in enumerate(counts):
+            self.lens[b] += c
+        out = logits.new_zeros(batch, keep, logits.shape[-1])
+        out[kept] = logits
+        return out
+
+    def write(self, layer: int, seg: Segment, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store row seg.row's new keys and values of `layer`, key/value: [1, kv_heads, count, dim];
+        returns the row's keys and values up to them, each [1, kv_heads, start + count, dim] (views)."""
+        end = seg.start + seg.count
+        store = self._room(seg.row, end, key)
+        store[layer, 0, :, seg.start:end] = key[0]
+        store[layer, 1, :, seg.start:end] = value[0]
+        return store[layer, 0, None, :, :end], store[layer, 1, None, :, :end]
+
+    def _room(self, row: int, end: int, like: torch.Tensor) -> torch.Tensor:
+        """Row `row`'s store with room for `end` positions: allocated, or grown by copying (rare)."""
+        store = self.rows[row]
+        capacity = 0 if store is None else store.shape[3]
+        if end <= capacity:
+            return store
+        want = max(end, self.hint[row], capacity + capacity // 8)
+        want = -(-want // self.block) * self.block
+        kv_heads, dim = like.shape[1], like.shape[3]
+        grown = like.new_empty(self.layers, 2, kv_heads, want, dim)
+        if store is not None:
+            grown[:, :, :, : self.lens[row]] = store[:, :, :, : self.lens[row]]
+        self.rows[row] = grown
+        return grown
+
+    def rollback(self, keep: torch.Tensor) -> None:
+        """Drop rejected tokens. keep: [batch, L] bool for each row's last L tokens; a row keeps a
+        prefix of them (speculative tokens are rejected from the first refused one on)."""
+        L = keep.shape[1]
+        kept = keep.sum(1)
+        if not torch.equal(keep, torch.arange(L, device=keep.device)[None, :] < kept[:, None]):
+            raise ValueError("a row can only roll back its last tokens")
+        for b, n in enumerate(kept.tolist()):
+            self.lens[b] -= L - n
+
+    def extend(self, other: "RaggedKVCache") -> None:
+        """Append the rows of `other` (a request joining a running batch); nothing is copied."""
+        self.rows += other.rows
+        self.lens += other.lens
+        self.hint += other.hint
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only these batch rows (a finished request leaves the batch: its memory is freed)."""
+        rows = rows.tolist()
+        self.rows = [self.rows[r] for r in rows]
+        self.lens = [self.lens[r] for r in rows]
+        self.hint = [self.hint[r] for r in rows]
 
 
 def right_aligned(seqs: list[list[int]], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,7 @@
-"""One model, its slot KV cache, and the committed tokens it has not seen yet.
+"""One model, its KV cache, and the committed tokens it has not seen yet.
+
+The cache is a RaggedKVCache (each row as long as itself) where the engine's own forward runs the
+model (models/decode.py), else a SlotKVCache (one padded rectangle) for transformers' forward.
 
 Both roles use it. The target is fed [last committed token, x_1..x_k] and scores k+1 positions;
 the draft is fed its pending tokens, then one proposal at a time. After verification,
@@ -10,15 +13,17 @@ from __future__ import annotations
 
 import torch
 
-from onspec.engine.kv import SlotKVCache, right_aligned
+from onspec.engine.kv import RaggedKVCache, SlotKVCache, right_aligned
 
 
 class ModelRunner:
     def __init__(self, model, batch_size: int, forward=None) -> None:
-        """forward: what runs a pass (models/decode.py's DecodeForward); None: `model` itself."""
+        """forward: what runs a pass (models/decode.py's DecodeForward: a ragged cache); None:
+        `model` itself (a padded cache)."""
         self.model = model if forward is None else forward
         self.device = next(model.parameters()).device
-        self.kv = SlotKVCache(batch_size, self.device, next(model.parameters()).dtype)
+        self.kv = (SlotKVCache(batch_size, self.device, next(model.parameters()).dtype) if forward is None
+                   else RaggedKVCache(batch_size, self.device, model.config.num_hidden_layers))
         self.pending: list[list[int]] = [[] for _ in range(batch_size)]
         self.extras = 0
         """Tokens fed with `feed(extra=...)` since the last `accept` (speculative, may be rolled back)."""
@@ -33,6 +38,8 @@ class ModelRunner:
         width = max(len(h) for h in heads)
         stop = width if size <= 0 else min(width, start + size)
         chunk = [h[start:stop] for h in heads]
+        if start == 0 and isinstance(self.kv, RaggedKVCache):
+            self.kv.reserve([len(p) + 16 for p in prompts])  # the prompt and a first few tokens
         if any(chunk):
             ids, valid = right_aligned(chunk, self.device)
             self.kv.forward(self.model, ids, valid, logits_to_keep=1)

@@ -65,8 +65,9 @@ def fused_kernels(model: nn.Module) -> bool:
 
 
 class DecodeForward:
-    """Callable like the model with the arguments SlotKVCache passes; returns an object with
-    `logits`. Modules are looked up at every call, so a head or layer replaced after a swap (the
+    """Callable like the model with the arguments SlotKVCache passes, returning an object with
+    `logits` (the padded pass); `ragged` runs a pass on RaggedKVCache, per-row attention (the
+    engine's). Both share the layers (`_layers`): same modules, same per-token arithmetic. Modules are looked up at every call, so a head or layer replaced after a swap (the
     running draft's refresh) is the one used.
 
     With `fused` (`fused_kernels`), each layer's two RMS norms take the residual add with them
@@ -95,10 +96,52 @@ class DecodeForward:
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
                  past_key_values, logits_to_keep: int = 0, **_) -> SimpleNamespace:
-        """input_ids, position_ids: [batch, L]; attention_mask: additive [batch, 1, L, slots + L];
-        past_key_values: a DynamicCache the new keys and values are appended to."""
+        """The padded pass (engine/kv.py's SlotKVCache). input_ids, position_ids: [batch, L];
+        attention_mask: additive [batch, 1, L, slots + L]; past_key_values: a DynamicCache the new
+        keys and values are appended to."""
+        def attend(i, attn, q, k, v):
+            k, v = past_key_values.update(k, v, i)
+            return short_query_attention(attn, q, k, v, attention_mask, scaling=attn.scaling)[0]
+
+        hidden = self._layers(input_ids, position_ids, attend)  # [batch, L, hidden]
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        return SimpleNamespace(logits=self.model.lm_head(hidden))
+
+    @torch.no_grad()
+    def ragged(self, input_ids: torch.Tensor, position_ids: torch.Tensor, kv, index: torch.Tensor) -> torch.Tensor:
+        """The ragged pass (engine/kv.py's RaggedKVCache): every row's new tokens packed into one
+        sequence, input_ids and position_ids [1, tokens], `kv.segments` saying whose they are. The
+        linear layers run over all tokens at once; attention runs per row over that row's own keys
+        (`kv.write` stores the new ones and returns the row's keys so far), causal among the row's
+        new tokens. Returns the logits at packed tokens `index`: [len(index), vocab]."""
+        dtype = self.model.get_input_embeddings().weight.dtype
+        masks = [_causal_mask(s.count, s.start + s.count, dtype) for s in kv.segments]
+
+        def attend(i, attn, q, k, v):  # q: [1, heads, tokens, dim]; k, v: [1, kv_heads, tokens, dim]
+            outs = []
+            for seg, mask in zip(kv.segments, masks):
+                rows = slice(seg.offset, seg.offset + seg.count)
+                keys, values = kv.write(i, seg, k[:, :, rows], v[:, :, rows])
+                outs.append(short_query_attention(attn, q[:, :, rows], keys, values, mask, scaling=attn.scaling)[0])
+            return outs[0] if len(outs) == 1 else torch.cat(outs, 1)  # [1, tokens, heads, dim]
+
+        if not kv.segments:
+            return self.model.lm_head.weight.new_zeros(0, self.model.lm_head.out_features)
+        hidden = self._layers(input_ids, position_ids, attend)[0]  # [tokens, hidden]
+        n = len(index)
+        if n and int(index[-1]) - int(index[0]) + 1 == n:  # a run of tokens (always, for one row)
+            hidden = hidden[int(index[0]):int(index[0]) + n]
+        else:
+            hidden = hidden[index]
+        return self.model.lm_head(hidden)
+
+    def _layers(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attend) -> torch.Tensor:
+        """Embedding, decoder layers and final norm; attention is `attend(i, attn, q, k, v)` with
+        q: [batch, heads, L, dim], k, v: [batch, kv_heads, L, dim] (rotated), returning
+        [batch, L, heads, dim]. Returns hidden: [batch, L, hidden]."""
         if self.fused:
-            return self._fused(input_ids, attention_mask, position_ids, past_key_values, logits_to_keep)
+            return self._fused(input_ids, position_ids, attend)
         body = self.model.model
         batch, length = input_ids.shape
         hidden = body.embed_tokens(input_ids)
@@ -113,17 +156,13 @@ class DecodeForward:
             v = attn.v_proj(x).view(shape).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            k, v = past_key_values.update(k, v, i)
-            out, _ = short_query_attention(attn, q, k, v, attention_mask, scaling=attn.scaling)
+            out = attend(i, attn, q, k, v)
             hidden = hidden + attn.o_proj(out.reshape(batch, length, -1))
             x = layer.post_attention_layernorm(hidden)
             hidden = hidden + mlp.down_proj(nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
-        hidden = body.norm(hidden)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        return SimpleNamespace(logits=self.model.lm_head(hidden))
+        return body.norm(hidden)
 
-    def _fused(self, input_ids, attention_mask, position_ids, past_key_values, logits_to_keep: int) -> SimpleNamespace:
+    def _fused(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attend) -> torch.Tensor:
         body = self.model.model
         batch, length = input_ids.shape
         ops = torch.ops._C
@@ -142,15 +181,22 @@ class DecodeForward:
             q = q.view(batch, length, -1, dim).transpose(1, 2)
             k = k.view(batch, length, -1, dim).transpose(1, 2)
             v = v.view(batch, length, -1, dim).transpose(1, 2)
-            k, v = past_key_values.update(k, v, i)
-            out, _ = short_query_attention(attn, q, k, v, attention_mask, scaling=attn.scaling)
+            out = attend(i, attn, q, k, v)
             x = attn.o_proj(out.reshape(batch * length, -1))
             norm = layer.post_attention_layernorm
             ops.fused_add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)  # residual += x; x = norm
             x = mlp.down_proj(nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x))
             norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else body.norm
             ops.fused_add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
-        hidden = x.view(batch, length, -1)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
-        return SimpleNamespace(logits=self.model.lm_head(hidden))
+        return x.view(batch, length, -1)
+
+
+def _causal_mask(length: int, keys: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive mask [1, 1, length, keys] letting the last `length` keys' queries see every earlier
+    key and none later (None for one query: it sees every key)."""
+    if length == 1:
+        return None
+    query = torch.arange(keys - length, keys)
+    allowed = torch.arange(keys)[None, :] <= query[:, None]  # [length, keys]
+    mask = torch.zeros(1, 1, length, keys, dtype=dtype)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
