@@ -154,7 +154,8 @@ def _rename_function(code: str, name: str, rng: random.Random):
     new = _fresh(code, f"{name}_impl", f"compute_{name}", f"{name}_v2")
     if new is None:
         return None
-    return f"Rename the function `{name}` to `{new}`, and its calls.", _rename(code, name, new), new
+    return (f"Rename the function `{name}` to `{new}` everywhere in the file (its calls and doctests too).",
+            re.sub(rf"\b{name}\b", new, code), new)
 
 
 def _add_parameter(code: str, name: str, rng: random.Random):
@@ -223,22 +224,23 @@ def _comment_returns(code: str, name: str, rng: random.Random):
 def _remove_type_hints(code: str, name: str, rng: random.Random):
     fn = _function(code, name)
     lines = code.splitlines(keepends=True)
-    cuts = []  # (row, start char, end char), removed from the right
+    cuts = []  # (row, start char, end char, replacement), applied from the right
     for a in fn.args.args:
         if a.annotation is not None and a.lineno == a.annotation.end_lineno:
             line = lines[a.lineno - 1]
-            start = _char_col(line, a.col_offset) + len(a.arg)
-            cuts.append((a.lineno, start, _char_col(line, a.annotation.end_col_offset)))
+            start, end = _char_col(line, a.col_offset) + len(a.arg), _char_col(line, a.annotation.end_col_offset)
+            default = line[end:].startswith(" = ")  # `x: int = 3` becomes `x=3`
+            cuts.append((a.lineno, start, end + 3 * default, "=" * default))
     if fn.returns is not None and fn.returns.lineno == fn.returns.end_lineno:
         line = lines[fn.returns.lineno - 1]
         arrow = line.rfind("->", 0, _char_col(line, fn.returns.col_offset))
         if arrow > 0:
             start = len(line[:arrow].rstrip())
-            cuts.append((fn.returns.lineno, start, _char_col(line, fn.returns.end_col_offset)))
+            cuts.append((fn.returns.lineno, start, _char_col(line, fn.returns.end_col_offset), ""))
     if not cuts:
         return None
-    for row, start, end in sorted(cuts, reverse=True):
-        lines[row - 1] = lines[row - 1][:start] + lines[row - 1][end:]
+    for row, start, end, replacement in sorted(cuts, reverse=True):
+        lines[row - 1] = lines[row - 1][:start] + replacement + lines[row - 1][end:]
     return f"Remove the type hints from the signature of `{name}`.", "".join(lines), name
 
 
