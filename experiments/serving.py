@@ -48,6 +48,7 @@ LONG_IDS = (100, 256)
 models', SmolLM2's and Qwen2.5's vocabularies (no special tokens)."""
 PERCENTILES = (50, 90, 99)
 RSS_EVERY_S = 5.0
+SERVER_HISTOGRAMS = ("time_to_first_token", "inter_token_latency", "e2e_request_latency")
 
 
 @dataclass
@@ -112,10 +113,11 @@ def run(args, mode: str, console: Console) -> dict:
         with Server(Path(state), shlex.split(args.server_args)) as server:
             started = time.perf_counter()
             results, rss, duration = asyncio.run(_load(server.url, server.proc.pid, args, mode, console))
+            histograms = server_histograms(httpx.get(server.url + "/metrics", timeout=60).text)
     return {"startup_s": server.startup_s, "duration_s": duration,
             "short": summarise([r for r in results if r.kind == "short"], duration),
             "long": summarise([r for r in results if r.kind == "long"], duration) if mode == "long" else None,
-            "rss": rss_summary(rss), "wall_s": time.perf_counter() - started}
+            "rss": rss_summary(rss), "server": histograms, "wall_s": time.perf_counter() - started}
 
 
 async def _load(url: str, pid: int, args, mode: str, console: Console) -> tuple[list[Result], list, float]:
@@ -240,6 +242,20 @@ def summarise(results: list[Result], duration: float) -> dict:
         out[f"mean_{name}_ms"] = float(np.mean(values)) * 1000 if values else None
         for p in PERCENTILES:
             out[f"p{p}_{name}_ms"] = float(np.percentile(values, p)) * 1000 if values else None
+    return out
+
+
+def server_histograms(text: str) -> dict:
+    """The server's own latency histograms (/metrics, short and long requests together): count and
+    mean of each, in ms. Its TTFT starts when the request is queued (after tokenising) and its ITL
+    divides a step's gap among the tokens it delivered, so it reads lower than the client's."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    out = {}
+    for name in SERVER_HISTOGRAMS:
+        count, total = values.get(f"onspec:{name}_seconds_count"), values.get(f"onspec:{name}_seconds_sum")
+        out[name] = {"count": count, "mean_ms": 1000 * total / count if count else None}
     return out
 
 

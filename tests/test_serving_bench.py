@@ -44,3 +44,9 @@ def test_serving_benchmark_reports_both_classes_and_modes(tmp_path):
         assert rss["start_gb"] > 0 and rss["end_gb"] > 0 and rss["peak_gb"] >= rss["end_gb"]
         assert rss["minute1_gb"] is None and rss["growth_minute1_to_end_pct"] is None  # a 6 s run has no minute 1
         assert len(rss["samples"]) >= 2
+        server = run["server"]  # the server's /metrics histograms count what the clients got
+        completed = sum(run[kind]["completed"] for kind in classes)
+        assert server["e2e_request_latency"]["count"] == completed
+        assert server["time_to_first_token"]["count"] == completed
+        # a short request's 8 tokens come at most k + 1 = 4 a step: at least 4 after its first delivery
+        assert server["inter_token_latency"]["count"] >= 4 * run["short"]["completed"]
