@@ -5,7 +5,7 @@ picks one by the forward it runs.
 
 `RaggedKVCache` (the engine's own forward, models/decode.py; every Llama/Qwen2 model on a CPU):
 each row holds its own keys and values, one tensor per row `[layers, 2, kv_heads, capacity, dim]`
-grown in blocks of `BLOCK` positions (about 1/8 more once a row is long, so growing copies a row
+grown in blocks of `BLOCK` (64) positions (about 1/8 more once a row is long, so growing copies a row
 a bounded number of times; a prefill reserves the whole prompt at its first chunk). A pass packs
 the rows' new tokens into one sequence: the linear layers run batched over all of them, attention
 runs per row over that row's own keys (a short loop over rows per layer; for one row it is the
@@ -138,7 +138,7 @@ class SlotKVCache:
         self.trim()
 
 
-BLOCK = 256
+BLOCK = 64
 """Positions a row's cache grows by (at least): the granularity of a row's memory."""
 
 
