@@ -12,7 +12,7 @@ import re
 import pytest
 
 from onspec.data import repeating
-from onspec.data.streams import REPEATING, DatasetError, iter_queries
+from onspec.data.streams import REPEATING, DatasetError, Query, iter_queries
 
 MULTITURN_SAMPLE = 1500  # the whole multiturn stream is ~32k prompts; its start is enough here
 CONTEXT = 32_768
@@ -55,6 +55,15 @@ def test_answers_repeat_what_came_before(name, floor, streams, one_off_share):
     answers) is high for the repeating streams, and above single-turn ShareGPT's."""
     share = repeating.repeat_share(streams[name])
     assert share >= floor and share > one_off_share, (name, share, one_off_share)
+
+
+def test_repeat_share_counts_what_was_seen():
+    def q(prompt: str, answer: str) -> Query:
+        return Query("t", "t", text=prompt, answer=answer)
+    words = " ".join(f"w{i}" for i in range(20))
+    assert repeating.repeat_share([q(words, words)], n=6) == 1.0  # the answer is in its own prompt
+    assert repeating.repeat_share([q("a b c", words), q("d e f", words)], n=6) == 0.5  # new, then seen
+    assert repeating.repeat_share([q("a b c d e f g", words)], n=6) == 0.0
 
 
 @pytest.mark.parametrize("name", REPEATING)

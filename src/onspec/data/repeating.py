@@ -116,11 +116,11 @@ def _fresh(code: str, *candidates: str) -> str | None:
 
 
 def _body_start(fn: ast.FunctionDef) -> tuple[int, int]:
-    """(line index to insert before, indentation) of the first statement after the docstring."""
-    body = fn.body
-    doc = isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)
-    stmt = body[1] if doc and len(body) > 1 else body[0]
-    return (stmt.lineno - 1, stmt.col_offset) if not (doc and len(body) == 1) else (body[0].end_lineno, body[0].col_offset)
+    """(0-based line index to insert at, indentation): after the docstring, else before the first statement."""
+    first = fn.body[0]
+    if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+        return first.end_lineno, first.col_offset
+    return first.lineno - 1, first.col_offset
 
 
 def _rename_parameter(code: str, name: str, rng: random.Random):
