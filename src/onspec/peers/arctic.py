@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
+# NOTE: the build helpers shared with the llama.cpp peer (a file lock, a logged subprocess) still live there
 from onspec.bench.llamacpp import _execute, _locked
 from onspec.models.registry import cache_dir
 
