@@ -125,10 +125,26 @@ def test_a_short_row_beside_a_long_one_costs_only_itself(arch, monkeypatch):
     monkeypatch.setattr(decode, "short_query_attention", spy)
     out = feed(both, model, [[9], [9]])
     layers = model.config.num_hidden_layers
-    assert seen == [len(LONG) + 1, len(SHORT) + 1] * layers  # per layer: the long row, then the short
+    assert sorted(seen) == sorted([len(LONG) + 1, len(SHORT) + 1] * layers)  # one call per row and layer
     assert_close(out[1, -1], full_logits(model, SHORT + [9])[-1])
     assert_close(out[0, -1], full_logits(model, LONG + [9])[-1])
     assert both.nbytes(1) == alone.nbytes(0)
+
+
+def test_alike_rows_share_an_attention_call_and_no_row_attends_over_twice_its_length():
+    """Rows of the same pass width and keys within 2x (or a block) of the shortest are attended in
+    one call; every row's keys there are at most max(2 x its own, its own + BLOCK)."""
+    from onspec.engine.kv import BLOCK, Segment
+
+    lengths = [5, 401, 300, 6, 60, 1000]
+    segments = [Segment(b, b, n - 1, 1) for b, n in enumerate(lengths)]
+    groups = decode._groups(segments)
+    assert sorted(sorted(s.row for s in g) for g in groups) == [[0, 3, 4], [1, 2], [5]]
+    for g in groups:
+        longest = max(s.start + s.count for s in g)
+        assert all(longest <= max(2 * (s.start + s.count), s.start + s.count + BLOCK) for s in g)
+        assert [s.offset for s in g] == sorted(s.offset for s in g)
+    assert len(decode._groups([Segment(0, 0, 10, 1), Segment(1, 1, 10, 2)])) == 2  # other widths: apart
 
 
 def test_rows_join_without_copies_and_leave_freeing_their_memory(arch):

@@ -114,20 +114,23 @@ class DecodeForward:
         sequence, input_ids and position_ids [1, tokens], `kv.segments` saying whose they are. The
         linear layers run over all tokens at once; attention runs per row over that row's own keys
         (`kv.write` stores the new ones and returns the row's keys so far), causal among the row's
-        new tokens. Returns the logits at packed tokens `index`: [len(index), vocab]."""
-        dtype = self.model.get_input_embeddings().weight.dtype
-        masks = [_causal_mask(s.count, s.start + s.count, dtype) for s in kv.segments]
-
-        def attend(i, attn, q, k, v):  # q: [1, heads, tokens, dim]; k, v: [1, kv_heads, tokens, dim]
-            outs = []
-            for seg, mask in zip(kv.segments, masks):
-                rows = slice(seg.offset, seg.offset + seg.count)
-                keys, values = kv.write(i, seg, k[:, :, rows], v[:, :, rows])
-                outs.append(short_query_attention(attn, q[:, :, rows], keys, values, mask, scaling=attn.scaling)[0])
-            return outs[0] if len(outs) == 1 else torch.cat(outs, 1)  # [1, tokens, heads, dim]
-
+        new tokens. Rows of the same pass width and similar lengths (`_groups`) are attended in one
+        call over their keys copied side by side, so a batch of alike rows pays one call per layer,
+        not one per row. Returns the logits at packed tokens `index`: [len(index), vocab]."""
         if not kv.segments:
             return self.model.lm_head.weight.new_zeros(0, self.model.lm_head.out_features)
+        dtype = self.model.get_input_embeddings().weight.dtype
+        groups = [_Group(g, dtype) for g in _groups(kv.segments)]
+        tokens = input_ids.shape[1]
+
+        def attend(i, attn, q, k, v):  # q: [1, heads, tokens, dim]; k, v: [1, kv_heads, tokens, dim]
+            if len(groups) == 1 and isinstance(groups[0].tokens, slice):  # every token, in order
+                return groups[0].attend(i, attn, q, k, v, kv)  # [1, tokens, heads, dim]
+            out = q.new_empty(1, tokens, q.shape[1], q.shape[3])
+            for g in groups:
+                out[:, g.tokens] = g.attend(i, attn, q, k, v, kv)
+            return out
+
         hidden = self._layers(input_ids, position_ids, attend)[0]  # [tokens, hidden]
         n = len(index)
         if n and int(index[-1]) - int(index[0]) + 1 == n:  # a run of tokens (always, for one row)
@@ -189,6 +192,64 @@ class DecodeForward:
             norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else body.norm
             ops.fused_add_rms_norm(x, residual, norm.weight, norm.variance_epsilon)
         return x.view(batch, length, -1)
+
+
+def _groups(segments: list) -> list[list]:
+    """Segments attended together: the same number of new tokens, and keys (start + count) at most
+    twice the shortest's or one block more, so no row attends over more than about twice its own
+    length. A row beside a much longer one is attended alone."""
+    from onspec.engine.kv import BLOCK
+
+    groups: list[list] = []
+    for s in sorted(segments, key=lambda s: (s.count, s.start)):
+        first = groups[-1][0] if groups else None
+        end = s.start + s.count
+        if first is not None and s.count == first.count and end <= max(2 * (first.start + first.count),
+                                                                       first.start + first.count + BLOCK):
+            groups[-1].append(s)
+        else:
+            groups.append([s])
+    return [sorted(g, key=lambda s: s.offset) for g in groups]  # in packed order: often one run of tokens
+
+
+class _Group:
+    """Rows attended in one call: their queries and a mask built once per pass; keys and values are
+    copied side by side at each layer (right-padded, masked)."""
+
+    def __init__(self, segments: list, dtype: torch.dtype) -> None:
+        self.segments = segments
+        self.count = segments[0].count
+        offsets = [s.offset for s in segments]
+        if offsets == list(range(offsets[0], offsets[0] + self.count * len(segments), self.count)):
+            self.tokens = slice(offsets[0], offsets[0] + self.count * len(segments))
+        else:
+            self.tokens = torch.cat([torch.arange(s.offset, s.offset + s.count) for s in segments])
+        if len(segments) == 1:
+            self.mask = _causal_mask(self.count, segments[0].start + self.count, dtype)
+        else:
+            self.keys = max(s.start + s.count for s in segments)
+            query = torch.tensor([s.start for s in segments])[:, None] + torch.arange(self.count)  # [rows, count]
+            allowed = torch.arange(self.keys)[None, None, :] <= query[:, :, None]  # [rows, count, keys]
+            self.mask = torch.zeros(len(segments), 1, self.count, self.keys, dtype=dtype)
+            self.mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+
+    def attend(self, i: int, attn, q, k, v, kv) -> torch.Tensor:
+        """Store the rows' new keys and values of layer i and attend; returns [1, rows * count, heads, dim]."""
+        if len(self.segments) == 1:
+            s = self.segments[0]
+            keys, values = kv.write(i, s, k[:, :, self.tokens], v[:, :, self.tokens])
+            return short_query_attention(attn, q[:, :, self.tokens], keys, values, self.mask, scaling=attn.scaling)[0]
+        rows, heads, dim = len(self.segments), q.shape[1], q.shape[3]
+        keys = k.new_zeros(rows, k.shape[1], self.keys, dim)  # [rows, kv_heads, keys, dim]
+        values = torch.zeros_like(keys)
+        for r, s in enumerate(self.segments):
+            new = slice(s.offset, s.offset + s.count)
+            row_keys, row_values = kv.write(i, s, k[:, :, new], v[:, :, new])
+            keys[r, :, : s.start + s.count] = row_keys[0]
+            values[r, :, : s.start + s.count] = row_values[0]
+        queries = q[0, :, self.tokens].view(heads, rows, self.count, dim).transpose(0, 1)  # [rows, heads, count, dim]
+        out, _ = short_query_attention(attn, queries, keys, values, self.mask, scaling=attn.scaling)
+        return out.reshape(1, rows * self.count, heads, dim)
 
 
 def _causal_mask(length: int, keys: int, dtype: torch.dtype) -> torch.Tensor | None:
