@@ -32,7 +32,21 @@ from onspec.engine.engine import EngineConfig, Request
 from onspec.engine.sampling import SamplingParams
 from onspec.models.loading import load_model
 from onspec.models.pair import ModelConfig, load_pair
-from onspec.models.precision import Float32Head
+
+
+class Float32Head(torch.nn.Module):
+    """An LM head that computes logits in float32 from the (e.g. bf16) hidden state, with a
+    float32 copy of the weights: logits are never rounded to bf16, so two logits 0.05 apart stay
+    apart (in bf16 logits near 20 are 0.125 apart). Costs the head's weights again in float32."""
+
+    def __init__(self, head: torch.nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = head.in_features, head.out_features
+        self.weight = torch.nn.Parameter(head.weight.detach().float(), requires_grad=False)
+        self.bias = None if head.bias is None else torch.nn.Parameter(head.bias.detach().float(), requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(hidden.float(), self.weight, self.bias)
 
 
 def prompts_for(tokenizer, n: int, seed: int = 0, max_tokens: int = 512) -> list[tuple[str, list[int]]]:

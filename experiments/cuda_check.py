@@ -59,7 +59,7 @@ def main() -> int:
             ref = [o.token_ids for o in SpeculativeEngine(target, Tok(), None).generate([Request(p, params) for p in prompts])]
             counts = torch.randint(0, 100, (V,), generator=torch.Generator().manual_seed(0))
             for name, kw in (("full", {}), ("reduced256", {"draft_vocab": DraftVocab(counts, 256)}),
-                             ("int8", {"draft_int8": True}), ("adaptive", {"policy": AdaptiveK(4, PolicyConfig())}),
+                             ("int8", {"draft_quant": "int8"}), ("adaptive", {"policy": AdaptiveK(4, PolicyConfig())}),
                              ("suffix", {"policy": AdaptiveK(4, PolicyConfig()), "suffix": SuffixLearner()})):
                 eng = SpeculativeEngine(target, Tok(), noisy, k=4, **kw)
                 t0 = time.perf_counter()
@@ -68,7 +68,7 @@ def main() -> int:
                 report[key] = {"equal": [o.token_ids for o in outs] == ref,
                                "differing": sum(o.token_ids != r for o, r in zip(outs, ref)),
                                "alpha": sum(o.stats.accepted for o in outs) / max(1, sum(o.stats.evaluated for o in outs)),
-                               "suffix_steps": sum(o.stats.suffix_steps for o in outs),
+                               "suffix_steps": sum(o.stats.of("suffix").steps for o in outs),
                                "seconds": round(time.perf_counter() - t0, 3)}
             sp = SamplingParams(max_new_tokens=32, temperature=0.8, seed=3, ignore_eos=True)
             a = SpeculativeEngine(target, Tok(), noisy, k=3).generate([Request(prompts[0], sp)])[0].token_ids

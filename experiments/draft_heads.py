@@ -51,7 +51,7 @@ def main() -> int:
     for n in SIZES:
         for int8 in (False, True):
             ids = draft_vocab(target.model, tok, n).ids if n else None
-            variants[(n, int8)] = FastDraft(draft.model, ids, int8=int8)
+            variants[(n, int8)] = FastDraft(draft.model, ids, quant="int8" if int8 else "none")
     probe = prompts[0][1] + outputs[0]
     times = {key: [] for key in variants}
     t_target = []

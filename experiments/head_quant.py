@@ -28,7 +28,7 @@ from torch import nn
 
 from onspec.bench.report import finish
 from onspec.data.streams import iter_humaneval, iter_sharegpt_answers
-from onspec.models.fast_draft import Int8Linear
+from onspec.models.int8 import Int8Linear
 from onspec.models.pair import ModelConfig, load_pair
 from onspec.models.quant import W8A8Linear, head_input_amax, smoothing
 

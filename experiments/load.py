@@ -8,7 +8,7 @@ draft version took to go live on a replica. Prints a table and, last, one JSON l
 
     .venv/bin/python experiments/load.py --requests 48 --concurrency 4 --max-tokens 64
     .venv/bin/python experiments/load.py --dataset humaneval --requests 164 --modes on \\
-        --server-args "--adaptive-k --steps 8 --lr 1e-3" --screenshot docs/results/serve/dashboard.png
+        --server-args "--learn draft --steps 8 --lr 1e-3" --screenshot docs/results/serve/dashboard.png
     .venv/bin/python experiments/load.py --replicas 0,1,2 --modes on --rounds 2 --requests 24 \\
         --max-tokens 32 --server-args "--target smollm2-135m --dtype float32"
 """

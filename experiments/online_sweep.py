@@ -176,8 +176,8 @@ def draft_cost(target, draft: torch.nn.Module, student: torch.nn.Module, example
     ids = draft_vocab(target.model, target.tokenizer, vocab).ids
     models = {"target": target.model}
     for label, m in (("M layers", student), ("whole draft", draft)):
-        models[f"{label}, int8, full head"] = FastDraft(m, None, int8=True).model
-        models[f"{label}, int8, {vocab // 1024}k head"] = FastDraft(m, ids, int8=True).model
+        models[f"{label}, int8, full head"] = FastDraft(m, None, quant="int8").model
+        models[f"{label}, int8, {vocab // 1024}k head"] = FastDraft(m, ids, quant="int8").model
     prompt = example.tokens.tolist()
     runners = {}
     with torch.no_grad():

@@ -57,7 +57,7 @@ def decode(learner: SuffixLearner, prompt: list[int], output: list[int], max_tok
     steps, t = [], 0
     context = list(prompt)
     while t < len(output):
-        proposal = learner.propose(context, local, max_tokens).tokens
+        proposal = learner.continuation(context, local, max_tokens)[0]
         accepted = 0
         while accepted < len(proposal) and t + accepted < len(output) and proposal[accepted] == output[t + accepted]:
             accepted += 1

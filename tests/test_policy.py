@@ -15,7 +15,7 @@ from onspec.engine.sampling import SamplingParams
 
 def trained(alpha: float, c: float, k_max: int = 8, probe_share: float = 0.0, steps: int = 400) -> AdaptiveK:
     """A policy that has seen many steps with the given alpha and cost ratio (T(k) flat)."""
-    policy = AdaptiveK(k_max, PolicyConfig(adaptive_k=True, probe_share=probe_share))
+    policy = AdaptiveK(k_max, PolicyConfig(probe_share=probe_share))
     for _ in range(steps):
         evaluated = 100
         policy.observe(1, round(alpha * evaluated), evaluated, draft_seconds=c, target_seconds=1.0)
@@ -71,7 +71,7 @@ def test_config_ranges():
 def test_adaptive_engine_stays_lossless(tokenizer):
     """With the policy switching k (including 0) step by step, greedy output is still the target's."""
     target, draft = tiny_model("llama", 0), tiny_model("llama", 7, layers=1)
-    policy = AdaptiveK(4, PolicyConfig(adaptive_k=True, probe_share=0.3))
+    policy = AdaptiveK(4, PolicyConfig(probe_share=0.3))
     engine = SpeculativeEngine(target, tokenizer, draft, k=4, policy=policy)
     for text in ["hello world", "abc", "the quick brown fox"]:
         prompt = tokenizer.encode(text)
@@ -84,7 +84,7 @@ class Scripted(AdaptiveK):
     """A policy that picks k from a fixed script and records what it is told."""
 
     def __init__(self, script: list[int]) -> None:
-        super().__init__(max(script), PolicyConfig(adaptive_k=True))
+        super().__init__(max(script), PolicyConfig())
         self.script = list(script)
         self.seen: list[tuple[int, float]] = []
 

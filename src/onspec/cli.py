@@ -54,11 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     models = (ModelConfig, ("no_draft",))
     _config_command(sub, "bench", "the same prompts decoded target-only, by onspec (adaptive and fixed k), transformers assisted generation and llama.cpp, interleaved",
                     run_bench, [models, (EngineConfig, ()), (PolicyConfig, ()), (BenchConfig, ())])
-    from onspec.engine.vllm_engine import VllmConfig
+    from onspec.engine.role import BackendConfig
 
     _config_command(sub, "replay", "serve a query stream in order, online (learning) and/or static; plot alpha",
                     run_replay, [models, (EngineConfig, ()), (PolicyConfig, ()), (TrainerConfig, ()), (ReplayConfig, ()),
-                                 (PoolConfig, ()), (VllmConfig, ())])
+                                 (PoolConfig, ()), (BackendConfig, ())])
     _config_command(sub, "distill", "offline: the target answers a dataset, the draft distills from it",
                     run_distill, [models, (TrainerConfig, ()), (DistillConfig, ())])
 
@@ -67,12 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def run_serve(model, engine, policy, trainer, server, pool, cluster, backend):
         server = server.resolved(backend.engine)
-        if backend.engine == "vllm":
-            if cluster.replicas:
-                raise ValueError("--replicas with --engine vllm is not built: run one `onspec serve --engine vllm` per "
-                                 "machine (docs/design.md says how one trainer would feed several)")
-            if pool.drafts > 1:
-                raise ValueError("--engine vllm serves one draft: drop --drafts")
+        backend.check(model=model, engine=engine, trainer=trainer, server=server, pool=pool, cluster=cluster)
+        if backend.vllm:
             from onspec.apps.serve import run_serve as serve
 
             serve(model, engine, policy, trainer, server, pool, backend,
@@ -94,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     _config_command(sub, "serve", "OpenAI-compatible server; the draft keeps learning from the served traffic",
                     run_serve, [models, (EngineConfig, ()), (PolicyConfig, ()), (TrainerConfig, ()), (ServerConfig, ()),
-                                (PoolConfig, ()), (ClusterConfig, ()), (VllmConfig, ())])
+                                (PoolConfig, ()), (ClusterConfig, ()), (BackendConfig, ())])
 
     derive = sub.add_parser("derive-draft", help="write the derived draft (first N target layers) as safetensors")
     derive.add_argument("--out", required=True, type=Path, help="output directory")

@@ -111,7 +111,7 @@ def build_pool(target: nn.Module, tokenizer, draft: nn.Module | None, engine_cfg
     return pool, router
 
 
-def build_vllm_pool(model_cfg, engine_cfg: EngineConfig, vllm_cfg, trainer_cfg: TrainerConfig | None = None,
+def build_vllm_pool(model_cfg, engine_cfg: EngineConfig, backend, trainer_cfg: TrainerConfig | None = None,
                     checkpoints: Path | None = None, *, rollback_tolerance: float = 0.05,
                     rollback_min_tokens: int = 512) -> DraftPool:
     """vLLM as the engine (engine/vllm_engine.py) with onspec's draft as its speculator, as a pool
@@ -123,9 +123,7 @@ def build_vllm_pool(model_cfg, engine_cfg: EngineConfig, vllm_cfg, trainer_cfg: 
     from onspec.engine.vllm_engine import VllmEngine
     from onspec.models.loading import load_model, resolve_device, resolve_dtype, resolve_spec
 
-    if model_cfg.target_quant not in ("none", "auto"):
-        raise ValueError(f"--target-quant {model_cfg.target_quant} quantizes onspec's own engine's target; vLLM "
-                         "loads its target from the model's files as they are (drop the flag with --engine vllm)")
+    backend.check(model=model_cfg, engine=engine_cfg, trainer=trainer_cfg)
     device = resolve_device(model_cfg.device)
     dtype = resolve_dtype(model_cfg.dtype, device)
     target_dir = resolve_spec(model_cfg.target_name, dtype)
@@ -135,12 +133,9 @@ def build_vllm_pool(model_cfg, engine_cfg: EngineConfig, vllm_cfg, trainer_cfg: 
             raise ValueError("--engine vllm serves a draft model from a directory: this target has no paired draft; "
                              "write a derived one with `onspec derive-draft --out DIR` and pass --draft DIR")
         draft_dir = resolve_spec(model_cfg.draft_spec, dtype)
-    if trainer_cfg is not None and trainer_cfg.data_source != "teacher":
-        raise ValueError("--engine vllm learns from the served outputs (--data-source teacher): student-sampled data "
-                         "needs the target's logits on the draft's own samples, which vLLM does not expose")
     engine = VllmEngine(target_dir, draft_dir, k=engine_cfg.k, dtype=str(dtype).removeprefix("torch."),
                         teacher_top_k=trainer_cfg.teacher_top_k if trainer_cfg is not None and draft_dir else 0,
-                        cfg=vllm_cfg, rollback_tolerance=rollback_tolerance, rollback_min_tokens=rollback_min_tokens)
+                        cfg=backend, rollback_tolerance=rollback_tolerance, rollback_min_tokens=rollback_min_tokens)
     drafter, trainer = engine.drafter, None
     if drafter is not None:  # onspec's mirror of the draft vLLM serves (the trainer starts from it)
         drafter.draft = load_model(draft_dir, device=device, dtype=model_cfg.dtype).model

@@ -40,7 +40,7 @@ from onspec.models.pair import ModelConfig, load_pair
 from onspec.online.distiller import TrainerConfig
 from onspec.online.forward import greedy_agreement
 from onspec.pool.pool import GENERAL, PoolConfig
-from onspec.engine.vllm_engine import check_engine_options
+from onspec.engine.role import BackendConfig
 from onspec.wiring import build_pool, build_vllm_pool
 
 STREAM_ALIASES = {
@@ -89,6 +89,10 @@ class ReplayConfig:
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
 
+    @property
+    def learns_suffix(self) -> bool:
+        return self.mode != "static" and self.learn in ("suffix", "both")
+
 
 def load_stream(cfg: ReplayConfig) -> list[Query]:
     """Segments joined by '+' follow one another; segments joined by '|' are interleaved
@@ -117,18 +121,16 @@ def _segment(segment: str) -> list[Query]:
 
 def run_replay(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: PolicyConfig,
                trainer_cfg: TrainerConfig, cfg: ReplayConfig, pool_cfg: PoolConfig | None = None,
-               vllm_cfg=None) -> dict:
+               backend: BackendConfig | None = None) -> dict:
     pool_cfg = pool_cfg or PoolConfig()
     console = Console(stderr=True)
     if model_cfg.no_draft:
         raise ValueError("replay measures a draft: --no-draft makes no sense here")
-    vllm = vllm_cfg if vllm_cfg is not None and vllm_cfg.engine == "vllm" else None
+    backend = backend or BackendConfig()
+    vllm = (model_cfg, backend) if backend.vllm else None
     cfg = dataclasses.replace(cfg, learn=cfg.learn or ("draft" if vllm else "suffix"))
-    if vllm is not None and (cfg.learn != "draft" or pool_cfg.drafts > 1):
-        raise ValueError("--engine vllm replays one draft model learning (--learn draft, --drafts 1): vLLM runs one "
-                         "speculative method per engine, with no place for onspec's suffix learner")
-    if vllm is not None:
-        check_engine_options(engine_cfg)
+    backend.check(model=model_cfg, engine=engine_cfg, server=cfg, pool=pool_cfg,
+                  trainer=trainer_cfg if cfg.learn in ("draft", "both") else None)
     queries = load_stream(cfg)
     console.print(f"loading models ({model_cfg.target}{', vLLM engine' if vllm else ''}) ...")
     if vllm is None:
@@ -152,7 +154,7 @@ def run_replay(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Pol
     def run(mode: str) -> _Run:
         if vllm is not None:
             return _Run(mode, None, None, engine_cfg, policy_cfg, trainer_cfg, pool_cfg, cfg, out_dir,
-                        vllm=(model_cfg, vllm))
+                        vllm=vllm)
         return _Run(mode, target, copy.deepcopy(draft.model), engine_cfg, policy_cfg, trainer_cfg, pool_cfg, cfg,
                     out_dir)
 
@@ -208,8 +210,8 @@ class _Run:
         engine_cfg = dataclasses.replace(engine_cfg, no_suffix=engine_cfg.no_suffix or not online
                                          or cfg.learn == "draft")
         if vllm is not None:  # vLLM decodes (its own pair, from the same directories); onspec learns
-            model_cfg, vllm_cfg = vllm
-            self.pool, self.router = build_vllm_pool(model_cfg, engine_cfg, vllm_cfg,
+            model_cfg, backend = vllm
+            self.pool, self.router = build_vllm_pool(model_cfg, engine_cfg, backend,
                                                      trainer_cfg if learn_draft else None,
                                                      self.ckpt_root if learn_draft else None), None
             draft_model = self.pool.general.draft
@@ -252,15 +254,8 @@ class _Run:
             "draft_version": member.version,
             "updates": sum(m.trainer.distiller.updates for m in members if m.trainer),
             "rollbacks": sum(m.trainer.distiller.rollbacks for m in members if m.trainer),
-            # the suffix learner's share of this query's steps and its own acceptance there
-            "suffix_steps": s.suffix_steps, "suffix_proposed": s.suffix_proposed,
-            "suffix_accepted": s.suffix_accepted, "suffix_evaluated": s.suffix_evaluated,
-            "suffix_share": s.suffix_steps / s.steps if s.steps else 0.0,
-            "suffix_alpha": s.suffix_accepted / s.suffix_evaluated if s.suffix_evaluated else None,
-            "extended_steps": s.extended_steps, "extension_proposed": s.extension_proposed,
-            "extension_accepted": s.extension_accepted, "extension_evaluated": s.extension_evaluated,
-            "draft_alpha": _ratio(s.accepted - s.suffix_accepted - s.extension_accepted,
-                                  s.evaluated - s.suffix_evaluated - s.extension_evaluated),
+            # each proposer's share of this query's steps and its own acceptance there
+            **{f"{kind}_{name}": value for kind in PROPOSERS for name, value in _counts(s, kind).items()},
             "tokens_per_pass": (s.accepted + s.steps) / s.steps if s.steps else None,
             "learner_version": self.suffix.version if self.suffix is not None else 0,
         }
@@ -328,12 +323,8 @@ class _Run:
         if router is not None:
             summary.update(router=self.pool_cfg.router, router_stats=router.stats(), per_draft=_groups(rows, "draft"),
                            pool=pool.stats(), router_us_per_request=1e6 * self.route_s / max(1, len(rows)))
-        if hasattr(pool.engine, "alpha_by_version"):  # vLLM: its own counters, per draft version, and the swaps
-            d = pool.engine.drafter
-            summary["vllm"] = {"startup_s": pool.engine.startup_s, "alpha_by_version": pool.engine.alpha_by_version(),
-                               "publish_to_live_s": list(d.publish_to_live) if d else [],
-                               "live_rollbacks": list(d.rollbacks) if d else []}
-            pool.engine.close()
+        summary["engine"] = {"name": pool.engine.name, **pool.engine.stats()}
+        pool.engine.close()
         return summary
 
 
@@ -359,16 +350,22 @@ def _serve_stream(runs: list[_Run], queries, console) -> None:
                     console.print(f"{i + 1}/{len(queries)} {status}")
 
 
+PROPOSERS = ("draft", "suffix")
+"""The kinds of proposer whose counts each row carries (engine/proposer.py)."""
+
+
+def _counts(stats, kind: str) -> dict:
+    c = stats.of(kind)
+    return {"steps": c.steps, "proposed": c.proposed, "accepted": c.accepted, "evaluated": c.evaluated,
+            "share": c.steps / stats.steps if stats.steps else 0.0, "alpha": c.alpha}
+
+
 def _suffix_summary(rows: list[dict]) -> dict:
     """The suffix learner over these queries: its share of steps, its alpha, tokens per target pass."""
     steps = sum(r["steps"] for r in rows)
     return {"share_of_steps": _ratio(sum(r["suffix_steps"] for r in rows), steps),
             "alpha": _ratio(sum(r["suffix_accepted"] for r in rows), sum(r["suffix_evaluated"] for r in rows)),
-            "accepted_per_step": _ratio(sum(r["suffix_accepted"] for r in rows), sum(r["suffix_steps"] for r in rows)),
-            # draft steps it extended: their share, and its acceptance on the extensions verified
-            "extended_share_of_steps": _ratio(sum(int(r.get("extended_steps") or 0) for r in rows), steps),
-            "extension_alpha": _ratio(sum(int(r.get("extension_accepted") or 0) for r in rows),
-                                      sum(int(r.get("extension_evaluated") or 0) for r in rows))}
+            "accepted_per_step": _ratio(sum(r["suffix_accepted"] for r in rows), sum(r["suffix_steps"] for r in rows))}
 
 
 def _alpha_summary(rows: list[dict]) -> dict:
@@ -434,7 +431,7 @@ def plot_alpha(out_dir: Path, modes: list[str], window: int, boundaries: list[in
     for b in boundaries:
         tx.axvline(b, color="black", linestyle=":", linewidth=1)
     panels = [ax]
-    if learner:  # each speculator's own alpha, and the share of steps the suffix learner proposed
+    if learner:  # each proposer's own alpha, and the share of steps the suffix learner proposed
         lx = axes[-1][0]
         for mode, rows in learner.items():
             col = lambda name: [float(r[name]) if r.get(name) not in (None, "") else float("nan") for r in rows]  # noqa: E731
@@ -442,14 +439,7 @@ def plot_alpha(out_dir: Path, modes: list[str], window: int, boundaries: list[in
             lx.plot(range(len(rows)), _moving_average(col("draft_alpha"), window), label=f"{mode}: draft (floor) alpha")
             lx.plot(range(len(rows)), _moving_average(col("suffix_share"), window), linestyle="--",
                     label=f"{mode}: share of steps the suffix learner proposed")
-            if any(float(r.get("extended_steps") or 0) for r in rows):  # --suffix-extension
-                ratio = lambda num, den: [float(r[num]) / float(r[den]) if float(r.get(den) or 0) else float("nan")  # noqa: E731
-                                          for r in rows]
-                lx.plot(range(len(rows)), _moving_average(ratio("extended_steps", "steps"), window), linestyle=":",
-                        label=f"{mode}: share of draft steps the learner extended")
-                lx.plot(range(len(rows)), _moving_average(ratio("extension_accepted", "extension_evaluated"), window),
-                        linestyle="-.", label=f"{mode}: extension alpha")
-        lx.set_title(f"speculators ({window}-query moving averages)", fontsize=10)
+        lx.set_title(f"proposers ({window}-query moving averages)", fontsize=10)
         panels.append(lx)
     if groups:
         gx = axes[2][0]

@@ -25,7 +25,7 @@ from onspec.durable import replace_synced
 from onspec.engine.engine import EngineConfig
 from onspec.engine.policy import PolicyConfig
 from onspec.engine.suffix import SuffixLearner
-from onspec.engine.vllm_engine import check_engine_options
+from onspec.engine.role import BackendConfig
 from onspec.models.pair import ModelConfig, load_pair
 from onspec.online.buffer import save_traffic
 from onspec.online.distiller import TrainerConfig
@@ -74,20 +74,17 @@ def build_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Po
 
 
 def build_vllm_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, trainer_cfg: TrainerConfig, cfg: ServerConfig,
-                     vllm_cfg, rollback_tolerance: float = 0.05, rollback_min_tokens: int = 512) -> ServerState:
+                     backend: BackendConfig, rollback_tolerance: float = 0.05,
+                     rollback_min_tokens: int = 512) -> ServerState:
     """`--engine vllm`: vLLM decodes behind onspec's server (the same scheduler, guard, metrics and
     dashboard); the trainer learns the draft from what it served and writes each version into it."""
     from onspec.wiring import build_vllm_pool
 
     cfg = cfg.resolved("vllm")
-    check_engine_options(engine_cfg)
-    if cfg.learns_suffix:
-        raise ValueError("--engine vllm learns the draft model (--learn draft): vLLM runs one speculative method per "
-                         "engine, and onspec's suffix learner and its controller are not one it can run beside the "
-                         "draft; use onspec's own engine for --learn suffix or both")
+    backend.check(model=model_cfg, engine=engine_cfg, server=cfg)
     state_dir = Path(cfg.state_dir)
     _private_dir(state_dir)
-    pool = build_vllm_pool(model_cfg, engine_cfg, vllm_cfg, trainer_cfg if cfg.learns_draft else None,
+    pool = build_vllm_pool(model_cfg, engine_cfg, backend, trainer_cfg if cfg.learns_draft else None,
                            state_dir / "checkpoints", rollback_tolerance=rollback_tolerance,
                            rollback_min_tokens=rollback_min_tokens)
     member = pool.general
@@ -115,9 +112,7 @@ def shutdown(state: ServerState) -> None:
             save_traffic(m.trainer.buffer, _traffic_file(Path(state.cfg.state_dir), m.name))  # never raises
     if state.router is not None:  # never raises either
         state.pool.save_manifest(Path(state.cfg.state_dir) / "checkpoints", state.router.state_dict())
-    close = getattr(state.engine, "close", None)  # vLLM's engine core; onspec's engine holds nothing to release
-    if close is not None:
-        close()
+    state.engine.close()
 
 
 SUFFIX_FILE = "suffix.safetensors"
@@ -180,20 +175,20 @@ def _private_file(path: Path) -> None:
 
 def run_serve(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: PolicyConfig,
               trainer_cfg: TrainerConfig, cfg: ServerConfig, pool_cfg: PoolConfig | None = None,
-              vllm_cfg=None, rollback: tuple[float, int] = (0.05, 512)) -> None:
+              backend: BackendConfig | None = None, rollback: tuple[float, int] = (0.05, 512)) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sock = _bind(cfg.host, cfg.port)  # before loading: a taken port fails fast
     warning = exposure_warning(cfg)
     if warning:
         log.warning(warning)
     print(f"onspec serve: loading models ({model_cfg.target}) ...", file=sys.stderr, flush=True)
-    if vllm_cfg is not None and vllm_cfg.engine == "vllm":
-        state = build_vllm_state(model_cfg, engine_cfg, trainer_cfg, cfg, vllm_cfg, *rollback)
+    if backend is not None and backend.vllm:
+        state = build_vllm_state(model_cfg, engine_cfg, trainer_cfg, cfg, backend, *rollback)
     else:
         state = build_state(model_cfg, engine_cfg, policy_cfg, trainer_cfg, cfg, pool_cfg)
     state.scheduler.start()
     host, port = sock.getsockname()[:2]
-    engine = "vLLM" if vllm_cfg is not None and vllm_cfg.engine == "vllm" else "onspec"
+    engine = {"vllm": "vLLM"}.get(state.engine.name, state.engine.name)
     print(f"onspec serve: {state.model_name} ({engine} engine, draft v{state.engine.draft_version}, "
           f"learning {learning(state)}, drafts {len(state.pool.all_members)}"
           f"{'' if state.router is None else ' max ' + str(state.pool.cfg.drafts) + ', router ' + state.router.name}) on http://{host}:{port}  "

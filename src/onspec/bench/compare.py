@@ -235,7 +235,7 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
             ways[name], decoders[name] = WayResult(name, label, weight_bytes=tbytes), \
                 onspec_way(engine, cfg.max_new_tokens)
         elif name in ("adaptive", "fixed"):
-            pc = PolicyConfig(**{**policy_cfg.__dict__, "fixed_k": name == "fixed", "adaptive_k": False})
+            pc = PolicyConfig(**{**policy_cfg.__dict__, "fixed_k": name == "fixed"})
             engine = make_engine(target.model, target.tokenizer, draft.model, engine_cfg, pc)
             label = f"onspec, {'adaptive k <= ' if name == 'adaptive' else 'fixed k = '}{k}"
             label += "" if target.quant == "none" else f", {fmt} target"
@@ -293,7 +293,7 @@ def _variant(name: str, model, what: str, target, draft, engine_cfg, policy_cfg,
     """`target-*` (target only) or `adaptive-*` (adaptive k) decoding on `model` with `engine_cfg`:
     (its WayResult, its decoder)."""
     only = name.startswith("target-")
-    pc = PolicyConfig(**{**policy_cfg.__dict__, "fixed_k": False, "adaptive_k": False})
+    pc = PolicyConfig(**{**policy_cfg.__dict__, "fixed_k": False})
     engine = make_engine(model, target.tokenizer, None if only else draft.model, engine_cfg, pc)
     label = f"target only, {what}" if only else f"adaptive k <= {engine_cfg.k}, {what}"
     return (WayResult(name, label, weight_bytes=weight_bytes(model) if only else None),
@@ -314,7 +314,8 @@ def _vllm_engine(name: str, model_cfg: ModelConfig, engine_cfg: EngineConfig, dt
     """vLLM in this process on the same converted model directories onspec loads (a `close`-able
     peer, ended with the llama.cpp servers)."""
     try:
-        from onspec.engine.vllm_engine import VllmConfig, VllmEngine
+        from onspec.engine.role import BackendConfig
+        from onspec.engine.vllm_engine import VllmEngine
     except ImportError as e:
         log(f"skipping {name}: vLLM is not installed ({e})")
         return None
@@ -329,7 +330,7 @@ def _vllm_engine(name: str, model_cfg: ModelConfig, engine_cfg: EngineConfig, dt
     log(f"starting vLLM ({name}) ...")
     engine = VllmEngine(resolve_spec(model_cfg.target_name, dtype), draft, k=engine_cfg.k or 4,
                         dtype=str(dtype).removeprefix("torch."),
-                        cfg=VllmConfig(vllm_kv_cache_gib=1, vllm_max_model_len=4096))
+                        cfg=BackendConfig(engine="vllm", vllm_kv_cache_gib=1, vllm_max_model_len=4096))
     log(f"vLLM ({name}) started in {engine.startup_s:.0f} s")
     return engine
 
@@ -360,7 +361,7 @@ class _VllmOnline:
 
 def _vllm_online(model_cfg: ModelConfig, engine_cfg: EngineConfig, log):
     try:
-        from onspec.engine.vllm_engine import VllmConfig
+        from onspec.engine.role import BackendConfig
     except ImportError as e:
         log(f"skipping vllm-online: vLLM is not installed ({e})")
         return None
@@ -372,7 +373,7 @@ def _vllm_online(model_cfg: ModelConfig, engine_cfg: EngineConfig, log):
 
     log("starting vLLM (vllm-online) ...")
     pool = build_vllm_pool(model_cfg, dataclasses.replace(engine_cfg, k=engine_cfg.k or 4),
-                           VllmConfig(vllm_kv_cache_gib=1, vllm_max_model_len=4096),
+                           BackendConfig(engine="vllm", vllm_kv_cache_gib=1, vllm_max_model_len=4096),
                            TrainerConfig(train_layers=2, freeze_head=True))
     return _VllmOnline(pool)
 

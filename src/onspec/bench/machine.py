@@ -39,7 +39,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def speedup_model(alpha: float, k: int, c: float) -> float:
-    """Expected speedup of speculative decoding (OSD.md section 2): tokens per target pass over the
+    """Expected speedup of speculative decoding (README "What the figures mean"): tokens per target pass over the
     relative cost of a step, (1 - alpha^(k+1)) / ((1 - alpha) * (k*c + 1))."""
     if k == 0:
         return 1.0

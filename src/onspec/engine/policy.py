@@ -1,6 +1,7 @@
 """How many tokens to propose: speculation steps aside when it does not pay.
 
-The speedup model of OSD.md section 2, with both costs measured live:
+The speedup model of speculative decoding (Leviathan et al., 2023; README "What the figures mean"), with
+both costs measured live:
     speedup(k) = tokens(alpha, k) * T(0) / (k * t_draft + T(k)),  tokens = (1 - alpha^(k+1)) / (1 - alpha)
 where t_draft is one draft forward and T(k) one target pass over k+1 positions (T(k) grows a
 little with k; with T(k) = T(0) this is the paper's formula with c = t_draft / T(0)). T(k) is a line
@@ -66,13 +67,10 @@ class PolicyConfig:
 
     fixed_k: bool = option(False, "always propose --k tokens per step; by default k is chosen per step in [0, --k] "
                            "from live alpha and the measured costs (0 = target only)")
-    adaptive_k: bool = option(False, "adaptive k (the default; the flag is kept for older commands)")
     probe_share: float = option(0.05, "with adaptive k, share of steps that still propose 1 token while no k pays")
     alpha_decay: float = option(0.98, "per-step decay of the live alpha estimate (closer to 1 = longer memory)")
 
     def __post_init__(self) -> None:
-        if self.fixed_k and self.adaptive_k:
-            raise ValueError("--fixed-k and --adaptive-k exclude each other")
         if not 0 <= self.probe_share <= 1:
             raise ValueError(f"--probe-share must be in [0, 1], got {self.probe_share}")
         if not 0 < self.alpha_decay < 1:

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -47,15 +49,32 @@ class StepRecord:
 
 
 @dataclass
-class RequestStats:
-    """Acceptance and speed for one request (OSD.md section 2 definitions)."""
+class Counts:
+    """Verify steps and their proposed / accepted / evaluated tokens."""
 
-    k: int = 0
     steps: int = 0
-    """Target forward passes (verify steps), excluding prefill."""
+    proposed: int = 0
     accepted: int = 0
     evaluated: int = 0
-    proposed: int = 0
+
+    def observe(self, proposed: int, num_accepted: int) -> None:
+        self.steps += 1
+        self.proposed += proposed
+        self.accepted += num_accepted
+        self.evaluated += num_accepted + int(num_accepted < proposed)
+
+    @property
+    def alpha(self) -> float | None:
+        """Token acceptance rate: accepted / evaluated. None when nothing was proposed."""
+        return self.accepted / self.evaluated if self.evaluated else None
+
+
+@dataclass
+class RequestStats(Counts):
+    """Acceptance and speed for one request (README "What the figures mean"): the counts above over
+    its verify steps (target passes, excluding prefill), and per kind of proposer."""
+
+    k: int = 0
     generated: int = 0
     accepted_hist: list[int] = field(default_factory=list)
     """accepted_hist[n] = number of steps that accepted exactly n draft tokens."""
@@ -65,49 +84,21 @@ class RequestStats:
     target_forwards: int = 0
     prefill_time_s: float = 0.0
     wall_time_s: float = 0.0
-    suffix_steps: int = 0
-    """Steps whose proposals came from the suffix learner (engine/suffix.py), not the draft model;
-    their proposed / accepted / evaluated tokens (also counted in the totals above)."""
-    suffix_proposed: int = 0
-    suffix_accepted: int = 0
-    suffix_evaluated: int = 0
-    extended_steps: int = 0
-    """Draft steps whose proposal the suffix learner extended (engine.Controller.extension); the
-    tokens it appended, and of those, the ones verified (the draft's own all accepted) and accepted
-    (also counted in the totals above)."""
-    extension_proposed: int = 0
-    extension_evaluated: int = 0
-    extension_accepted: int = 0
+    by_proposer: dict[str, Counts] = field(default_factory=dict)
+    """The steps each kind of proposer ('draft', 'suffix', ...) proposed for; their tokens are
+    counted in the totals too."""
 
-    def observe(self, proposed: int, num_accepted: int) -> None:
-        self.steps += 1
-        self.proposed += proposed
-        self.accepted += num_accepted
-        self.evaluated += num_accepted + int(num_accepted < proposed)
+    def observe(self, proposed: int, num_accepted: int, proposer: str | None = None) -> None:
+        super().observe(proposed, num_accepted)
         if len(self.accepted_hist) <= num_accepted:
             self.accepted_hist.extend([0] * (num_accepted + 1 - len(self.accepted_hist)))
         self.accepted_hist[num_accepted] += 1
+        if proposer is not None:
+            self.by_proposer.setdefault(proposer, Counts()).observe(proposed, num_accepted)
 
-    def observe_suffix(self, proposed: int, num_accepted: int) -> None:
-        """A step (already counted by `observe`) whose proposals the suffix learner made."""
-        self.suffix_steps += 1
-        self.suffix_proposed += proposed
-        self.suffix_accepted += num_accepted
-        self.suffix_evaluated += num_accepted + int(num_accepted < proposed)
-
-    def observe_extension(self, appended: int, num_accepted: int | None) -> None:
-        """A draft step (already counted by `observe`) that carried `appended` suffix tokens after the
-        draft's own; num_accepted of them accepted (None: a draft token was rejected first)."""
-        self.extended_steps += 1
-        self.extension_proposed += appended
-        if num_accepted is not None:
-            self.extension_accepted += num_accepted
-            self.extension_evaluated += min(appended, num_accepted + 1)
-
-    @property
-    def alpha(self) -> float | None:
-        """Token acceptance rate: accepted / evaluated. None when nothing was proposed."""
-        return self.accepted / self.evaluated if self.evaluated else None
+    def of(self, proposer: str) -> Counts:
+        """The counts of one kind of proposer (zero if it never proposed)."""
+        return self.by_proposer.get(proposer, Counts())
 
     @property
     def mean_accepted_length(self) -> float | None:
@@ -127,17 +118,7 @@ class RequestStats:
 
     def merge(self, other: "RequestStats") -> "RequestStats":
         """Sum two stats (for aggregates over many requests)."""
-        out = RequestStats(k=max(self.k, other.k))
-        for name in ("steps", "accepted", "evaluated", "proposed", "generated", "draft_forwards", "target_forwards",
-                     "suffix_steps", "suffix_proposed", "suffix_accepted", "suffix_evaluated", "extended_steps",
-                     "extension_proposed", "extension_evaluated", "extension_accepted"):
-            setattr(out, name, getattr(self, name) + getattr(other, name))
-        for name in ("draft_time_s", "target_time_s", "prefill_time_s", "wall_time_s"):
-            setattr(out, name, getattr(self, name) + getattr(other, name))
-        n = max(len(self.accepted_hist), len(other.accepted_hist))
-        pad = lambda h: h + [0] * (n - len(h))  # noqa: E731
-        out.accepted_hist = [a + b for a, b in zip(pad(self.accepted_hist), pad(other.accepted_hist))]
-        return out
+        return _sum(self, other)
 
     def to_dict(self) -> dict:
         return {
@@ -152,16 +133,25 @@ class RequestStats:
             "generated": self.generated,
             "tokens_per_s": self.tokens_per_s,
             "cost_ratio_c": self.cost_ratio,
-            "suffix_steps": self.suffix_steps,
-            "suffix_proposed": self.suffix_proposed,
-            "suffix_accepted": self.suffix_accepted,
-            "suffix_evaluated": self.suffix_evaluated,
-            "extended_steps": self.extended_steps,
-            "extension_proposed": self.extension_proposed,
-            "extension_evaluated": self.extension_evaluated,
-            "extension_accepted": self.extension_accepted,
+            "by_proposer": {name: {**dataclasses.asdict(c), "alpha": c.alpha} for name, c in self.by_proposer.items()},
             "wall_time_s": self.wall_time_s,
         }
+
+
+def _sum(a, b):
+    """Field by field: numbers add, lists add element-wise (padded), dicts by key; `k` is the max."""
+    if isinstance(a, (int, float)):
+        return a + b
+    if isinstance(a, list):
+        n = max(len(a), len(b))
+        return [x + y for x, y in zip(a + [0] * (n - len(a)), b + [0] * (n - len(b)))]
+    if isinstance(a, dict):
+        return {key: _sum(a[key], b[key]) if key in a and key in b else copy.deepcopy(a.get(key, b.get(key)))
+                for key in {**a, **b}}
+    out = type(a)(**{f.name: _sum(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a)})
+    if hasattr(out, "k"):
+        out.k = max(a.k, b.k)
+    return out
 
 
 @dataclass
@@ -234,11 +224,8 @@ class StepOutput:
     """The draft version that proposed them, and the drafter it belongs to."""
     drafter: str | None = None
     speculator: str | None = None
-    """Who proposed this step's tokens: 'draft' (the draft model), 'suffix' (the suffix learner,
-    engine/suffix.py), or None (nothing was proposed)."""
-    extended: int = 0
-    """On a 'draft' step: the last `extended` of the proposed tokens are the suffix learner's,
-    appended after the draft's own (engine/controller.py, `Controller.extension`)."""
+    """The kind of proposer whose tokens this step verified: 'draft' (the draft model), 'suffix'
+    (the suffix learner, engine/suffix.py), ...; None: nothing was proposed."""
     output: RequestOutput | None = None
     """On the last step: the whole output with its stats."""
     example: Example | None = None

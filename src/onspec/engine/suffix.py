@@ -11,22 +11,25 @@ A proposal follows the deepest context that either index has seen (at least `min
 takes its most frequent next token, and goes on from the extended context, up to `max_tokens`
 tokens. It costs dictionary look-ups (tens of microseconds), no model pass.
 
-Whether a proposal is worth a wider target pass is not decided here: each proposed token carries
-the depth of the context it matched, and `SuffixLearner.acceptance(depth)` is the live acceptance
-of tokens proposed at that depth, which the controller (engine/controller.py) prices against the
-draft model. It is measured on every step the learner had a proposal for: verified when it
-proposed, read against the emitted tokens when the draft did (`observe_shadow`). Proposals are
-deterministic (q is one-hot), so verification stays lossless for greedy, sampled and seeded rows
-alike.
+The learner is a proposer (engine/proposer.py). Whether its offer is worth a wider target pass is
+not decided here: each proposed token carries the depth of the context it matched (`Draft.match`)
+and the offer its expected accepted length (`Draft.expected`) from the live acceptance of tokens
+proposed at each depth (`acceptance(depth)`), which the controller (engine/controller.py) prices
+against the draft model. That acceptance is measured on every step the learner had an offer for:
+verified when it was taken, read against the emitted tokens when the draft proposed
+(`observe_shadow`). Proposals are deterministic (q is one-hot), so verification stays lossless for
+greedy, sampled and seeded rows alike.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass
 
 import torch
+
+from onspec.engine.proposer import Draft, Step
+from onspec.engine.sequence import Sequence
 
 
 class SuffixIndex:
@@ -61,15 +64,10 @@ class SuffixIndex:
         return len(self.counts)
 
 
-@dataclass
-class SuffixProposal:
-    tokens: list[int]
-    depths: list[int]
-    """Per proposed token, the length of the context it matched."""
-
-
 class SuffixLearner:
     """The stream's index, the live acceptance per matched depth, and proposals for a row."""
+
+    kind = "suffix"
 
     def __init__(self, max_depth: int = 8, min_match: int = 2, max_tokens: int = 16, history: int = 4096,
                  prompt_context: int = 8, prior: float = 0.5, decay: float = 0.995) -> None:
@@ -122,10 +120,49 @@ class SuffixLearner:
             tail = context[-index.max_depth:]
             index.add(tail + list(new), start=len(tail))
 
+    # -- the proposer --------------------------------------------------------------------------
+
+    def admit(self, row: Sequence) -> None:
+        row.state[self.kind] = self.local_index(row.request.prompt_ids)
+
+    def propose(self, rows: list[Sequence], ks: list[int]) -> list[Draft | None]:
+        """Each row's continuation (up to ks[r] tokens), as an offer for the controller."""
+        drafts: list[Draft | None] = []
+        for row, k in zip(rows, ks):
+            local = row.state.get(self.kind)
+            tokens, depths = (self.continuation(row.tail(self.max_depth), local, k) if k and local is not None
+                              else ([], []))
+            drafts.append(Draft(torch.tensor(tokens, dtype=torch.long), self, match=depths,
+                                expected=self.expected_accepted(depths)) if tokens else None)
+        return drafts
+
+    def observe(self, step: Step) -> None:
+        """The row's own index takes its committed tokens; the acceptance per depth learns from the
+        offers verified and from those declined, against what was emitted instead."""
+        for r, row in enumerate(step.rows):
+            local, new = row.state.get(self.kind), step.committed[r]
+            if local is not None and new:
+                seq = row.tail(self.max_depth + len(new))
+                local.add(seq, start=len(seq) - len(new))
+            draft, verdict = step.drafts[r], step.verdicts[r]
+            if draft is not None and draft.by is self:
+                self.observe_verified(draft.match, verdict.num_accepted)
+            elif row.error is None:
+                for offer in step.declined[r] if step.declined else ():
+                    if offer.by is self:
+                        self.observe_shadow(offer, verdict.tokens)
+
+    def release(self, row: Sequence) -> None:
+        """A served output joins the stream's index at once."""
+        if row.finish_reason in ("stop", "length"):
+            self.learn(row.request.prompt_ids, row.generated)
+
     # -- proposing -----------------------------------------------------------------------------
 
-    def propose(self, context: list[int], local: SuffixIndex | None, max_tokens: int) -> SuffixProposal:
-        """Up to max_tokens tokens continuing `context` (the row's prompt + output so far)."""
+    def continuation(self, context: list[int], local: SuffixIndex | None, max_tokens: int
+                     ) -> tuple[list[int], list[int]]:
+        """Up to max_tokens tokens continuing `context` (the row's prompt + output so far), and per
+        token the length of the context it matched."""
         ctx = list(context[-self.max_depth:])
         tokens: list[int] = []
         depths: list[int] = []
@@ -150,7 +187,7 @@ class SuffixLearner:
                 tokens.append(token)
                 depths.append(n)
                 ctx = (ctx + [token])[-self.max_depth:]
-        return SuffixProposal(tokens, depths)
+        return tokens, depths
 
     # -- what proposals are worth --------------------------------------------------------------
 
@@ -168,7 +205,7 @@ class SuffixLearner:
             out.append(total)
         return out
 
-    def observe(self, depths: list[int], num_accepted: int) -> None:
+    def observe_verified(self, depths: list[int], num_accepted: int) -> None:
         """A verified proposal of len(depths) tokens of which the first num_accepted were accepted."""
         evaluated = min(len(depths), num_accepted + 1)
         with self._lock:
@@ -178,19 +215,20 @@ class SuffixLearner:
             self.accepted += num_accepted
             self.evaluated += evaluated
 
-    def observe_shadow(self, proposal: SuffixProposal, emitted: list[int]) -> None:
+    def observe_shadow(self, proposal: Draft, emitted: list[int]) -> None:
         """A proposal that was not verified, read against the tokens the step emitted instead (the
         draft proposed). Proposed token i would have been accepted iff it equals emitted[i], given
         the ones before it matched: exact for greedy rows; for sampled rows emitted[i] is a draw from
         the target, so a match has the probability p(token) that verifying a one-hot proposal accepts
         it with. Past the emitted tokens nothing is known (censored, not counted). Only the per-depth
         estimates learn from it; the learner's own step counts stay those of its verified steps."""
-        n = min(len(proposal.tokens), len(emitted))
-        matched = next((i for i in range(n) if proposal.tokens[i] != emitted[i]), n)
+        tokens = proposal.tokens.tolist()
+        n = min(len(tokens), len(emitted))
+        matched = next((i for i in range(n) if tokens[i] != emitted[i]), n)
         evaluated = matched + 1 if matched < n else matched
         if evaluated:
             with self._lock:
-                self._estimate(proposal.depths, matched, evaluated)
+                self._estimate(proposal.match, matched, evaluated)
                 self.shadow_evaluated += evaluated
 
     def _estimate(self, depths: list[int], num_accepted: int, evaluated: int) -> None:

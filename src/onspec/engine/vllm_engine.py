@@ -39,46 +39,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from onspec.config import option
 from onspec.engine.engine import InvalidRequest, Request
 from onspec.engine.records import Example, RequestOutput, RequestStats, StepOutput
-from onspec.pool.pool import GENERAL
+from onspec.engine.drafter import DEFAULT
+from onspec.engine.role import BackendConfig
 
 log = logging.getLogger("onspec.vllm")
 
 
-@dataclass
-class VllmConfig:
-    """The engine that decodes (--engine), and vLLM's options when it is vLLM."""
-
-    engine: str = option("onspec", "onspec (its own engine) or vllm (vLLM decodes and verifies with its draft_model "
-                         "speculation, in this process; onspec learns the draft and writes each version into it)",
-                         choices=("onspec", "vllm"))
-    vllm_kv_cache_gib: int = option(2, "vLLM's KV cache on a CPU, in GiB (VLLM_CPU_KVCACHE_SPACE)")
-    vllm_max_model_len: int = option(0, "the longest prompt + output vLLM accepts (its max_model_len), at most the "
-                                     "model's own context; 0: the model's own context")
-    vllm_compile: bool = option(False, "let vLLM compile the models (torch.compile); off: eager, start-up 62 s "
-                                "instead of 166-240 s for the default pair on this CPU")
-    vllm_cpu_bind: str = option("", "the CPUs vLLM binds its OpenMP threads to (VLLM_CPU_OMP_THREADS_BIND, a list "
-                                "such as 0-1); default: every CPU this process may use")
-
-    def __post_init__(self) -> None:
-        if self.engine not in ("onspec", "vllm"):
-            raise ValueError(f"--engine must be onspec or vllm, got {self.engine!r}")
-        if self.vllm_kv_cache_gib < 1:
-            raise ValueError(f"--vllm-kv-cache-gib must be >= 1, got {self.vllm_kv_cache_gib}")
-        if self.vllm_max_model_len < 0:
-            raise ValueError(f"--vllm-max-model-len must be >= 0, got {self.vllm_max_model_len}")
-
-
-def check_engine_options(engine_cfg) -> None:
-    """Options of onspec's own engine that `--engine vllm` cannot honour: a clear error, not a
-    silent no-op."""
-    if engine_cfg.forward != "auto":
-        raise ValueError("--forward chooses the pass of onspec's own engine; with --engine vllm, vLLM runs its own")
-
-
-def set_vllm_env(cfg: VllmConfig) -> None:
+def set_vllm_env(cfg: BackendConfig) -> None:
     """vLLM reads these at import and start-up: set them before importing it (an operator's own
     values win). `all` is not a valid bind here (it crashed); a CPU list is."""
     cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
@@ -169,7 +138,7 @@ class VllmDraft:
     version's; lower by more than `tolerance`, the good version's tensors are written back and
     `on_rollback(weights, version)` tells the trainer to continue from them."""
 
-    def __init__(self, engine: "VllmEngine", name: str = GENERAL, k: int = 4, *, tolerance: float = 0.05,
+    def __init__(self, engine: "VllmEngine", name: str = DEFAULT, k: int = 4, *, tolerance: float = 0.05,
                  min_tokens: int = 512) -> None:
         self.engine = engine
         self.name = name
@@ -275,12 +244,14 @@ class _Live:
 
 
 class VllmEngine:
-    """onspec's engine interface over an in-process vLLM `LLMEngine` (target + draft_model)."""
+    """onspec's engine role (engine/role.py) over an in-process vLLM `LLMEngine` (target + draft_model)."""
+
+    name = "vllm"
 
     def __init__(self, target: str, draft: str | None, *, k: int = 4, dtype: str = "float32", seed: int = 0,
-                 teacher_top_k: int = 0, cfg: VllmConfig | None = None, rollback_tolerance: float = 0.05,
+                 teacher_top_k: int = 0, cfg: BackendConfig | None = None, rollback_tolerance: float = 0.05,
                  rollback_min_tokens: int = 512) -> None:
-        cfg = cfg or VllmConfig()
+        cfg = cfg or BackendConfig(engine="vllm")
         set_vllm_env(cfg)
         from transformers import AutoTokenizer
         from vllm import EngineArgs
@@ -308,9 +279,9 @@ class VllmEngine:
         self.teacher_top_k = teacher_top_k
         self.suffix = None
         self.policy = None
-        self.drafter = (VllmDraft(self, GENERAL, self.k, tolerance=rollback_tolerance,
+        self.drafter = (VllmDraft(self, DEFAULT, self.k, tolerance=rollback_tolerance,
                                   min_tokens=rollback_min_tokens) if self.k else None)
-        self.drafters = {GENERAL: self.drafter} if self.drafter is not None else {}
+        self.drafters = {DEFAULT: self.drafter} if self.drafter is not None else {}
         self._live: dict[str, _Live] = {}
 
     # -- what the server and trainer use -----------------------------------------------------------
@@ -411,7 +382,7 @@ class VllmEngine:
                                   .to(torch.float16))
         out = StepOutput(request_id=ro.request_id, token_ids=new, text=c.text, finished=ro.finished,
                          proposed=proposed, accepted=accepted, draft_version=live.version,
-                         drafter=GENERAL if self.k else None, speculator="draft" if proposed else None)
+                         drafter=DEFAULT if self.k else None, speculator="draft" if proposed else None)
         if ro.finished:
             reason = c.finish_reason or "stop"
             out.finish_reason = reason
@@ -487,6 +458,18 @@ class VllmEngine:
         for row in rows.values():
             row["alpha"] = row["accepted"] / row["proposed"] if row["proposed"] else None
         return rows
+
+    def offer_draft(self, state_dict: dict, version: int, alpha_hint: float | None = None) -> None:
+        self.drafter.offer(state_dict, version, alpha_hint)
+
+    def apply_pending_swap(self) -> bool:
+        return self.drafter.apply_pending_swap() if self.drafter is not None else False
+
+    def stats(self) -> dict:
+        """vLLM's own counters per draft version, its start-up, and the swaps."""
+        d = self.drafter
+        return {"startup_s": self.startup_s, "alpha_by_version": self.alpha_by_version(),
+                "publish_to_live_s": list(d.publish_to_live) if d else [], "live_rollbacks": list(d.rollbacks) if d else []}
 
     def health(self) -> dict:
         """For /health: which engine, the live guard's rollbacks, publish-to-live seconds."""

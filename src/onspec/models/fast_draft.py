@@ -20,72 +20,24 @@ import copy
 import torch
 from torch import nn
 
-
-def int8_per_channel(source: nn.Linear, inverse_smooth: torch.Tensor | None = None, pad: int = 0
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`source`'s weight as symmetric int8 with one float32 scale per output channel (absmax / 127):
-    (q [out + pad, in], scale [out + pad]). With `inverse_smooth` (1 / s, SmoothQuant's), W * s is
-    quantized; `pad` zero rows are appended (kernels that pack whole blocks of outputs)."""
-    w = source.weight.detach().float()
-    if inverse_smooth is not None:
-        w = w / inverse_smooth  # W * s
-    if pad:
-        w = torch.cat([w, w.new_zeros(pad, w.shape[1])])
-    scale = (w.abs().amax(1) / 127.0).clamp_min(1e-8)
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
-
-
-class Int8Linear(nn.Module):
-    """nn.Linear with int8 weights and one scale per output channel (symmetric, absmax / 127)."""
-
-    def __init__(self, source: nn.Linear) -> None:
-        super().__init__()
-        self.in_features, self.out_features = source.in_features, source.out_features
-        self.register_buffer("weight", torch.empty(source.out_features, source.in_features, dtype=torch.int8,
-                                                   device=source.weight.device))
-        self.register_buffer("scales", torch.empty(source.out_features, dtype=source.weight.dtype,
-                                                   device=source.weight.device))
-        self.bias = source.bias  # shared with the master: small, and exact
-        self.refresh(source)
-
-    @torch.no_grad()
-    def refresh(self, source: nn.Linear) -> None:
-        w = source.weight.float()
-        scales = (w.abs().amax(1) / 127.0).clamp_min(1e-12)  # [out]
-        self.weight.copy_(torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.scales.copy_(scales.to(self.scales.dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous()  # [tokens, in]
-        if x2.device.type == "cpu" and x2.dtype == self.scales.dtype:
-            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales)  # [tokens, out]
-        else:  # other devices: dequantise on the fly (correct, not faster)
-            y = nn.functional.linear(x2, self.weight.to(x2.dtype)) * self.scales.to(x2.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+from onspec.models.quant import quantizer
 
 
 class FastDraft:
     """The running copy of `master`: `model` is what the draft runner calls; its logits cover
     `vocab_ids` only (all ids when None). `to_full(logits)` maps ids back."""
 
-    def __init__(self, master: nn.Module, vocab_ids: torch.Tensor | None = None, int8: bool | str = False) -> None:
-        """int8: False (the master's precision), True or "int8" (Int8Linear), or a w8a8 kind
+    def __init__(self, master: nn.Module, vocab_ids: torch.Tensor | None = None, quant: str = "none") -> None:
+        """quant: "none" (the master's precision), "int8" (weight-only, `Int8Linear`), or a w8a8 kind
         ("w8a8-vllm", "w8a8-fbgemm"; "w8a8": vLLM's): int8 weights and per-token int8 activations,
         models/quant.py. A draft's rounding costs acceptance, never correctness."""
         self.master = master
-        self.int8 = bool(int8)
-        if isinstance(int8, str) and int8.startswith("w8a8"):
-            from onspec.models.quant import _quantizer
-
-            self._quantized = _quantizer(int8)
-        else:
-            self._quantized = Int8Linear
+        self.quant = quant
+        self.int8 = quant != "none"
+        self._quantized = quantizer(quant) if self.int8 else None
         self.vocab_size = master.get_output_embeddings().weight.shape[0]
         self.vocab_ids: torch.Tensor | None = None
-        if not int8 and vocab_ids is None:
+        if not self.int8 and vocab_ids is None:
             self.model = master
             self._pairs: list[tuple[nn.Module, nn.Linear]] = []
             return
@@ -94,7 +46,7 @@ class FastDraft:
         self.model = copy.deepcopy(master, memo=memo).eval()
         self._pairs = []
         head = master.get_output_embeddings()
-        if int8:  # every linear layer but the head, which set_vocab / _int8_head handle
+        if self.int8:  # every linear layer but the head, which set_vocab / _int8_head handle
             masters = dict(master.named_modules())
             for name, module in list(self.model.named_modules()):
                 if isinstance(module, nn.Linear) and masters[name] is not head:
@@ -103,7 +55,7 @@ class FastDraft:
                     self._pairs.append((q, masters[name]))
         if vocab_ids is not None:
             self.set_vocab(vocab_ids)
-        elif int8:
+        elif self.int8:
             self.model.set_output_embeddings(self._quantized(head))
 
     @property

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from onspec.models import kernels
-from onspec.models.fast_draft import int8_per_channel
+from onspec.models.int8 import int8_per_channel
 
 
 _LINEAR = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32

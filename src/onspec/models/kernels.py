@@ -11,7 +11,7 @@ banner and /metrics name the host and the path.
 
 Both w8a8 paths compute int8 weights per output channel times int8 activations per token. A new
 path (e.g. on aarch64, torch's KleidiAI 4-bit dynamic-quantization kernels) is one more `KernelPath`
-in `PATHS`, with its `unavailable` test and its layer in `quant._quantizer`.
+in `PATHS`, with its `unavailable` test and its layer in `quant.quantizer`.
 
 `ONSPEC_CPU_FLAGS` (comma-separated cpuinfo flags) replaces what /proc/cpuinfo says, so a host can
 choose as a host with fewer features would. It limits onspec's choice only: to make the kernel

