@@ -157,7 +157,7 @@ class RaggedKVCache:
     """Per-row keys and values, each row as long as itself (see the module docstring).
 
     `forward` runs a `DecodeForward` (its `ragged` method): the forward calls `write` once per
-    layer and row of `segments`, which stores the new keys and values and returns the row's keys
+    layer and row of `segments`, which stores the row's new keys and values and returns its keys
     and values so far."""
 
     def __init__(self, batch_size: int, device: torch.device | str, layers: int, block: int = BLOCK) -> None:
@@ -215,18 +215,19 @@ class RaggedKVCache:
             self.segments = []
         for b, c in enumerate(counts):
             self.lens[b] += c
+        if len(index) == batch * keep:  # no padding among the kept columns
+            return logits.view(batch, keep, -1)
         out = logits.new_zeros(batch, keep, logits.shape[-1])
         out[kept] = logits
         return out
 
-    def write(self, layer: int, seg: Segment, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store row seg.row's new keys and values of `layer`, key/value: [1, kv_heads, count, dim];
-        returns the row's keys and values up to them, each [1, kv_heads, start + count, dim] (views)."""
+    def write(self, layer: int, seg: Segment, kv: torch.Tensor) -> torch.Tensor:
+        """Store row seg.row's new keys and values of `layer`, kv: [2, kv_heads, count, dim] (keys,
+        values); returns the row's keys and values up to them: [2, kv_heads, start + count, dim] (a view)."""
         end = seg.start + seg.count
-        store = self._room(seg.row, end, key)
-        store[layer, 0, :, seg.start:end] = key[0]
-        store[layer, 1, :, seg.start:end] = value[0]
-        return store[layer, 0, None, :, :end], store[layer, 1, None, :, :end]
+        store = self._room(seg.row, end, kv)
+        store[layer, :, :, seg.start:end] = kv
+        return store[layer, :, :, :end]
 
     def _room(self, row: int, end: int, like: torch.Tensor) -> torch.Tensor:
         """Row `row`'s store with room for `end` positions: allocated, or grown by copying (rare)."""
@@ -236,7 +237,7 @@ class RaggedKVCache:
             return store
         want = max(end, self.hint[row], capacity + capacity // 8)
         want = -(-want // self.block) * self.block
-        kv_heads, dim = like.shape[1], like.shape[3]
+        kv_heads, dim = like.shape[1], like.shape[3]  # like: [2, kv_heads, count, dim]
         grown = like.new_empty(self.layers, 2, kv_heads, want, dim)
         if store is not None:
             grown[:, :, :, : self.lens[row]] = store[:, :, :, : self.lens[row]]

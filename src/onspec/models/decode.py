@@ -124,11 +124,12 @@ class DecodeForward:
         tokens = input_ids.shape[1]
 
         def attend(i, attn, q, k, v):  # q: [1, heads, tokens, dim]; k, v: [1, kv_heads, tokens, dim]
+            new_kv = torch.cat([k, v])  # [2, kv_heads, tokens, dim]
             if len(groups) == 1 and isinstance(groups[0].tokens, slice):  # every token, in order
-                return groups[0].attend(i, attn, q, k, v, kv)  # [1, tokens, heads, dim]
+                return groups[0].attend(i, attn, q, new_kv, kv)  # [1, tokens, heads, dim]
             out = q.new_empty(1, tokens, q.shape[1], q.shape[3])
             for g in groups:
-                out[:, g.tokens] = g.attend(i, attn, q, k, v, kv)
+                out[:, g.tokens] = g.attend(i, attn, q, new_kv, kv)
             return out
 
         hidden = self._layers(input_ids, position_ids, attend)[0]  # [tokens, hidden]
@@ -214,10 +215,11 @@ def _groups(segments: list) -> list[list]:
 
 class _Group:
     """Rows attended in one call: their queries and a mask built once per pass; keys and values are
-    copied side by side at each layer (right-padded, masked)."""
+    copied side by side at each layer into one buffer per pass (right-padded, masked)."""
 
     def __init__(self, segments: list, dtype: torch.dtype) -> None:
         self.segments = segments
+        self.buffer: torch.Tensor | None = None
         self.count = segments[0].count
         offsets = [s.offset for s in segments]
         if offsets == list(range(offsets[0], offsets[0] + self.count * len(segments), self.count)):
@@ -233,22 +235,22 @@ class _Group:
             self.mask = torch.zeros(len(segments), 1, self.count, self.keys, dtype=dtype)
             self.mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
 
-    def attend(self, i: int, attn, q, k, v, kv) -> torch.Tensor:
-        """Store the rows' new keys and values of layer i and attend; returns [1, rows * count, heads, dim]."""
+    def attend(self, i: int, attn, q, new_kv, kv) -> torch.Tensor:
+        """Store the rows' new keys and values of layer i (new_kv: [2, kv_heads, tokens, dim]) and
+        attend; returns [1, rows * count, heads, dim]."""
         if len(self.segments) == 1:
             s = self.segments[0]
-            keys, values = kv.write(i, s, k[:, :, self.tokens], v[:, :, self.tokens])
-            return short_query_attention(attn, q[:, :, self.tokens], keys, values, self.mask, scaling=attn.scaling)[0]
+            row = kv.write(i, s, new_kv[:, :, self.tokens])  # [2, kv_heads, keys, dim]
+            return short_query_attention(attn, q[:, :, self.tokens], row[0, None], row[1, None], self.mask,
+                                         scaling=attn.scaling)[0]
         rows, heads, dim = len(self.segments), q.shape[1], q.shape[3]
-        keys = k.new_zeros(rows, k.shape[1], self.keys, dim)  # [rows, kv_heads, keys, dim]
-        values = torch.zeros_like(keys)
+        if self.buffer is None:  # one per pass: each layer fills the same places, the padding stays zero
+            self.buffer = new_kv.new_zeros(2, rows, new_kv.shape[1], self.keys, dim)  # [2, rows, kv_heads, keys, dim]
+        both = self.buffer
         for r, s in enumerate(self.segments):
-            new = slice(s.offset, s.offset + s.count)
-            row_keys, row_values = kv.write(i, s, k[:, :, new], v[:, :, new])
-            keys[r, :, : s.start + s.count] = row_keys[0]
-            values[r, :, : s.start + s.count] = row_values[0]
+            both[:, r, :, : s.start + s.count] = kv.write(i, s, new_kv[:, :, s.offset:s.offset + s.count])
         queries = q[0, :, self.tokens].view(heads, rows, self.count, dim).transpose(0, 1)  # [rows, heads, count, dim]
-        out, _ = short_query_attention(attn, queries, keys, values, self.mask, scaling=attn.scaling)
+        out, _ = short_query_attention(attn, queries, both[0], both[1], self.mask, scaling=attn.scaling)
         return out.reshape(1, rows * self.count, heads, dim)
 
 
