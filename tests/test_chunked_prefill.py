@@ -111,6 +111,44 @@ def test_a_running_request_gets_tokens_every_step_while_a_long_prompt_prefills(t
                 assert o.output.token_ids == reference_greedy("llama", PROMPT, 8)
 
 
+def test_the_prefill_budget_is_shared_by_long_prompts_and_never_exceeded(target, tokenizer, monkeypatch):
+    """Two long prompts join beside a running request under a budget of 16 prompt tokens per step:
+    no step caches more than 16 in all, the two get equal shares while both prefill (then the one
+    left takes the whole budget), the running request gets tokens every step, and both long
+    requests decode the target's greedy output."""
+    from onspec.engine.sequence import Prefill
+
+    cached: list[tuple[int, int]] = []  # (prefill, tokens) of this step's chunks
+    advance = Prefill.advance
+
+    def recording(p, chunk):
+        before = p.cached
+        advance(p, chunk)
+        cached.append((id(p), (p.cached - before) * len(p.seqs)))
+
+    monkeypatch.setattr(Prefill, "advance", recording)
+    engine = SpeculativeEngine(target, tokenizer, cached_draft("llama", "noisy"), k=3)
+    engine.prefill_chunk = 16
+    short = Request(SHORT, SamplingParams(max_new_tokens=300, ignore_eos=True))
+    engine.add(short)
+    engine.step()
+    longs = [Request(PROMPT, SamplingParams(max_new_tokens=8, ignore_eos=True)),
+             Request(PROMPT[:120], SamplingParams(max_new_tokens=8, ignore_eos=True))]
+    engine.add(longs[0])
+    engine.add(longs[1])
+    done = {}
+    while len(done) < 2:
+        cached.clear()
+        outputs = {o.request_id: o for o in engine.step()}
+        assert sum(n for _, n in cached) <= 16
+        if len(cached) == 2 and engine.num_prefilling == 2:
+            assert cached[0][1] == cached[1][1] == 8
+        assert outputs[short.request_id].token_ids
+        done.update({r: o for r, o in outputs.items() if o.finished and r != short.request_id})
+    for r in longs:
+        assert done[r.request_id].output.token_ids == reference_greedy("llama", r.prompt_ids, 8)
+
+
 def test_a_prefilling_request_can_be_cancelled(target, tokenizer):
     """Cancelled after two of its chunks, a long prompt leaves at once (no further pass feeds it); the
     running request is unaffected."""

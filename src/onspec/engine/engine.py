@@ -54,8 +54,9 @@ class EngineConfig:
     """Speculative decoding engine."""
 
     k: int = option(4, "draft tokens proposed per verify step, at most (0 = target-only decoding)")
-    prefill_chunk: int = option(512, "prompt tokens of each joining request cached per step (chunked prefill: "
-                                "running requests keep streaming beside a long prompt); 0 = a whole prompt at once")
+    prefill_chunk: int = option(512, "prompt tokens cached per step over all joining requests, shared evenly among "
+                                "them (chunked prefill with a per-step budget: running requests get a token every "
+                                "step beside long prompts); 0 = whole prompts at once")
     draft_vocab: int = option(0, "the draft proposes only from the N most frequent target tokens (a reduced head, "
                               "FR-Spec style; verification stays over the full vocabulary); 0 = the full head")
     draft_quant: str = option("auto", "the running draft's weights: auto (on a CPU, the first w8a8 kernel path that "
@@ -131,7 +132,7 @@ class SpeculativeEngine:
         """Put full-vocabulary target and draft logits into StepRecords (analysis and tests only)."""
         self._rows: list[Sequence] = []
         self.prefill_chunk = 512
-        """Prompt tokens of each joining request cached per step (0: a whole prompt at once)."""
+        """Prompt tokens cached per step over all prefilling requests (0: whole prompts at once)."""
         self._prefilling: list[Prefill] = []
         """Admitted requests whose prompts are being cached, a chunk per step, before they join `_rows`."""
         self._target_runner: ModelRunner | None = None
@@ -307,14 +308,16 @@ class SpeculativeEngine:
     # -- prefill -------------------------------------------------------------------------------
 
     def _prefill_step(self) -> None:
-        """One chunk of every prompt being prefilled; the requests whose prompts are cached join
-        the batch. A step's prefill work is at most `prefill_chunk` tokens per prefilling request,
-        so running requests keep getting tokens beside a long prompt (vLLM's chunked prefill)."""
-        # NOTE: vLLM caps a step's prefill tokens over all requests; here each prefilling request
-        # takes one chunk per step, so several long prompts at once (at most --max-batch) slow a step more
+        """A chunk of every prompt being prefilled; the requests whose prompts are cached join the
+        batch. A step caches at most `prefill_chunk` prompt tokens over all prefilling requests
+        (vLLM's per-step token budget), shared evenly among them: long prompts are fair among
+        themselves, and every running row decodes in every step beside them."""
+        # NOTE: the budget is a fixed number of tokens, not yet sized to a step-latency target
+        # measured on the host
+        share = max(1, self.prefill_chunk // len(self._prefilling)) if self.prefill_chunk and self._prefilling else 0
         for p in list(self._prefilling):
             t0 = time.perf_counter()
-            p.advance(self.prefill_chunk)
+            p.advance(max(1, share // len(p.seqs)) if share else 0)
             sync(self.device)
             for s in p.seqs:
                 s.stats.prefill_time_s += time.perf_counter() - t0
