@@ -74,7 +74,8 @@ class ServerMetrics:
         self.itl = Histogram(f"{PREFIX}inter_token_latency_seconds", "gap between a request's successive token "
                              "deliveries, divided among the tokens delivered: a step that delivers n tokens g seconds "
                              "after the last delivery counts n tokens of g/n each, so the count is every token after "
-                             "each request's first delivery (vLLM: vllm:inter_token_latency_seconds)",
+                             "each request's first delivery (vLLM: vllm:inter_token_latency_seconds, which counts "
+                             "a step's gap once however many tokens it delivered)",
                              buckets=ITL_BUCKETS, registry=r)
         self._lock = threading.Lock()
         self._recent: deque[tuple[int, int]] = deque(maxlen=window)
