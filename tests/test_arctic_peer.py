@@ -109,3 +109,36 @@ def test_own_prompt_is_matched_and_outputs_are_evicted_fifo(native):
     assert cache.memory_bytes() > 0
     with pytest.raises(ValueError):
         cache.start("c", [5])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_reference_proposes_in_the_engine_losslessly(native, batch, tokenizer):
+    """`--proposers arctic`: the reference beside the draft, through the same controller and verify.
+    Greedy equality over a stream that repeats itself (float32, tiny model), its offers verified on
+    some steps, and the second pass of the same prompts needs fewer target passes (its global tree)."""
+    import copy
+
+    from conftest import cached_draft, cached_model, reference_greedy
+
+    from onspec.engine.build import make_engine
+    from onspec.engine.engine import EngineConfig, Request
+    from onspec.engine.sampling import SamplingParams
+
+    target, draft = cached_model("llama"), copy.deepcopy(cached_draft("llama", "random"))
+    engine = make_engine(target, tokenizer, draft, EngineConfig(k=4, proposers="arctic"))
+    assert [p.kind for p in engine.proposers] == ["arctic"] and engine.suffix is None
+    texts = ("abcabcabcabc", "def f(x):\n    return x\ndef g(x):\n    return", "hello world")[:batch]
+    ids = [tokenizer.encode(t) for t in texts]
+    n = 40
+    passes = []
+    for _ in range(2):
+        outs = engine.generate([Request(p, SamplingParams(max_new_tokens=n, ignore_eos=True)) for p in ids])
+        for p, o in zip(ids, outs):
+            assert o.token_ids == reference_greedy("llama", p, n)
+        passes.append(sum(o.stats.steps for o in outs))
+        assert all(o.stats.of("suffix").steps == 0 for o in outs)
+    assert sum(o.stats.of("arctic").accepted for o in outs) > 0
+    assert passes[1] < passes[0]
+    stats = engine.stats()["proposers"]["arctic"]
+    assert stats["cached_requests"] == 2 * batch and stats["memory_bytes"] > 0

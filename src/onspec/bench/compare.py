@@ -34,9 +34,10 @@ from onspec.models import kernels
 from onspec.models.attention import NAME as SHORT_ATTENTION, implementation as attention_implementation
 from onspec.models.pair import ModelConfig, load_pair
 
-ALL_WAYS = ("target", "adaptive", "fixed", "target-hf", "adaptive-hf", "target-w8a8", "adaptive-w8a8", "hf-assisted", "hf-assisted-native", "hf-greedy", "llamacpp-target",
+ALL_WAYS = ("target", "adaptive", "fixed", "floor", "arctic", "target-hf", "adaptive-hf", "target-w8a8", "adaptive-w8a8", "hf-assisted", "hf-assisted-native", "hf-greedy", "llamacpp-target",
             "llamacpp", "vllm-target", "vllm-spec", "vllm-online")
-BASELINE = {"target": "target", "adaptive": "target", "fixed": "target", "target-hf": "target-hf",
+BASELINE = {"target": "target", "adaptive": "target", "fixed": "target", "floor": "target", "arctic": "target",
+            "target-hf": "target-hf",
             "adaptive-hf": "target-hf", "target-w8a8": "target-w8a8",
             "adaptive-w8a8": "target-w8a8", "hf-assisted": "hf-greedy",
             "hf-assisted-native": "hf-greedy",
@@ -239,6 +240,12 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
             engine = make_engine(target.model, target.tokenizer, draft.model, engine_cfg, pc)
             label = f"onspec, {'adaptive k <= ' if name == 'adaptive' else 'fixed k = '}{k}"
             label += "" if target.quant == "none" else f", {fmt} target"
+            ways[name], decoders[name] = WayResult(name, label), onspec_way(engine, cfg.max_new_tokens)
+        elif name in ("floor", "arctic"):  # the draft alone; the draft with the SuffixDecoding reference beside it
+            proposers = "none" if name == "floor" else "arctic"
+            engine = make_engine(target.model, target.tokenizer, draft.model,
+                                 dataclasses.replace(engine_cfg, proposers=proposers), policy_cfg)
+            label = "onspec, the draft alone (the floor)" if name == "floor" else "onspec, the SuffixDecoding reference beside the draft"
             ways[name], decoders[name] = WayResult(name, label), onspec_way(engine, cfg.max_new_tokens)
         elif name in ("target-hf", "adaptive-hf"):  # the same engines calling transformers' forward (SDPA)
             ways[name], decoders[name] = _variant(name, target.model, "transformers' forward", target, draft,

@@ -25,10 +25,26 @@ def make_engine(target_model: nn.Module, tokenizer, draft_model: nn.Module | Non
                                draft_quant=draft_quant(engine_cfg.draft_quant, draft_model), forward=engine_cfg.forward)
     # model-free proposers beside the draft (engine/proposer.py), priced by the controller with the
     # draft's measured costs: with adaptive k only
-    if policy is not None and not engine_cfg.no_suffix:
-        engine.proposers.append(SuffixLearner(max_tokens=engine_cfg.suffix_tokens, history=engine_cfg.suffix_history))
+    if policy is not None:
+        engine.proposers += [PROPOSERS[name](engine_cfg) for name in engine_cfg.proposer_list]
     engine.prefill_chunk = engine_cfg.prefill_chunk
     return engine
+
+
+def _arctic(engine_cfg: EngineConfig):
+    from onspec.peers.arctic import ArcticConfig, available
+    from onspec.peers.suffix_decoding import ArcticProposer
+
+    if (why := available()) is not None:
+        raise ValueError(f"--proposers arctic: {why}")
+    return ArcticProposer(ArcticConfig(max_spec_tokens=engine_cfg.suffix_tokens))
+
+
+PROPOSERS = {
+    "suffix": lambda cfg: SuffixLearner(max_tokens=cfg.suffix_tokens, history=cfg.suffix_history),
+    "arctic": _arctic,
+}
+"""`--proposers` name -> the proposer it builds (a new model-free proposer is one line here)."""
 
 
 def make_drafter(target_model: nn.Module, tokenizer, draft_model: nn.Module, name: str, engine_cfg: EngineConfig,

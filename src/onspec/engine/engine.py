@@ -49,6 +49,10 @@ from onspec.models.draft_vocab import DraftVocab
 __all__ = ["EngineConfig", "InvalidRequest", "Request", "SamplingParams", "SpeculativeEngine"]
 
 
+MODEL_FREE = ("suffix", "arctic")
+"""The model-free proposers `--proposers` names (engine/build.py builds them)."""
+
+
 @dataclass
 class EngineConfig:
     """Speculative decoding engine."""
@@ -70,6 +74,9 @@ class EngineConfig:
                              "default a model-free suffix learner (matches in the request's prompt and output and in "
                              "earlier outputs, engine/suffix.py) proposes instead of the draft whenever its live "
                              "acceptance makes that the faster step (engine/controller.py); needs adaptive k")
+    proposers: str = option("suffix", "model-free proposers beside the draft, comma-separated, each priced per row "
+                            "and step by the controller: suffix (onspec's suffix learner), arctic (the SuffixDecoding "
+                            "reference, arctic-inference's suffix tree, built from its sdist on first use) or none")
     suffix_tokens: int = option(16, "most tokens one suffix match proposes in a step")
     suffix_history: int = option(4096, "earlier outputs the suffix learner keeps and matches in (0: only the "
                                  "request's own prompt and output)")
@@ -91,8 +98,19 @@ class EngineConfig:
             raise ValueError(f"--draft-vocab must be >= 0, got {self.draft_vocab}")
         if self.prefill_chunk < 0:
             raise ValueError(f"--prefill-chunk must be >= 0, got {self.prefill_chunk}")
+        unknown = [p for p in self.proposer_list if p not in MODEL_FREE]
+        if unknown or not self.proposers:
+            raise ValueError(f"--proposers: {self.proposers!r}; a comma-separated list of {', '.join(MODEL_FREE)}, "
+                             "or none")
         if self.forward not in ("auto", "transformers"):
             raise ValueError(f"--forward must be auto or transformers, got {self.forward!r}")
+
+    @property
+    def proposer_list(self) -> list[str]:
+        """The model-free proposers to build (none with --no-suffix)."""
+        if self.no_suffix or self.proposers == "none":
+            return []
+        return [p.strip() for p in self.proposers.split(",") if p.strip()]
 
 
 RecordCallback = Callable[[StepRecord], None]
