@@ -9,7 +9,8 @@ grown in blocks of `BLOCK` (64) positions (about 1/8 more once a row is long, so
 a bounded number of times; a prefill reserves the whole prompt at its first chunk). A pass packs
 the rows' new tokens into one sequence: the linear layers run batched over all of them, attention
 runs per row over that row's own keys (a short loop over rows per layer; for one row it is the
-single-sequence path). So a row's memory and its attention cost depend on its own length only: a
+single-sequence path; rows of alike lengths share one call, none over more than about twice its own
+keys: models/decode.py). So a row's memory and its attention cost depend on its own length only: a
 short request beside an 8k-token prompt attends over its own few hundred keys and holds a block or
 two. Positions are each row's length. Rollback = shorten the row (nothing is copied or freed); a
 row that leaves (`select`) frees its tensor; a joining row (`extend`) is appended, no copy.

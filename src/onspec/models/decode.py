@@ -7,7 +7,9 @@ target's. `DecodeForward` runs the same modules and weights in the same order wi
 arithmetic (equal logits to transformers' in float64 and bf16, tested) without those wrappers,
 and with short-query attention (models/attention.py) for passes of up to 16 positions.
 
-It is what the engine's ModelRunners call (`--forward auto`, the default, where `supported`);
+Its ragged pass (`DecodeForward.ragged`) runs on engine/kv.py's RaggedKVCache: the rows' new tokens
+packed into one sequence for the linear layers, attention per row (alike rows in one call) over
+that row's own keys. It is what the engine's ModelRunners call (`--forward auto`, the default, where `supported`);
 `--forward transformers` calls the model itself. Training never uses it.
 """
 
