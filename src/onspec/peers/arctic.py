@@ -40,8 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 
-# NOTE: the build helpers shared with the llama.cpp peer (a file lock, a logged subprocess) still live there
-from onspec.bench.llamacpp import _execute, _locked
+from onspec.peers.build import execute, locked
 from onspec.models.registry import cache_dir
 
 VERSION = "0.3.0"
@@ -128,7 +127,7 @@ def build(log: Log | None = None, jobs: int | None = None) -> Path:
         raise ArcticUnavailable(reason)
     root = build_root()
     root.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(root.parent / f".{root.name}.lock"):
+    with locked(root.parent / f".{root.name}.lock"):
         if not path.is_file():  # not built by another process while we waited
             _build(root, jobs or os.cpu_count() or 2, log or (lambda _msg: None))
     return path
@@ -163,7 +162,7 @@ def _build(root: Path, jobs: int, log: Log) -> None:
 
 
 def _run_step(step: str, cmd: Sequence[str], log_path: Path) -> None:
-    status = _execute(cmd, log_path)
+    status = execute(cmd, log_path)
     if status != 0:
         raise ArcticUnavailable(f"SuffixDecoding build failed at step '{step}' (exit status {status}); see {log_path}")
 
