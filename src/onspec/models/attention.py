@@ -1,8 +1,8 @@
 """Attention for short queries on a CPU: the decode and verify passes (1 to 16 positions).
 
-torch's SDPA kernel on a CPU is built for long queries: for one query over a few hundred cached
-keys it takes 0.23-0.49 ms per layer here, 4 ms over 3,000 (1.5B's shapes, bf16, 2 cores), where
-two batched matmuls with the query heads grouped per KV head take 0.07-0.4 ms. The arithmetic is
+torch's SDPA kernel on a CPU is built for long queries: for a query of a few positions over the
+cached keys, two batched matmuls with the query heads grouped per KV head cost a fraction of it
+(measured in docs/results.md, "onspec's own forward and short-query attention"). The arithmetic is
 SDPA's: the scores, softmax and weighted sum in float32 (measured against a float64 reference the
 error equals SDPA's; float64 models compute in float64). Longer queries (prefill, training), other devices, bool
 masks and dropout go to transformers' SDPA function unchanged.

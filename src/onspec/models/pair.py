@@ -31,8 +31,7 @@ class ModelConfig:
                         "AVX512-BF16/AMX; float32 elsewhere), float32, float16, bfloat16, float64",
                         choices=("auto", "float32", "float16", "bfloat16", "float64"))
     no_pack: bool = option(False, "keep torch's default linear kernels for the target; by default a bf16 target on a "
-                           "native-bf16 CPU runs its linear layers on oneDNN-packed weights (about 2x faster here, "
-                           "same outputs)")
+                           "native-bf16 CPU runs its linear layers on oneDNN-packed weights (same outputs)")
     target_quant: str = option("auto", "the target's linears quantized on a CPU: auto (the first kernel path that "
                                "runs on this CPU, models/kernels.py: w8a8-vllm, w8a8-fbgemm, else none; none with an "
                                "explicit --dtype float32 or float64), w8a8 (int8 "
@@ -47,8 +46,8 @@ class ModelConfig:
                               "whatever the format (by default only a w8a8 target's head is: --bf16-head)")
     bf16_head: bool = option(False, "keep a quantized target's LM head packed bf16 (as llama-quantize's "
                              "--leave-output-tensor). By default a w8a8 target's head is w8a8 too, smoothed "
-                             "(SmoothQuant) on a calibration text shipped with onspec: a target pass 0.84x as "
-                             "long here, top-1 agreement with the bf16 head 0.986-0.988 (docs/results.md)")
+                             "(SmoothQuant) on a calibration text shipped with onspec (its cost and agreement: "
+                             "docs/results.md)")
 
     def __post_init__(self) -> None:
         if self.draft_layers < 1:

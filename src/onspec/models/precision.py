@@ -9,9 +9,8 @@ from torch import nn
 class PackedLinear(nn.Module):
     """nn.Linear whose weight is reordered once into oneDNN's blocked layout
     (`torch.ops.mkldnn._reorder_linear_weight`, what torch.compile's CPU freezing uses), run with
-    `torch.ops.mkldnn._linear_pointwise`. On this project's CPU a bf16 1536x8960 projection at
-    1 position runs 1.6x faster than `F.linear` (1.1 vs 1.8 ms), at 5 positions 2x (0.93 vs 1.86 ms).
-    Inference only: the packed weight is not a trainable parameter."""
+    `torch.ops.mkldnn._linear_pointwise`: on a native-bf16 CPU, faster than `F.linear` at the few
+    positions of a decode or verify pass (docs/results.md). Inference only: the packed weight is not a trainable parameter."""
 
     BATCH_HINT = 4  # the layout is chosen for ~k+1 positions; any number of positions works
 

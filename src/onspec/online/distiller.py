@@ -88,8 +88,8 @@ class TrainerConfig:
     max_train_tokens: int = option(512, "context window per training example (longer prompts are cut from the left)")
     train_budget: float = option(1.0, "largest fraction of wall-clock time the trainer may be busy (it sleeps the rest)")
     grad_clip: float = option(1.0, "gradient norm clip (0 disables)")
-    trainer_threads: int = option(0, "intra-op threads of the trainer thread (thread-local; 0 = torch's default). "
-                                  "On 2 cores, 1 learned faster but slowed decoding more (0.54x vs 0.66x)")
+    trainer_threads: int = option(0, "intra-op threads of the trainer thread (thread-local; 0 = torch's default): "
+                                  "fewer leave decoding more of the cores (docs/results.md measures the trade)")
     checkpoint_every: int = option(10, "write a checkpoint every N accepted updates (0: only at the end)")
     background: bool = option(True, "train in a background thread (off: inline, for tests and debugging)", cli=False)
     seed: int = option(0, "seed of the trainer's sampling (replay batches, student sampling, mixing)")
