@@ -37,6 +37,7 @@ class ArcticProposer:
         drafts: list[Draft | None] = []
         for row, k in zip(rows, ks):
             key = row.state.get(self.kind)
+            k = min(k, self.cache.config.max_spec_tokens)  # the row's budget, within the reference's own cap
             spec = self.cache.speculate(key, row.tail(self.cache.config.max_tree_depth), k) if k and key else None
             if spec is None or not spec.token_ids:
                 drafts.append(None)
