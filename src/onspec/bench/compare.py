@@ -242,6 +242,11 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
             label += "" if target.quant == "none" else f", {fmt} target"
             ways[name], decoders[name] = WayResult(name, label), onspec_way(engine, cfg.max_new_tokens)
         elif name in ("floor", "arctic"):  # the draft alone; the draft with the SuffixDecoding reference beside it
+            from onspec.peers.arctic import available
+
+            if name == "arctic" and (why := available()) is not None:
+                log(f"skipping arctic: {why}")
+                continue
             proposers = "none" if name == "floor" else "arctic"
             engine = make_engine(target.model, target.tokenizer, draft.model,
                                  dataclasses.replace(engine_cfg, proposers=proposers), policy_cfg)
