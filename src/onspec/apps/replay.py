@@ -220,6 +220,9 @@ class _Run:
                                                 pool_cfg, trainer_cfg=trainer_cfg if learn_draft else None,
                                                 checkpoints=self.ckpt_root if learn_draft else None)
         self.suffix = self.pool.general.engine.suffix
+        # the kinds of proposer each row has counts of: the draft, the suffix learner (the summary's
+        # columns, 0 where it does not run) and any other model-free proposer this engine runs
+        self.kinds = ("draft", "suffix", *(p.kind for p in self.pool.general.engine.proposers if p.kind != "suffix"))
         self.params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=0)
         # the starting draft, frozen: its agreement with the (lossless, hence identical) served tokens
         # is the static run's alpha_tf, without decoding the stream a second time
@@ -255,7 +258,7 @@ class _Run:
             "updates": sum(m.trainer.distiller.updates for m in members if m.trainer),
             "rollbacks": sum(m.trainer.distiller.rollbacks for m in members if m.trainer),
             # each proposer's share of this query's steps and its own acceptance there
-            **{f"{kind}_{name}": value for kind in PROPOSERS for name, value in _counts(s, kind).items()},
+            **{f"{kind}_{name}": value for kind in self.kinds for name, value in _counts(s, kind).items()},
             "tokens_per_pass": (s.accepted + s.steps) / s.steps if s.steps else None,
             "learner_version": self.suffix.version if self.suffix is not None else 0,
         }
@@ -348,10 +351,6 @@ def _serve_stream(runs: list[_Run], queries, console) -> None:
                         _write_csv(r.out_dir / f"replay_{r.mode}.partial.csv", r.rows)
                 if not console.is_terminal:  # a log file gets no live bar: a plain line instead
                     console.print(f"{i + 1}/{len(queries)} {status}")
-
-
-PROPOSERS = ("draft", "suffix")
-"""The kinds of proposer whose counts each row carries (engine/proposer.py)."""
 
 
 def _counts(stats, kind: str) -> dict:

@@ -81,7 +81,7 @@ def build_vllm_state(model_cfg: ModelConfig, engine_cfg: EngineConfig, trainer_c
     from onspec.wiring import build_vllm_pool
 
     cfg = cfg.resolved("vllm")
-    backend.check(model=model_cfg, engine=engine_cfg, server=cfg)
+    backend.check(server=cfg)  # the model, engine and trainer options: in build_vllm_pool
     state_dir = Path(cfg.state_dir)
     _private_dir(state_dir)
     pool = build_vllm_pool(model_cfg, engine_cfg, backend, trainer_cfg if cfg.learns_draft else None,

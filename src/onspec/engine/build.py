@@ -6,9 +6,8 @@ from __future__ import annotations
 from torch import nn
 
 from onspec.engine.drafter import Drafter
-from onspec.engine.engine import EngineConfig, SpeculativeEngine, eos_ids
+from onspec.engine.engine import PROPOSERS, EngineConfig, SpeculativeEngine, eos_ids
 from onspec.engine.policy import PolicyConfig, make_policy
-from onspec.engine.suffix import SuffixLearner
 from onspec.models.draft_vocab import DraftVocab, calibration_counts
 from onspec.models.quant import W8A8, check_w8a8, resolve
 
@@ -31,22 +30,6 @@ def make_engine(target_model: nn.Module, tokenizer, draft_model: nn.Module | Non
     return engine
 
 
-def _arctic(engine_cfg: EngineConfig):
-    from onspec.peers.arctic import ArcticConfig, available
-    from onspec.peers.suffix_decoding import ArcticProposer
-
-    if (why := available()) is not None:
-        raise ValueError(f"--proposers arctic: {why}")
-    return ArcticProposer(ArcticConfig(max_spec_tokens=engine_cfg.suffix_tokens))
-
-
-PROPOSERS = {
-    "suffix": lambda cfg: SuffixLearner(max_tokens=cfg.suffix_tokens, history=cfg.suffix_history),
-    "arctic": _arctic,
-}
-"""`--proposers` name -> the proposer it builds (a new model-free proposer is one line here)."""
-
-
 def make_drafter(target_model: nn.Module, tokenizer, draft_model: nn.Module, name: str, engine_cfg: EngineConfig,
                  policy_cfg: PolicyConfig | None = None) -> Drafter:
     """Another draft for an engine made by `make_engine` (`engine.add_drafter`), configured alike."""
@@ -60,8 +43,10 @@ def draft_quant(quant: str, draft_model: nn.Module | None) -> str:
     """The running draft's format, a quant kind: `auto`: on a CPU, the first w8a8 kernel path that
     runs the draft here (models/kernels.py), else int8 (torch's weight-only kernel); none on other
     devices. `w8a8` (the faster kernel here), `w8a8-vllm`, `w8a8-fbgemm`: that kernel or a clear error."""
-    if draft_model is None or quant in ("none", "int8"):
-        return "none" if draft_model is None else quant
+    if draft_model is None:
+        return "none"
+    if quant in ("none", "int8"):
+        return quant
     if quant in ("w8a8", *W8A8):
         kind = resolve(quant, draft_model, "--draft-quant")
         check_w8a8(draft_model, f"--draft-quant {quant}", kind)

@@ -61,7 +61,8 @@ class Drafter:
         """The engine's clock (set by the engine)."""
         self._lock = threading.Lock()
         self._pending: tuple[dict, int, float | None] | None = None
-        self._times = (0.0, 0.0, 0)  # this step's (catch-up seconds, proposing seconds, passes)
+        self.times = (0.0, 0.0, 0)
+        """This step's (catch-up seconds, proposing seconds, draft passes), by `clock`."""
 
     # -- rows ----------------------------------------------------------------------------------
 
@@ -102,7 +103,7 @@ class Drafter:
         proposals it will use (its stream never depends on the batch); a seeded row takes the
         Gumbel-max sample with its position's noise (see verify.py)."""
         k = max(ks, default=0)
-        self._times = (0.0, 0.0, 0)
+        self.times = (0.0, 0.0, 0)
         if not k:
             return [None] * len(rows)
         device = next(self.fast.model.parameters()).device
@@ -133,7 +134,7 @@ class Drafter:
             tokens.append(fast.to_full_ids(choice))
             all_logits.append(logits)
         sync(device)
-        self._times = (t0 - t_start, self.clock() - t0, k)
+        self.times = (t0 - t_start, self.clock() - t0, k)
         stacked, stacked_logits = torch.stack(tokens, 1), torch.stack(all_logits, 1)  # [rows, k], [rows, k, vocab]
         return [Draft(stacked[r, : ks[r]], self, torch.stack(probs[r]) if probs[r] else None,
                       stacked_logits[r, : ks[r]]) if ks[r] else None for r in range(len(rows))]
@@ -154,7 +155,7 @@ class Drafter:
                 self.vocab.observe(step.verdicts[r].tokens)
         if self.policy is None:
             return
-        catch_up, seconds, k = self._times
+        catch_up, seconds, k = self.times
         evaluated = sum(min(step.verdicts[r].evaluated, len(step.drafts[r])) for r in mine)
         # the target pass is shared: each drafter sees its time
         self.policy.observe(k, sum(own.values()), evaluated, seconds, step.target_seconds, width=step.width)

@@ -49,8 +49,20 @@ from onspec.models.draft_vocab import DraftVocab
 __all__ = ["EngineConfig", "InvalidRequest", "Request", "SamplingParams", "SpeculativeEngine"]
 
 
-MODEL_FREE = ("suffix", "arctic")
-"""The model-free proposers `--proposers` names (engine/build.py builds them)."""
+def _arctic(cfg: "EngineConfig"):
+    from onspec.peers.arctic import ArcticConfig, available
+    from onspec.peers.suffix_decoding import ArcticProposer
+
+    if (why := available()) is not None:
+        raise ValueError(f"--proposers arctic: {why}")
+    return ArcticProposer(ArcticConfig(max_spec_tokens=cfg.suffix_tokens))
+
+
+PROPOSERS = {
+    "suffix": lambda cfg: SuffixLearner(max_tokens=cfg.suffix_tokens, history=cfg.suffix_history),
+    "arctic": _arctic,
+}
+"""`--proposers` name -> the model-free proposer it builds (`build.make_engine`); a new one is one line here."""
 
 
 @dataclass
@@ -98,9 +110,9 @@ class EngineConfig:
             raise ValueError(f"--draft-vocab must be >= 0, got {self.draft_vocab}")
         if self.prefill_chunk < 0:
             raise ValueError(f"--prefill-chunk must be >= 0, got {self.prefill_chunk}")
-        unknown = [p for p in self.proposer_list if p not in MODEL_FREE]
+        unknown = [p for p in self.proposer_list if p not in PROPOSERS]
         if unknown or not self.proposers:
-            raise ValueError(f"--proposers: {self.proposers!r}; a comma-separated list of {', '.join(MODEL_FREE)}, "
+            raise ValueError(f"--proposers: {self.proposers!r}; a comma-separated list of {', '.join(PROPOSERS)}, "
                              "or none")
         if self.forward not in ("auto", "transformers"):
             raise ValueError(f"--forward must be auto or transformers, got {self.forward!r}")
@@ -221,9 +233,10 @@ class SpeculativeEngine:
         step, prefilled together; a longer prompt is prefilled alone). Raises ValueError (and
         admits none of them) if one is invalid."""
         d = self.drafters[drafter] if drafter is not None else self.drafter
-        for r in [requests] if isinstance(requests, Request) else requests:
+        requests = [requests] if isinstance(requests, Request) else requests
+        for r in requests:
             self.check(r)
-        seqs = [self._admit(r, d) for r in ([requests] if isinstance(requests, Request) else requests)]
+        seqs = [self._admit(r, d) for r in requests]
         if not seqs:
             return
         if d is not None:
@@ -406,14 +419,13 @@ class SpeculativeEngine:
                 if taken is not None:
                     drafts[r], ks[j] = taken, 0
                 declined[r] = [o for o in row_offers if taken is None or o.by is not taken.by]
-            t0 = self.clock()
             for r, draft in zip(idx, d.propose([rows[r] for r in idx], ks)):
                 if draft is not None:
                     drafts[r] = draft
-            seconds = self.clock() - t0
+            catch_up, seconds, passes = d.times
             for r in idx:
-                rows[r].stats.draft_time_s += seconds
-                rows[r].stats.draft_forwards += max(ks)
+                rows[r].stats.draft_time_s += catch_up + seconds
+                rows[r].stats.draft_forwards += passes
         return drafts, declined
 
     def _stack(self, drafts: list[Draft | None], width: int) -> torch.Tensor | None:

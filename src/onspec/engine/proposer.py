@@ -13,7 +13,7 @@ A model-free proposer's draft is an offer: the controller (engine/controller.py)
 the length that pays, when it beats the row's draft model, from the `expected` acceptance the offer
 carries and the draft's live costs; an offer not taken is still observed, against what the step
 emitted instead. A new proposer is a file with a class of this shape and one line in
-`build.make_engine`.
+`engine.PROPOSERS` (the names `--proposers` takes).
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ class Engine(Protocol):
     drafter: "Drafter | None"
     """The default draft (the pool's general one): its weights, version and swap."""
     drafters: dict
+    proposers: list
+    """Model-free proposers beside the drafts (engine/proposer.py)."""
     teacher_top_k: int
 
     @property

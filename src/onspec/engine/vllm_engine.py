@@ -278,6 +278,7 @@ class VllmEngine:
         self.max_context = int(self.llm.model_config.max_model_len)
         self.teacher_top_k = teacher_top_k
         self.suffix = None
+        self.proposers: list = []  # vLLM runs its draft_model speculation alone: no model-free proposers
         self.policy = None
         self.drafter = (VllmDraft(self, DEFAULT, self.k, tolerance=rollback_tolerance,
                                   min_tokens=rollback_min_tokens) if self.k else None)
