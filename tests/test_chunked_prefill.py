@@ -123,8 +123,9 @@ def test_the_prefill_budget_is_shared_by_long_prompts_and_never_exceeded(target,
 
     def recording(p, chunk):
         before = p.cached
-        advance(p, chunk)
+        tokens = advance(p, chunk)
         cached.append((id(p), (p.cached - before) * len(p.seqs)))
+        return tokens
 
     monkeypatch.setattr(Prefill, "advance", recording)
     engine = SpeculativeEngine(target, tokenizer, cached_draft("llama", "noisy"), k=3)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from onspec.engine.budget import PrefillBudget
 from onspec.engine.drafter import Drafter
 from onspec.engine.engine import PROPOSERS, EngineConfig, SpeculativeEngine, eos_ids
 from onspec.engine.policy import PolicyConfig, make_policy
@@ -26,7 +27,7 @@ def make_engine(target_model: nn.Module, tokenizer, draft_model: nn.Module | Non
     # draft's measured costs: with adaptive k only
     if policy is not None:
         engine.proposers += [PROPOSERS[name](engine_cfg) for name in engine_cfg.proposer_list]
-    engine.prefill_chunk = engine_cfg.prefill_chunk
+    engine.budget = PrefillBudget(cap=engine_cfg.prefill_chunk, target=engine_cfg.step_latency)
     return engine
 
 

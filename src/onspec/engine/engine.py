@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 from onspec.config import option
+from onspec.engine.budget import PrefillBudget, parse_target
 from onspec.engine.controller import Controller
 from onspec.engine.detok import IncrementalDetokenizer
 from onspec.engine.drafter import DEFAULT, Drafter
@@ -70,9 +71,14 @@ class EngineConfig:
     """Speculative decoding engine."""
 
     k: int = option(4, "draft tokens proposed per verify step, at most (0 = target-only decoding)")
-    prefill_chunk: int = option(512, "prompt tokens cached per step over all joining requests, shared evenly among "
-                                "them (chunked prefill with a per-step budget: running requests get a token every "
-                                "step beside long prompts); 0 = whole prompts at once")
+    prefill_chunk: int = option(512, "most prompt tokens cached per step over all joining requests (chunked prefill "
+                                "with a per-step budget: running requests get tokens every step beside long "
+                                "prompts); prompts that fit go first, shortest first, the rest share evenly; 0 = "
+                                "whole prompts at once")
+    step_latency: str = option("auto", "while requests decode, a step's prompt tokens are sized so that the step "
+                               "takes about this long, from the measured cost of a verify step and of a prefilled "
+                               "token (engine/budget.py): auto (twice a verify step alone), a number of seconds, or "
+                               "off (always --prefill-chunk tokens)")
     draft_vocab: int = option(0, "the draft proposes only from the N most frequent target tokens (a reduced head, "
                               "FR-Spec style; verification stays over the full vocabulary); 0 = the full head")
     draft_quant: str = option("auto", "the running draft's weights: auto (on a CPU, the first w8a8 kernel path that "
@@ -110,6 +116,7 @@ class EngineConfig:
             raise ValueError(f"--draft-vocab must be >= 0, got {self.draft_vocab}")
         if self.prefill_chunk < 0:
             raise ValueError(f"--prefill-chunk must be >= 0, got {self.prefill_chunk}")
+        parse_target(self.step_latency)
         unknown = [p for p in self.proposer_list if p not in PROPOSERS]
         if unknown or not self.proposers:
             raise ValueError(f"--proposers: {self.proposers!r}; a comma-separated list of {', '.join(PROPOSERS)}, "
@@ -161,8 +168,8 @@ class SpeculativeEngine:
         self.record_logits = False
         """Put full-vocabulary target and draft logits into StepRecords (analysis and tests only)."""
         self._rows: list[Sequence] = []
-        self.prefill_chunk = 512
-        """Prompt tokens cached per step over all prefilling requests (0: whole prompts at once)."""
+        self.budget = PrefillBudget()
+        """Prompt tokens cached per step (`prefill_chunk` at most), shared among the prefilling requests."""
         self._prefilling: list[Prefill] = []
         """Admitted requests whose prompts are being cached, a chunk per step, before they join `_rows`."""
         self._target_runner: ModelRunner | None = None
@@ -183,6 +190,15 @@ class SpeculativeEngine:
         self._clock = clock
         for d in self.drafters.values():
             d.clock = clock
+
+    @property
+    def prefill_chunk(self) -> int:
+        """Most prompt tokens cached per step over all prefilling requests (0: whole prompts at once)."""
+        return self.budget.cap
+
+    @prefill_chunk.setter
+    def prefill_chunk(self, tokens: int) -> None:
+        self.budget.cap = tokens
 
     @property
     def suffix(self) -> SuffixLearner | None:
@@ -340,21 +356,25 @@ class SpeculativeEngine:
 
     def _prefill_step(self) -> None:
         """A chunk of every prompt being prefilled; the requests whose prompts are cached join the
-        batch. A step caches at most `prefill_chunk` prompt tokens over all prefilling requests
-        (vLLM's per-step token budget), shared evenly among them: long prompts are fair among
-        themselves, and every running row decodes in every step beside them."""
-        # NOTE: the budget is a fixed number of tokens, not yet sized to a step-latency target
-        # measured on the host
-        share = max(1, self.prefill_chunk // len(self._prefilling)) if self.prefill_chunk and self._prefilling else 0
-        for p in list(self._prefilling):
-            t0 = time.perf_counter()
-            p.advance(max(1, share // len(p.seqs)) if share else 0)
+        batch. The step's prompt tokens (`budget.tokens`: sized to the step-latency target while
+        rows decode, `prefill_chunk` at most) are shared by `budget.share`: prompts that fit go
+        first, shortest first, and long prompts share the rest evenly."""
+        if not self._prefilling:
+            return
+        prefills = list(self._prefilling)
+        chunks = self.budget.share([p.remaining for p in prefills], [len(p.seqs) for p in prefills],
+                                   self.budget.tokens(decoding=bool(self._rows)))
+        t_step, tokens = self.clock(), 0
+        for p, chunk in zip(prefills, chunks):
+            t0 = self.clock()
+            tokens += p.advance(chunk)
             sync(self.device)
             for s in p.seqs:
-                s.stats.prefill_time_s += time.perf_counter() - t0
+                s.stats.prefill_time_s += self.clock() - t0
             if p.done:
                 self._join(p)
                 self._prefilling.remove(p)  # after joining: num_running (read by other threads) never dips
+        self.budget.observe_prefill(tokens, self.clock() - t_step)
 
     def _join(self, p: Prefill) -> None:
         """Prefilled rows join the running batch (between steps), each cache beside its own."""
@@ -394,8 +414,10 @@ class SpeculativeEngine:
                 on_record(self._record(s, d, target_logits[r], v))
             committed.append(self._commit(s, v.tokens))
             steps.append((committed[-1], k, v))
-        self._observe(Step(rows, drafts, verdicts, committed, declined, target_seconds=t2 - t1,
-                           seconds=self.clock() - t_step, width=width))
+        step = Step(rows, drafts, verdicts, committed, declined, target_seconds=t2 - t1,
+                    seconds=self.clock() - t_step, width=width)
+        self.budget.observe_decode(step.seconds)
+        self._observe(step)
         return steps
 
     def _propose(self, rows: list[Sequence]) -> tuple[list[Draft | None], list[list[Draft]]]:

@@ -126,13 +126,20 @@ class Prefill:
     def prompts(self) -> list[list[int]]:
         return [s.request.prompt_ids for s in self.seqs]
 
-    def advance(self, chunk: int) -> None:
-        """Cache the next `chunk` tokens of every row's prompt (0: all the rest), target and draft."""
+    @property
+    def remaining(self) -> int:
+        """Prompt tokens still to cache, in the longest prompt."""
+        return max(len(p) for p in self.prompts) - 1 - self.cached
+
+    def advance(self, chunk: int) -> int:
+        """Cache the next `chunk` tokens of every row's prompt (0: all the rest), target and draft;
+        returns the prompt tokens cached, over all rows."""
         start, prompts = self.cached, self.prompts
         self.cached = self.target.prefill(prompts, start, chunk)
         if self.draft is not None:
             self.draft.prefill(prompts, start, chunk)
         self.done = self.cached >= max(len(p) for p in prompts) - 1
+        return sum(max(0, min(len(p) - 1, self.cached) - start) for p in prompts)
 
     def drop(self, row: int) -> None:
         keep = [r for r in range(len(self.seqs)) if r != row]
