@@ -244,3 +244,36 @@ def test_request_timeout_ends_a_prefilling_request_between_chunks(app_client, ca
     assert sum(b * w for b, w in widths) < 2000
     assert any("ended by --request-timeout; slot freed" in m for m in caplog.messages), caplog.messages
     assert not any("cancelled by its client" in m for m in caplog.messages)
+
+
+def test_a_draft_swap_during_a_prefill_leaves_no_mixed_cache(target, tokenizer):
+    """A new draft version goes live while a long prompt is half cached: the row joins with a draft
+    cache of the new version only (its logits equal a cache made whole with the new weights; before,
+    the first chunks' keys and values were the old version's), and its output is the target's."""
+    from copy import deepcopy
+
+    engine = SpeculativeEngine(target, tokenizer, deepcopy(cached_draft("llama", "noisy")), k=3)
+    engine.prefill_chunk = 16
+    engine.add(Request(SHORT, SamplingParams(max_new_tokens=100, ignore_eos=True)))
+    engine.step()
+    long = Request(PROMPT, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    engine.add(long)
+    engine.step()
+    engine.step()  # two chunks cached with version 0
+    g = torch.Generator().manual_seed(1)
+    new = {n: p + 0.05 * torch.randn(p.shape, generator=g) for n, p in engine.draft.state_dict().items()}
+    engine.offer_draft(new, version=1)
+    while engine.num_prefilling:
+        engine.step()  # the swap goes live at the next verify step, mid-prefill
+    assert engine.draft_version == 1
+    row = [s.request.request_id for s in engine._rows].index(long.request_id)
+    fresh = ModelRunner(engine.drafter.fast.model, 1, engine.drafter.forward)
+    fresh.prefill([PROMPT])
+    cut = len(PROMPT) - 1  # the prompt's keys and values (all but its last token), layer by layer
+    store = engine.drafter.runner.kv.rows[row]
+    made = fresh.kv.rows[0]
+    torch.testing.assert_close(store[:, :, :, :cut], made[:, :, :, :cut], rtol=1e-4, atol=1e-4)
+    while engine.num_running:
+        for o in engine.step():
+            if o.request_id == long.request_id and o.finished:
+                assert o.output.token_ids == reference_greedy("llama", PROMPT, 8)

@@ -121,6 +121,11 @@ class Prefill:
     """Prompt tokens cached so far, in the longest prompt (all but its last token are cached)."""
     done: bool = False
     """Every prompt is cached: the rows may join the batch."""
+    version: int = 0
+    """The draft version whose keys and values `draft` holds."""
+
+    def __post_init__(self) -> None:
+        self.version = self.drafter.version if self.drafter is not None else 0
 
     @property
     def prompts(self) -> list[list[int]]:
@@ -133,11 +138,16 @@ class Prefill:
 
     def advance(self, chunk: int) -> int:
         """Cache the next `chunk` tokens of every row's prompt (0: all the rest), target and draft;
-        returns the prompt tokens cached, over all rows."""
+        returns the prompt tokens cached, over all rows. If a new draft version went live since the
+        draft's cache began, the draft's cache is made again from the prompt's start with it (a row
+        joins with a cache of one draft version)."""
         start, prompts = self.cached, self.prompts
         self.cached = self.target.prefill(prompts, start, chunk)
         if self.draft is not None:
-            self.draft.prefill(prompts, start, chunk)
+            draft_start = start
+            if self.drafter.version != self.version:
+                self.draft, self.version, draft_start = self.drafter.new_runner(len(self.seqs)), self.drafter.version, 0
+            self.draft.prefill(prompts, draft_start, self.cached - draft_start)
         self.done = self.cached >= max(len(p) for p in prompts) - 1
         return sum(max(0, min(len(p) - 1, self.cached) - start) for p in prompts)
 
