@@ -3,10 +3,13 @@ trainer updates the draft every few requests. Clients pick at random: greedy non
 streaming requests (each compared with the same prompt's output served alone, before the soak),
 streams the client abandons after a few chunks, sampling requests, and bad requests (which must be
 4xx with an OpenAI-shaped body). Reports every status seen, 5xx (must be 0), greedy mismatches
-(must be 0 in float32), the draft versions served, and the server's resident memory at the start
-and end of the soak. Prints a table and, last, one JSON line.
+(must be 0 in float32), the draft versions served, and the resident memory of the server's process
+tree sampled every `--sample-every` s: at the start, minute 1 and the end, and its trend (the
+least-squares slope over the soak's second half, MB per 10 minutes). Prints a table and, last, one
+JSON line.
 
     .venv/bin/python experiments/soak.py --seconds 300
+    .venv/bin/python experiments/soak.py --seconds 1800      # issue 41's 30-minute soak
     .venv/bin/python experiments/soak.py --seconds 60 --server-args "--target DIR --draft DIR --dtype float32"
 """
 
@@ -28,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load import Server  # noqa: E402  (the same fresh-server helper as the load benchmark)
+from load import Server, tree_rss  # noqa: E402  (the fresh-server and process-tree RSS helpers of the load benchmark)
 
 PROMPTS = ["def fibonacci(n):", "The capital of France is", "Write a haiku about the sea.", "import numpy as np\n",
            "SELECT name FROM users WHERE", "Once upon a time", "for i in range(10):", "Explain recursion briefly."]
@@ -45,27 +48,29 @@ def main() -> int:
     ap.add_argument("--server-args", default="--target smollm2-135m --dtype float32 --update-interval 4 --steps 1",
                     help="`onspec serve` flags (float32: greedy outputs must match exactly)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sample-every", type=float, default=30, help="seconds between RSS samples")
     args = ap.parse_args()
-    if args.seconds <= 0 or args.concurrency < 1 or args.max_tokens < 1:
-        ap.error("--seconds, --concurrency and --max-tokens must be positive")
+    if args.seconds <= 0 or args.concurrency < 1 or args.max_tokens < 1 or args.sample_every <= 0:
+        ap.error("--seconds, --concurrency, --max-tokens and --sample-every must be positive")
     result = soak(shlex.split(args.server_args), args.seconds, args.concurrency, args.max_tokens, args.seed,
-                  Console(stderr=True))
+                  Console(stderr=True), args.sample_every)
     table = Table(title=f"soak: {args.seconds:.0f} s, {args.concurrency} clients, max_tokens {args.max_tokens}")
     for col in ("requests", "by kind", "statuses", "5xx", "greedy compared", "greedy mismatches", "draft versions",
-                "RSS start MB", "RSS end MB"):
+                "RSS start MB", "RSS minute 1 MB", "RSS end MB", "RSS trend, second half, MB / 10 min"):
         table.add_column(col, justify="right")
     table.add_row(str(result["requests"]), ", ".join(f"{k} {v}" for k, v in result["kinds"].items()),
                   ", ".join(f"{k}: {v}" for k, v in result["statuses"].items()), str(result["server_errors"]),
                   str(result["greedy_compared"]), str(result["greedy_mismatches"]),
                   f"{min(result['draft_versions'], default=0)}..{max(result['draft_versions'], default=0)}",
-                  f"{result['rss_start_mb']:.0f}", f"{result['rss_end_mb']:.0f}")
+                  f"{result['rss_start_mb']:.0f}", _mb(result["rss_minute1_mb"]), f"{result['rss_end_mb']:.0f}",
+                  _mb(result["rss_trend_mb_per_10min"]))
     Console(file=sys.stdout, width=160).print(table)
     print(json.dumps(result))
     return 0 if result["server_errors"] == 0 and result["greedy_mismatches"] == 0 and result["bad_not_4xx"] == 0 else 1
 
 
 def soak(server_args: list[str], seconds: float, concurrency: int, max_tokens: int, seed: int = 0,
-         console: Console | None = None) -> dict:
+         console: Console | None = None, sample_every: float = 30) -> dict:
     console = console or Console(stderr=True)
     with tempfile.TemporaryDirectory(prefix="onspec-soak-") as state, Server(Path(state), server_args) as server:
         pid = server.proc.pid
@@ -75,17 +80,25 @@ def soak(server_args: list[str], seconds: float, concurrency: int, max_tokens: i
                 r = http.post("/v1/completions", json={"prompt": p, "max_tokens": max_tokens, "temperature": 0})
                 r.raise_for_status()
                 reference[p] = r.json()["choices"][0]["text"]
-        rss_start = _rss_mb(pid)
         console.print(f"soaking {server.url} for {seconds:.0f} s with {concurrency} clients ...")
         stats = _Stats()
-        deadline = time.monotonic() + seconds
+        t0 = time.monotonic()
+        deadline = t0 + seconds
         threads = [threading.Thread(target=_client, args=(server.url, reference, max_tokens, deadline, stats,
                                                           random.Random(seed + i))) for i in range(concurrency)]
         for t in threads:
             t.start()
+        rss, next_at = [(0.0, tree_rss(pid) / 2**20)], sample_every
+        while any(t.is_alive() for t in threads):
+            time.sleep(0.5)
+            if (now := time.monotonic() - t0) >= next_at:
+                rss.append((now, tree_rss(pid) / 2**20))
+                next_at += sample_every
+                if len(rss) % 10 == 0:
+                    console.print(f"  {now:5.0f} s: {sum(stats.kinds.values())} requests, RSS {rss[-1][1]:.0f} MB")
+        rss.append((time.monotonic() - t0, tree_rss(pid) / 2**20))
         for t in threads:
             t.join()
-        rss_end = _rss_mb(pid)
         with httpx.Client(base_url=server.url, timeout=60) as http:
             health = http.get("/health").json()
             trainer = (http.get("/dashboard/data").json() or {}).get("trainer") or {}
@@ -96,7 +109,26 @@ def soak(server_args: list[str], seconds: float, concurrency: int, max_tokens: i
             "greedy_mismatches": len(stats.mismatches), "mismatch_examples": stats.mismatches[:3],
             "errors": stats.errors[:5], "draft_versions": sorted(stats.versions),
             "final_draft_version": health.get("draft_version"), "trainer_updates": trainer.get("updates"),
-            "rss_start_mb": rss_start, "rss_end_mb": rss_end}
+            **rss_trend(rss)}
+
+
+def rss_trend(samples: list[tuple[float, float]]) -> dict:
+    """RSS samples (seconds, MB) summed up: start, minute 1 (None in a shorter soak), end, peak, and
+    the least-squares slope over the second half in MB per 10 minutes (None with under 3 samples there)."""
+    minute1 = next((mb for t, mb in samples if t >= 60), None)
+    half = [(t, mb) for t, mb in samples if t >= samples[-1][0] / 2]
+    slope = None
+    if len(half) >= 3:
+        mt, mm = sum(t for t, _ in half) / len(half), sum(mb for _, mb in half) / len(half)
+        var = sum((t - mt) ** 2 for t, _ in half)
+        slope = 600 * sum((t - mt) * (mb - mm) for t, mb in half) / var if var else None
+    return {"rss_start_mb": samples[0][1], "rss_minute1_mb": minute1, "rss_end_mb": samples[-1][1],
+            "rss_peak_mb": max(mb for _, mb in samples), "rss_trend_mb_per_10min": slope,
+            "rss_samples": [[round(t, 1), round(mb, 1)] for t, mb in samples]}
+
+
+def _mb(v: float | None) -> str:
+    return "-" if v is None else f"{v:.0f}"
 
 
 class _Stats:
@@ -170,16 +202,6 @@ def _compare(stats: _Stats, prompt: str, text: str, reference: dict, body: dict 
             stats.versions.update(body["onspec"].get("draft_versions") or [])
         if text != reference[prompt]:
             stats.mismatches.append({"prompt": prompt, "got": text, "alone": reference[prompt]})
-
-
-def _rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
 
 
 if __name__ == "__main__":

@@ -27,3 +27,4 @@ def test_mixed_traffic_while_learning(tmp_path):
     assert result["greedy_compared"] >= 10 and result["greedy_mismatches"] == 0, result["mismatch_examples"]
     assert set(result["kinds"]) == {"greedy", "stream", "abandon", "sample", "bad"}
     assert result["trainer_updates"] and len(result["draft_versions"]) >= 2, result
+    assert len(result["rss_samples"]) >= 3 and result["rss_end_mb"] > 0  # sampled every 30 s, and at the end
