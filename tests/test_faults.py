@@ -154,8 +154,9 @@ def _serve_replicas(models, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
 
 def _stops_cleanly(proc: subprocess.Popen, log: Path, last: str) -> None:
     """Exit 0 within two minutes; no traceback (ours, Ray's or Serve's), no stack dump of a Ray
-    process (absl's "*** SIGTERM received"), no error line (Python's or Ray's C++ "[... E pid tid]");
-    `last` is the last line."""
+    process (absl's "*** SIGTERM received"), no error line (Python's or Ray's C++ "[... E pid tid]"),
+    no "terminate called" (a thread of a replica or the trainer inside torch at its exit); `last` is
+    the last line."""
     try:
         code = proc.wait(timeout=120)
     finally:
@@ -163,7 +164,7 @@ def _stops_cleanly(proc: subprocess.Popen, log: Path, last: str) -> None:
             proc.kill()
     text = log.read_text(errors="replace")
     assert code == 0, text[-3000:]
-    for bad in (r"Traceback", r"SIGTERM received", r" ERROR ", r"^\[[^\]]* E \d+ \d+\]"):
+    for bad in (r"Traceback", r"SIGTERM received", r" ERROR ", r"^\[[^\]]* E \d+ \d+\]", r"terminate called"):
         assert not re.search(bad, text, re.M), (bad, text[-3000:])
     lines = [line for line in text.replace("\r", "\n").splitlines() if line.strip()]
     assert lines[-1] == last, text[-3000:]
