@@ -182,3 +182,29 @@ def test_long_prompts_share_the_budget_and_all_finish(clocked):
         Prefill.advance = advance
     both = [chunks for chunks in seen if len(chunks) == 2]
     assert len(both) > 3 and all(a == b for a, b in both[:-1])  # the last may cache one's rest
+
+
+def test_long_prompts_prefill_one_at_a_time_in_arrival_order(clocked):
+    """long_prefills 1: of two long prompts, the second is not touched (no chunk, no memory) until the
+    first has joined the batch; it counts as waiting meanwhile; both decode the target's output."""
+    model, clock = clocked
+    engine = _engine(model, clock, "auto")
+    engine.long_prefills = 1
+    engine.add(Request(SHORT, SamplingParams(max_new_tokens=400, ignore_eos=True)))
+    engine.step()
+    longs = [Request(LONG, SamplingParams(max_new_tokens=4, ignore_eos=True)),
+             Request(LONG[:300], SamplingParams(max_new_tokens=4, ignore_eos=True))]
+    engine.add(longs[0])
+    engine.add(longs[1])
+    first, second = engine._prefilling
+    outputs = {}
+    while not {r.request_id for r in longs} <= outputs.keys():
+        if first in engine._prefilling:
+            assert second.cached == 0 and all(r is None for r in second.target.kv.rows)
+            assert engine.num_waiting == 1 and engine.num_running == 3
+        for o in engine.step():
+            if o.finished:
+                outputs[o.request_id] = o.output
+    assert [r for r in outputs if r in {q.request_id for q in longs}] == [longs[0].request_id, longs[1].request_id]
+    for r in longs:
+        assert outputs[r.request_id].token_ids == reference_greedy("llama", r.prompt_ids, 4)

@@ -228,6 +228,33 @@ def test_a_short_request_streams_beside_a_long_prompt_and_metrics_count_it(app_c
     assert events["short"][0] < events["long"][0] and events["long"][0] - t0 > 3.5
 
 
+def test_long_prompts_waiting_their_turn_hold_no_decoding_slot(app_client):
+    """--max-batch 2 and two 4,000-token prompts: the second waits in the engine for its turn to
+    prefill (--long-prefills 1) and holds no slot, so a short request sent after both still joins at
+    once and streams while the first long prompt prefills (before, the two long prompts filled both
+    slots and the short one waited for the first to finish)."""
+    c, state = _served(app_client, max_batch=2)
+    assert state.engine.long_prefills == 1
+    events: dict[str, list[float]] = {"long": [], "long2": [], "short": []}
+
+    def sink(name):
+        return lambda ev: events[name].append(time.monotonic())
+
+    for name in ("long", "long2"):
+        state.scheduler.submit(Request([7] * 4000, SamplingParams(max_new_tokens=4, ignore_eos=True)), sink(name))
+    time.sleep(0.3)
+    assert state.engine.num_waiting == 1 and state.scheduler.running == 1
+    assert _metric(c, "num_requests_running") == 1 and _metric(c, "num_requests_waiting") == 1
+    sent = time.monotonic()
+    state.scheduler.submit(Request(SHORT, SamplingParams(max_new_tokens=8, ignore_eos=True)), sink("short"))
+    deadline = time.monotonic() + 60
+    while not events["short"] or not events["long2"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert events["short"][0] - sent < 1.0, "the short request waited for a slot held by a waiting long prompt"
+    assert events["short"][0] < events["long"][0] < events["long2"][0]  # the long ones in arrival order
+
+
 def test_request_timeout_ends_a_prefilling_request_between_chunks(app_client, caplog):
     """--request-timeout 0.5 s on a prompt whose prefill takes 4 s: a 504 at the deadline, the slot is
     free within a chunk or two, the rest of the prompt is never fed, and the log says what ended it."""

@@ -28,6 +28,7 @@ def make_engine(target_model: nn.Module, tokenizer, draft_model: nn.Module | Non
     if policy is not None:
         engine.proposers += [PROPOSERS[name](engine_cfg) for name in engine_cfg.proposer_list]
     engine.budget = PrefillBudget(cap=engine_cfg.prefill_chunk, target=engine_cfg.step_latency)
+    engine.long_prefills = engine_cfg.long_prefills
     return engine
 
 

@@ -75,6 +75,9 @@ class EngineConfig:
                                 "with a per-step budget: running requests get tokens every step beside long "
                                 "prompts); prompts that fit go first, shortest first, the rest share evenly; 0 = "
                                 "whole prompts at once")
+    long_prefills: int = option(1, "prompts longer than --prefill-chunk cached at once, in arrival order; later long "
+                                "prompts wait, holding no memory and no decoding slot, while shorter requests pass "
+                                "them (vLLM's max_long_partial_prefills); 0 = all at once, sharing the budget evenly")
     step_latency: str = option("auto", "while requests decode, a step's prompt tokens are sized so that the step "
                                "takes about this long, from the measured cost of a verify step and of a prefilled "
                                "token (engine/budget.py): auto (twice a verify step alone), a number of seconds, or "
@@ -117,6 +120,8 @@ class EngineConfig:
         if self.prefill_chunk < 0:
             raise ValueError(f"--prefill-chunk must be >= 0, got {self.prefill_chunk}")
         parse_target(self.step_latency)
+        if self.long_prefills < 0:
+            raise ValueError(f"--long-prefills must be >= 0, got {self.long_prefills}")
         unknown = [p for p in self.proposer_list if p not in PROPOSERS]
         if unknown or not self.proposers:
             raise ValueError(f"--proposers: {self.proposers!r}; a comma-separated list of {', '.join(PROPOSERS)}, "
@@ -170,6 +175,8 @@ class SpeculativeEngine:
         self._rows: list[Sequence] = []
         self.budget = PrefillBudget()
         """Prompt tokens cached per step (`prefill_chunk` at most), shared among the prefilling requests."""
+        self.long_prefills = 0
+        """Most prompts longer than `prefill_chunk` cached at once (0: no limit); the others wait their turn."""
         self._prefilling: list[Prefill] = []
         """Admitted requests whose prompts are being cached, a chunk per step, before they join `_rows`."""
         self._target_runner: ModelRunner | None = None
@@ -261,7 +268,8 @@ class SpeculativeEngine:
         short = [s for s, f in zip(seqs, fits) if f]
         for group in ([short] if short else []) + [[s] for s, f in zip(seqs, fits) if not f]:
             self._prefilling.append(Prefill(group, d, ModelRunner(self.target, len(group), self._target_forward),
-                                            d.new_runner(len(group)) if d is not None else None))
+                                            d.new_runner(len(group)) if d is not None else None,
+                                            long=group is not short))
 
     def step(self, on_record: RecordCallback | None = None) -> list[StepOutput]:
         """Cache the next chunk of every prompt being prefilled (requests whose prompts are now
@@ -306,12 +314,20 @@ class SpeculativeEngine:
 
     @property
     def num_running(self) -> int:
-        """Requests holding a slot: in the batch, and still prefilling (they will join it)."""
+        """Requests the engine holds: in the batch, still prefilling (they will join it), and long
+        prompts waiting their turn to prefill (`num_waiting`)."""
         return len(self._rows) + self.num_prefilling
 
     @property
     def num_prefilling(self) -> int:
         return sum(len(p.seqs) for p in self._prefilling)
+
+    @property
+    def num_waiting(self) -> int:
+        """Long prompts admitted that wait for their turn to prefill (`long_prefills`): they hold no
+        memory yet, and a server does not count them against its decoding slots."""
+        active = self._active()
+        return sum(len(p.seqs) for p in self._prefilling if p not in active)
 
     def generate(
         self,
@@ -359,9 +375,9 @@ class SpeculativeEngine:
         batch. The step's prompt tokens (`budget.tokens`: sized to the step-latency target while
         rows decode, `prefill_chunk` at most) are shared by `budget.share`: prompts that fit go
         first, shortest first, and long prompts share the rest evenly."""
-        if not self._prefilling:
+        prefills = self._active()
+        if not prefills:
             return
-        prefills = list(self._prefilling)
         chunks = self.budget.share([p.remaining for p in prefills], [len(p.seqs) for p in prefills],
                                    self.budget.tokens(decoding=bool(self._rows)))
         t_step, tokens = self.clock(), 0
@@ -375,6 +391,17 @@ class SpeculativeEngine:
                 self._join(p)
                 self._prefilling.remove(p)  # after joining: num_running (read by other threads) never dips
         self.budget.observe_prefill(tokens, self.clock() - t_step)
+
+    def _active(self) -> list[Prefill]:
+        """The prefills that advance this step: every short one, and the first `long_prefills` long
+        ones in arrival order (all of them with no limit); a long one that has begun goes on."""
+        active, longs = [], 0
+        for p in self._prefilling:
+            if p.long and p.cached == 0 and self.long_prefills and longs >= self.long_prefills:
+                continue
+            active.append(p)
+            longs += p.long
+        return active
 
     def _join(self, p: Prefill) -> None:
         """Prefilled rows join the running batch (between steps), each cache beside its own."""

@@ -42,6 +42,10 @@ class Engine(Protocol):
     @property
     def num_running(self) -> int: ...
 
+    @property
+    def num_waiting(self) -> int:
+        """Of `num_running`, requests that wait inside the engine and hold no decoding slot."""
+
     def check(self, request: "Request") -> None:
         """Raise InvalidRequest if this engine cannot run the request."""
 

@@ -123,6 +123,8 @@ class Prefill:
     """Every prompt is cached: the rows may join the batch."""
     version: int = 0
     """The draft version whose keys and values `draft` holds."""
+    long: bool = False
+    """A prompt longer than the engine's `prefill_chunk` (prefilled alone, and in its turn)."""
 
     def __post_init__(self) -> None:
         self.version = self.drafter.version if self.drafter is not None else 0

@@ -295,6 +295,10 @@ class VllmEngine:
     def num_running(self) -> int:
         return len(self._live)
 
+    @property
+    def num_waiting(self) -> int:
+        return 0  # vLLM schedules its own prefills
+
     def check(self, request: Request) -> None:
         n = len(request.prompt_ids)
         if n == 0:

@@ -125,11 +125,14 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        return len(self._queue) + len(self._parked)
+        """Requests waiting: queued here, and long prompts waiting in the engine for their turn to prefill."""
+        return len(self._queue) + len(self._parked) + self.pool.engine.num_waiting
 
     @property
     def running(self) -> int:
-        return self.pool.engine.num_running
+        """Requests holding a decoding slot (of `max_batch`): the engine's, but for the long prompts
+        waiting inside it for their turn to prefill."""
+        return self.pool.engine.num_running - self.pool.engine.num_waiting
 
     def close(self) -> None:
         """Stop the decoding thread once its current step ends, however long that takes: a thread
@@ -156,7 +159,7 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while (not self._closing and not self._queue and not self.running and not self._cancelled
+                while (not self._closing and not self._queue and not self.pool.engine.num_running and not self._cancelled
                        and not self._opened and not self._chores):
                     self._cond.wait()
                 if self._closing:
