@@ -208,3 +208,16 @@ def test_long_prompts_prefill_one_at_a_time_in_arrival_order(clocked):
     assert [r for r in outputs if r in {q.request_id for q in longs}] == [longs[0].request_id, longs[1].request_id]
     for r in longs:
         assert outputs[r.request_id].token_ids == reference_greedy("llama", r.prompt_ids, 4)
+
+
+def test_a_short_prompt_beyond_the_step_budget_is_cached_whole(clocked):
+    """A 60-token prompt (within --prefill-chunk, beyond the ~12 tokens the latency target leaves a
+    step here) is cached in one step beside the long prompt: its first token comes in the step after
+    it joins, and its output is the target's."""
+    model, clock = clocked
+    engine = _engine(model, clock, "auto")
+    late = Request(LONG[100:160], SamplingParams(max_new_tokens=10, ignore_eos=True))
+    times, waited, outputs, _ = _run(engine, clock, late)
+    assert engine.budget.tokens(decoding=True) < 60
+    assert waited == 0
+    assert outputs[late.request_id].token_ids == reference_greedy("llama", late.prompt_ids, 10)

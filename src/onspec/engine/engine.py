@@ -374,12 +374,17 @@ class SpeculativeEngine:
         """A chunk of every prompt being prefilled; the requests whose prompts are cached join the
         batch. The step's prompt tokens (`budget.tokens`: sized to the step-latency target while
         rows decode, `prefill_chunk` at most) are shared by `budget.share`: prompts that fit go
-        first, shortest first, and long prompts share the rest evenly."""
+        first, shortest first, and long prompts share the rest evenly. A short prompt (within
+        `prefill_chunk`) is cached whole in its first step even where that exceeds the budget: a new
+        request's first token comes one step after it joins."""
         prefills = self._active()
         if not prefills:
             return
-        chunks = self.budget.share([p.remaining for p in prefills], [len(p.seqs) for p in prefills],
-                                   self.budget.tokens(decoding=bool(self._rows)))
+        budget = self.budget.tokens(decoding=bool(self._rows))
+        if budget:  # short prompts (those within prefill_chunk) are cached whole, beyond the budget if need be
+            budget = max(budget, sum(p.remaining * len(p.seqs) for p in prefills if not p.long)
+                         + sum(len(p.seqs) for p in prefills if p.long))
+        chunks = self.budget.share([p.remaining for p in prefills], [len(p.seqs) for p in prefills], budget)
         t_step, tokens = self.clock(), 0
         for p, chunk in zip(prefills, chunks):
             t0 = self.clock()
