@@ -30,10 +30,10 @@ TEXTS = ("hello world", "a", "abcabcabcabc", "def f(x):\n    return x\ndef g(x):
 def test_index_counts_next_tokens_after_every_context():
     index = SuffixIndex(max_depth=3)
     index.add([1, 2, 3, 1, 2, 4])
-    assert index.counts[(1, 2)] == {3: 1, 4: 1}
-    assert index.counts[(2,)] == {3: 1, 4: 1}
-    assert index.counts[(3, 1, 2)] == {4: 1}
-    assert (1, 2, 3, 1) not in index.counts  # deeper than max_depth
+    assert index.row((1, 2)) == {3: 1, 4: 1}
+    assert index.row((2,)) == {3: 1, 4: 1}
+    assert index.row((3, 1, 2)) == {4: 1}
+    assert index.row((1, 2, 3, 1)) == {}  # deeper than max_depth
 
 
 def test_removing_a_sequence_leaves_the_index_as_if_never_added():

@@ -42,7 +42,7 @@ from onspec.engine.runner import ModelRunner
 from onspec.engine.sampling import InvalidRequest, SamplingParams, process_logits
 from onspec.engine.sequence import Prefill, Request, Sequence
 from onspec.engine.stopping import StopChecker
-from onspec.engine.suffix import SuffixLearner
+from onspec.engine.suffix import SCORINGS, SuffixLearner
 from onspec.engine.verify import Verdict, greedy_verify, gumbel_verify, rejection_sample
 from onspec.models.decode import decode_forward
 from onspec.models.draft_vocab import DraftVocab
@@ -60,7 +60,8 @@ def _arctic(cfg: "EngineConfig"):
 
 
 PROPOSERS = {
-    "suffix": lambda cfg: SuffixLearner(max_tokens=cfg.suffix_tokens, history=cfg.suffix_history),
+    "suffix": lambda cfg: SuffixLearner(max_tokens=cfg.suffix_tokens, history=cfg.suffix_history,
+                                        history_tokens=cfg.suffix_history_tokens, scoring=cfg.suffix_scoring),
     "arctic": _arctic,
 }
 """`--proposers` name -> the model-free proposer it builds (`build.make_engine`); a new one is one line here."""
@@ -101,6 +102,13 @@ class EngineConfig:
     suffix_tokens: int = option(16, "most tokens one suffix match proposes in a step")
     suffix_history: int = option(4096, "earlier outputs the suffix learner keeps and matches in (0: only the "
                                  "request's own prompt and output)")
+    suffix_history_tokens: int = option(1 << 20, "tokens of earlier outputs the suffix learner keeps besides "
+                                        "--suffix-history, the oldest leaving first (0: only the request's own)")
+    suffix_scoring: str = option("frequency", "how the suffix learner picks a proposal (engine/suffix.py): frequency "
+                                 "(the deepest match's most frequent next tokens, the two indexes' counts merged) or "
+                                 "probability (SuffixDecoding's: the path with the highest sum of count-ratio "
+                                 "probabilities, stopped below 0.1, from the request's or the stream's index)",
+                                 choices=SCORINGS)
     forward: str = option("auto", "how the engine runs the models' passes: auto (on a CPU, for Llama- and Qwen2-family "
                           "models, onspec's own forward, models/decode.py: the same modules and arithmetic without "
                           "transformers' per-layer wrappers, and short-query attention for passes of up to 16 "
@@ -115,6 +123,9 @@ class EngineConfig:
             raise ValueError(f"--suffix-tokens must be in [1, 64], got {self.suffix_tokens}")
         if self.suffix_history < 0:
             raise ValueError(f"--suffix-history must be >= 0, got {self.suffix_history}")
+        if self.suffix_history_tokens < 0 or self.suffix_scoring not in SCORINGS:
+            raise ValueError(f"--suffix-history-tokens must be >= 0 and --suffix-scoring one of {', '.join(SCORINGS)}, "
+                             f"got {self.suffix_history_tokens}, {self.suffix_scoring!r}")
         if self.draft_vocab < 0:
             raise ValueError(f"--draft-vocab must be >= 0, got {self.draft_vocab}")
         if self.prefill_chunk < 0:

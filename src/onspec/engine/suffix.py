@@ -7,9 +7,19 @@ counts after every context of 1..`max_depth` tokens:
 - the stream's (`SuffixLearner.history`): the outputs of earlier requests (each with the tail of
   its prompt as leading context), added when a request finishes. This is the part that learns:
   the longer a server runs, the more of its traffic repeats something it has already served.
-A proposal follows the deepest context that either index has seen (at least `min_match` tokens),
-takes its most frequent next token, and goes on from the extended context, up to `max_tokens`
-tokens. It costs dictionary look-ups (tens of microseconds), no model pass.
+
+Two ways of scoring a proposal (`scoring`):
+- "frequency" (the default): follow the deepest context that either index has seen (at least `min_match`
+  tokens), take its most frequent next token (the two indexes' counts merged), and go on from the
+  extended context, up to `max_tokens` tokens;
+- "probability", SuffixDecoding's: for each index apart and each context length n it matches,
+  follow the most frequent next tokens from those n tokens; a path's probability is the product
+  of count / total along it, and it stops where that falls below `min_prob`, or at
+  min(max_tokens, spec_factor * n + spec_offset) tokens. Its score is the sum of its tokens'
+  probabilities (the expected accepted length under the counts); the best path wins (ties: the
+  longer match, then the request's own index). It drafts fewer tokens, more of them accepted.
+Either costs dictionary look-ups (tens to hundreds of microseconds), no model pass. The stream's
+index is bounded by outputs (`history`) and by tokens (`history_tokens`), the oldest leaving first.
 
 The learner is a proposer (engine/proposer.py). Whether its offer is worth a wider target pass is
 not decided here: each proposed token carries the depth of the context it matched (`Draft.match`)
@@ -24,6 +34,7 @@ greedy, sampled and seeded rows alike.
 from __future__ import annotations
 
 import threading
+from array import array
 from collections import deque
 
 import torch
@@ -32,33 +43,80 @@ from onspec.engine.proposer import Draft, Step
 from onspec.engine.sequence import Sequence
 
 
+SCORINGS = ("frequency", "probability")
+_BITS = 32
+_MASK = (1 << _BITS) - 1
+
+
 class SuffixIndex:
-    """Next-token counts after every context of 1..max_depth tokens of the sequences added."""
+    """Next-token counts after every context of 1..max_depth tokens of the sequences added.
+
+    Kept compact: a context is keyed by the hash of its token tuple (deterministic for ints; a
+    collision could only make a proposal wrong, which verification rejects), and a context followed
+    by one token so far stores it and its count packed in one int (token << 32 | count), by two or
+    more a dict token -> count. The form is canonical: removing what was added leaves the index as
+    if it had never been added."""
 
     def __init__(self, max_depth: int) -> None:
         self.max_depth = max_depth
-        self.counts: dict[tuple[int, ...], dict[int, int]] = {}
+        self.counts: dict[int, int | dict[int, int]] = {}
 
-    def add(self, tokens: list[int], start: int = 0, sign: int = 1) -> None:
+    @staticmethod
+    def key(context) -> int:
+        return hash(tuple(context))
+
+    def add(self, tokens, start: int = 0, sign: int = 1) -> None:
         """Count tokens[i] after each of its contexts, for every i >= start (earlier tokens are
         context only). sign -1 removes a sequence added before."""
         counts, depth = self.counts, self.max_depth
+        tokens = tokens if type(tokens) is list else list(tokens)
         for i in range(max(start, 1), len(tokens)):
             nxt = tokens[i]
             for n in range(1, min(depth, i) + 1):
-                key = tuple(tokens[i - n: i])
+                key = hash(tuple(tokens[i - n: i]))
                 row = counts.get(key)
                 if row is None:
-                    if sign < 0:
-                        continue
-                    row = counts[key] = {}
-                c = row.get(nxt, 0) + sign
-                if c > 0:
-                    row[nxt] = c
+                    if sign > 0:
+                        counts[key] = nxt << _BITS | 1
+                elif type(row) is int:
+                    if row >> _BITS == nxt:
+                        if (row & _MASK) + sign > 0:
+                            counts[key] = row + sign
+                        else:
+                            del counts[key]
+                    elif sign > 0:
+                        counts[key] = {row >> _BITS: row & _MASK, nxt: 1}
                 else:
-                    row.pop(nxt, None)
-                    if not row:
-                        del counts[key]
+                    c = row.get(nxt, 0) + sign
+                    if c > 0:
+                        row[nxt] = c
+                    elif nxt in row:
+                        del row[nxt]
+                        if len(row) == 1:
+                            ((t, c),) = row.items()
+                            counts[key] = t << _BITS | c
+
+    def row(self, context) -> dict[int, int]:
+        """The counts of the tokens seen after `context` ({} if none)."""
+        return self.unpack(self.counts.get(hash(tuple(context))))
+
+    @staticmethod
+    def unpack(row: int | dict[int, int] | None) -> dict[int, int]:
+        """A stored row as a new dict token -> count."""
+        if row is None:
+            return {}
+        return {row >> _BITS: row & _MASK} if type(row) is int else dict(row)
+
+    def top(self, context) -> tuple[int, int, int] | None:
+        """The most frequent token after `context` (the first seen among equals), its count and the
+        count of all tokens after it; None if `context` was never followed by a token."""
+        row = self.counts.get(hash(tuple(context)))
+        if row is None:
+            return None
+        if type(row) is int:
+            return row >> _BITS, row & _MASK, row & _MASK
+        token = max(row, key=row.__getitem__)
+        return token, row[token], sum(row.values())
 
     def __len__(self) -> int:
         return len(self.counts)
@@ -69,15 +127,28 @@ class SuffixLearner:
 
     kind = "suffix"
 
-    def __init__(self, max_depth: int = 8, min_match: int = 2, max_tokens: int = 16, history: int = 4096,
-                 prompt_context: int = 8, prior: float = 0.5, decay: float = 0.995) -> None:
+    def __init__(self, max_depth: int = 8, min_match: int | None = None, max_tokens: int = 16, history: int = 4096,
+                 history_tokens: int = 1 << 20, prompt_context: int = 8, scoring: str = "frequency",
+                 spec_factor: float = 2.0, spec_offset: float = 0.0, min_prob: float = 0.1,
+                 prior: float = 0.5, decay: float = 0.995) -> None:
+        if min_match is None:  # the scoring's own: SuffixDecoding matches from one token on
+            min_match = 1 if scoring == "probability" else 2
         if not 1 <= min_match <= max_depth:
             raise ValueError(f"suffix min_match must be in [1, max_depth={max_depth}], got {min_match}")
+        if scoring not in SCORINGS:
+            raise ValueError(f"suffix scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
+        if spec_factor < 0 or not 0.0 <= min_prob <= 1.0:
+            raise ValueError(f"suffix spec_factor must be >= 0 and min_prob in [0, 1], got {spec_factor}, {min_prob}")
+        if history < 0 or history_tokens < 0:
+            raise ValueError(f"suffix history and history_tokens must be >= 0, got {history}, {history_tokens}")
         self.max_depth, self.min_match, self.max_tokens = max_depth, min_match, max_tokens
-        self.history_size, self.prompt_context = history, prompt_context
+        self.scoring, self.spec_factor, self.spec_offset, self.min_prob = scoring, spec_factor, spec_offset, min_prob
+        self.history_size, self.history_tokens, self.prompt_context = history, history_tokens, prompt_context
         self.index = SuffixIndex(max_depth)
-        self.history: deque[tuple[list[int], int]] = deque()
+        self.history: deque[tuple[array, int]] = deque()
         """(tokens, start) of each earlier output in the index, oldest first: what a checkpoint keeps."""
+        self.tokens = 0
+        """Tokens in `history` (outputs and their leading prompt context)."""
         self.version = 0
         """Outputs learned so far (the learner's version: it changes with every finished request)."""
         self.frozen = False
@@ -94,18 +165,29 @@ class SuffixLearner:
     # -- learning ------------------------------------------------------------------------------
 
     def learn(self, prompt_ids: list[int], output_ids: list[int]) -> None:
-        """A finished request's output joins the stream's index (the oldest leaves past `history`)."""
-        if self.frozen or self.history_size <= 0 or not output_ids:
+        """A finished request's output joins the stream's index; the oldest leave past `history`
+        outputs or `history_tokens` tokens (an output longer than that joins cut to its last ones)."""
+        if self.frozen or self.history_size <= 0 or self.history_tokens <= 0 or not output_ids:
             return
         head = list(prompt_ids[-self.prompt_context:]) if self.prompt_context else []
-        seq = head + list(output_ids)
+        seq = array("i", head + list(output_ids))
+        start = len(head)
+        if len(seq) > self.history_tokens:
+            cut = len(seq) - self.history_tokens
+            seq, start = seq[cut:], max(start - cut, 0)
         with self._lock:
-            self.index.add(seq, start=len(head))
-            self.history.append((seq, len(head)))
-            while len(self.history) > self.history_size:
-                old, start = self.history.popleft()
-                self.index.add(old, start=start, sign=-1)
+            self._append(seq, start)
             self.version += 1
+
+    def _append(self, seq: array, start: int) -> None:
+        """Index an output, then evict the oldest past either bound (the caller holds the lock)."""
+        self.index.add(seq, start=start)
+        self.history.append((seq, start))
+        self.tokens += len(seq)
+        while len(self.history) > self.history_size or self.tokens > self.history_tokens:
+            old, old_start = self.history.popleft()
+            self.index.add(old, start=old_start, sign=-1)
+            self.tokens -= len(old)
 
     def local_index(self, prompt_ids: list[int]) -> SuffixIndex:
         """A request's own index, over its prompt (extend it with `extend` as tokens commit)."""
@@ -162,32 +244,79 @@ class SuffixLearner:
     def continuation(self, context: list[int], local: SuffixIndex | None, max_tokens: int
                      ) -> tuple[list[int], list[int]]:
         """Up to max_tokens tokens continuing `context` (the row's prompt + output so far), and per
-        token the length of the context it matched."""
+        token the length of the context it was proposed from."""
         ctx = list(context[-self.max_depth:])
+        budget = min(max_tokens, self.max_tokens)
+        with self._lock:
+            if self.scoring == "probability":
+                return self._probable(ctx, local, budget)
+            return self._frequent(ctx, local, budget)
+
+    def _frequent(self, ctx: list[int], local: SuffixIndex | None, budget: int) -> tuple[list[int], list[int]]:
+        """The deepest context either index has seen, its most frequent next token (counts merged),
+        again from the extended context."""
         tokens: list[int] = []
         depths: list[int] = []
-        indexes = [i for i in (local, self.index) if i is not None]
-        with self._lock:
-            while len(tokens) < min(max_tokens, self.max_tokens):
-                found = None
-                for n in range(min(self.max_depth, len(ctx)), self.min_match - 1, -1):
-                    key = tuple(ctx[-n:])
-                    rows = [row for i in indexes if (row := i.counts.get(key))]
-                    if rows:
-                        found = n, rows
-                        break
-                if found is None:
+        indexes = [i.counts for i in (local, self.index) if i is not None]
+        while len(tokens) < budget:
+            found = None
+            for n in range(min(self.max_depth, len(ctx)), self.min_match - 1, -1):
+                key = SuffixIndex.key(ctx[-n:])
+                rows = [row for counts in indexes if (row := counts.get(key)) is not None]
+                if rows:
+                    found = n, rows
                     break
-                n, rows = found
-                merged: dict[int, int] = {}
-                for row in rows:
-                    for t, c in row.items():
-                        merged[t] = merged.get(t, 0) + c
-                token = max(merged, key=merged.__getitem__)
-                tokens.append(token)
-                depths.append(n)
-                ctx = (ctx + [token])[-self.max_depth:]
+            if found is None:
+                break
+            n, rows = found
+            merged = SuffixIndex.unpack(rows[0])
+            for row in rows[1:]:
+                for t, c in SuffixIndex.unpack(row).items():
+                    merged[t] = merged.get(t, 0) + c
+            token = max(merged, key=merged.__getitem__)
+            tokens.append(token)
+            depths.append(n)
+            ctx = (ctx + [token])[-self.max_depth:]
         return tokens, depths
+
+    def _probable(self, ctx: list[int], local: SuffixIndex | None, budget: int) -> tuple[list[int], list[int]]:
+        """SuffixDecoding's choice: the highest-scoring path over both indexes and every matched
+        context length (ties: the longer match, then the request's own index)."""
+        best: tuple[float, list[int], list[int]] = (0.0, [], [])
+        best_index = None
+        for index in (local, self.index):
+            if index is None:
+                continue
+            for n in range(self.min_match, min(self.max_depth, len(ctx)) + 1):
+                if index.top(ctx[-n:]) is None:
+                    break  # a longer context is never seen where its own suffix was not
+                limit = min(budget, int(n * self.spec_factor + self.spec_offset + 1e-6))
+                path = self._path(index, ctx[-n:], limit)
+                if path[1] and (path[0] > best[0] or (path[0] == best[0] and index is best_index)):
+                    best, best_index = path, index
+        return best[1], best[2]
+
+    def _path(self, index: SuffixIndex, path: list[int], limit: int) -> tuple[float, list[int], list[int]]:
+        """The most frequent next tokens after `path` in one index, while the product of their
+        count / total stays >= min_prob, up to `limit`: (sum of those products, tokens, depths)."""
+        prob, score = 1.0, 0.0
+        tokens: list[int] = []
+        depths: list[int] = []
+        path = list(path)
+        while len(tokens) < limit:
+            key = path[-self.max_depth:]
+            top = index.top(key)
+            if top is None:
+                break
+            token, count, total = top
+            prob *= count / total
+            if prob < self.min_prob:
+                break
+            score += prob
+            tokens.append(token)
+            depths.append(len(key))
+            path.append(token)
+        return score, tokens, depths
 
     # -- what proposals are worth --------------------------------------------------------------
 
@@ -258,26 +387,28 @@ class SuffixLearner:
             }
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Rebuild exactly the learner that `state_dict` saved."""
+        """Rebuild exactly the learner that `state_dict` saved (within this learner's bounds: the
+        oldest outputs past `history` or `history_tokens` leave, as if learned here)."""
         tokens = state["tokens"].tolist()
+        if state["accepted"].numel() != self.max_depth:
+            raise ValueError(f"a suffix checkpoint for max_depth {state['accepted'].numel()} does not fit "
+                             f"max_depth {self.max_depth}")
         with self._lock:
             self.index = SuffixIndex(self.max_depth)
             self.history.clear()
+            self.tokens = 0
             offset = 0
             for n, start in zip(state["lengths"].tolist(), state["starts"].tolist()):
-                seq = tokens[offset: offset + n]
+                seq = array("i", tokens[offset: offset + n])
                 offset += n
-                self.index.add(seq, start=start)
-                self.history.append((seq, start))
-            if state["accepted"].numel() != self.max_depth:
-                raise ValueError(f"a suffix checkpoint for max_depth {state['accepted'].numel()} does not fit "
-                                 f"max_depth {self.max_depth}")
+                self._append(seq, start)
             for d, (a, e) in enumerate(zip(state["accepted"].tolist(), state["evaluated"].tolist()), start=1):
                 self._accepted[d], self._evaluated[d] = a, e
             self.version = int(state["version"])
 
     def stats(self) -> dict:
-        return {"version": self.version, "history": len(self.history), "contexts": len(self.index),
+        return {"version": self.version, "history": len(self.history), "history_tokens": self.tokens,
+                "contexts": len(self.index),
                 "steps": self.steps, "proposed": self.proposed, "accepted": self.accepted,
                 "evaluated": self.evaluated, "shadow_evaluated": self.shadow_evaluated,
                 "alpha": self.accepted / self.evaluated if self.evaluated else None,
