@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import time
+import sys
 from pathlib import Path
 
 from rich.console import Console
@@ -39,35 +39,12 @@ from onspec.data.repeating import repeat_share
 from onspec.data.streams import iter_queries
 from onspec.models.kernels import host
 from onspec.models.loading import resolve_spec
-from onspec.peers.arctic import ArcticConfig, ArcticSuffixCache, load
+from onspec.peers.arctic import ArcticConfig, load
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from suffix_offline import Reference, replay  # noqa: E402  (the one teacher-forced loop, for every proposer)
 
 SETTINGS = {"reference": ArcticConfig(), "own-only": ArcticConfig(max_cached_requests=0)}
-
-
-def serve(cache: ArcticSuffixCache, req_id: str, prompt: list[int], answer: list[int]) -> dict:
-    """One request teacher-forced through the reference; its counts."""
-    cache.start(req_id, prompt)
-    passes = proposed = drafted = accepted_total = 0
-    seconds = 0.0
-    t = 0
-    while t < len(answer):
-        context = (prompt + answer[:t])[-cache.config.max_tree_depth:]
-        t0 = time.perf_counter()
-        draft = cache.speculate(req_id, context).token_ids
-        seconds += time.perf_counter() - t0
-        accepted = 0
-        while accepted < len(draft) and t + accepted < len(answer) and draft[accepted] == answer[t + accepted]:
-            accepted += 1
-        new = answer[t: t + accepted + 1]  # the accepted run and the target's own token
-        cache.add(req_id, new)
-        t += len(new)
-        passes += 1
-        proposed += bool(draft)
-        drafted += len(draft)
-        accepted_total += accepted
-    cache.stop(req_id)
-    return {"tokens": len(answer), "passes": passes, "proposed": proposed, "drafted": drafted,
-            "accepted": accepted_total, "speculate_s": seconds}
 
 
 def run_stream(name: str, limit: int, max_answer_tokens: int, tokenizer, module) -> dict:
@@ -78,19 +55,7 @@ def run_stream(name: str, limit: int, max_answer_tokens: int, tokenizer, module)
               "mean_prompt_tokens": round(sum(len(p) for p, _ in encoded) / len(encoded), 1),
               "mean_answer_tokens": round(sum(len(a) for _, a in encoded) / len(encoded), 1)}
     for setting, config in SETTINGS.items():
-        cache = ArcticSuffixCache(config, module=module)
-        totals: dict[str, float] = {}
-        for n, (prompt, answer) in enumerate(encoded):
-            for k, v in serve(cache, f"{name}-{n}", prompt, answer).items():
-                totals[k] = totals.get(k, 0) + v
-        result[setting] = {
-            "tokens_per_pass": round(totals["tokens"] / totals["passes"], 3),
-            "accepted_per_speculation": round(totals["accepted"] / max(totals["proposed"], 1), 3),
-            "proposed_share": round(totals["proposed"] / totals["passes"], 3),
-            "accepted_over_drafted": round(totals["accepted"] / max(totals["drafted"], 1), 3),
-            "speculate_us": round(1e6 * totals["speculate_s"] / totals["passes"], 1),
-            "tokens": int(totals["tokens"]), "passes": int(totals["passes"]),
-        }
+        result[setting] = replay(Reference(config, module), encoded)
     return result
 
 
@@ -119,7 +84,7 @@ def main() -> None:
         table.add_row(name, str(r["queries"]), str(r["mean_prompt_tokens"]), str(r["mean_answer_tokens"]),
                       f"{r['repeat_share']:.2f}", *(f"{r[s]['tokens_per_pass']:.2f}" for s in SETTINGS),
                       *(f"{r[s]['accepted_per_speculation']:.2f}" for s in SETTINGS),
-                      f"{ref['proposed_share']:.2f}", f"{ref['accepted_over_drafted']:.2f}", f"{ref['speculate_us']:.0f}")
+                      f"{ref['proposed_share']:.2f}", f"{ref['accepted_over_drafted']:.2f}", f"{ref['us_per_proposal']:.0f}")
     Console(width=200).print(table)
     finish(args.out, {"experiment": "peer_offline", "host": host().vector, "limit": args.limit, "max_answer_tokens": args.max_answer_tokens,
                       "settings": {s: vars(c) for s, c in SETTINGS.items()}, "streams": streams})

@@ -68,10 +68,10 @@ SETTINGS = ("reference", *LEARNERS)
 
 
 class Reference:
-    """The reference's trees, driven as experiments/peer_offline.py drives them."""
+    """The reference's trees, driven through `replay` (experiments/peer_offline.py uses it too)."""
 
-    def __init__(self, max_tokens: int, module) -> None:
-        self.cache = ArcticSuffixCache(ArcticConfig(max_spec_tokens=max_tokens), module=module)
+    def __init__(self, config: ArcticConfig, module) -> None:
+        self.cache = ArcticSuffixCache(config, module=module)
         self.n = 0
 
     def start(self, prompt: list[int]) -> None:
@@ -168,7 +168,7 @@ def run_stream(name: str, args, tokenizer, module, log: Callable[[str], None]) -
     result: dict = {"queries": len(queries),
                     "mean_answer_tokens": round(sum(len(a) for _, a in encoded) / len(encoded), 1)}
     for setting in SETTINGS:
-        proposer = (Reference(args.max_tokens, module) if setting == "reference"
+        proposer = (Reference(ArcticConfig(max_spec_tokens=args.max_tokens), module) if setting == "reference"
                     else Learner(args.max_tokens, **LEARNERS[setting]))
         t0 = time.perf_counter()
         result[setting] = replay(proposer, encoded)

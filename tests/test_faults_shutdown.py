@@ -11,8 +11,6 @@ disk is "full" (a filesystem with delayed allocation reports a full disk there).
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import os
 import re
@@ -25,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import save_tiny_pair
+from test_faults import contents, fill
 
 pytestmark = pytest.mark.server
 
@@ -113,7 +112,7 @@ def scenario(how: str, target: str, draft: str, tmp: str) -> dict:
     state = disk / "state"
     args = [*command, *SERVE, "--target", target, "--draft", draft, "--state-dir", str(state)]
 
-    def run(n: int, fill: bool) -> dict:
+    def run(n: int, full: bool) -> dict:
         log = tmp_path / f"serve{n}.log"  # beside the disk: it must not fill up with it
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)
         try:
@@ -127,9 +126,9 @@ def scenario(how: str, target: str, draft: str, tmp: str) -> dict:
             # the trainer learned a version this run (its final checkpoint has something to write)
             trained_to = _wait(lambda: (v := _health(url)["latest_draft_version"]) > resumed and v,
                                lambda: proc.poll() is not None, log)
-            if fill and how == "tmpfs":
-                _fill(disk)
-            elif fill:
+            if full and how == "tmpfs":
+                fill(disk)
+            elif full:
                 (tmp_path / "full").touch()
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -142,14 +141,14 @@ def scenario(how: str, target: str, draft: str, tmp: str) -> dict:
         lines = [line for line in text.splitlines() if line.strip()]
         return {"code": code, "log": text, "last": lines[-1] if lines else "", "trained_to": trained_to}
 
-    first = run(0, fill=False)
-    good = _contents(state)
+    first = run(0, full=False)
+    good = contents(state)
     good_version = int(json.loads((state / "checkpoints" / (state / "checkpoints" / "LATEST").read_text()
                                    / "onspec.json").read_text())["version"])
-    second = run(1, fill=True)
+    second = run(1, full=True)
     store = CheckpointStore(state / "checkpoints", writer=False)
     loaded = store.load_latest()
-    return {"runs": [first, second], "good": good, "good_version": good_version, "after": _contents(state),
+    return {"runs": [first, second], "good": good, "good_version": good_version, "after": contents(state),
             "leftovers": sorted(p.relative_to(state).as_posix() for p in state.rglob(".*")),
             "loaded_version": None if loaded is None else int(loaded[1]["version"]),
             "loaded_from_latest": store.loaded_from is not None
@@ -171,24 +170,3 @@ def _wait(what, dead, log: Path, timeout: float = 120.0):
     raise AssertionError("timed out: " + log.read_text(errors="replace")[-3000:])
 
 
-def _fill(disk: Path) -> None:
-    """Write zeros into `disk` until its filesystem says it is full (ENOSPC)."""
-    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-    try:
-        chunk = b"\0" * 65536
-        while True:
-            try:
-                os.write(fd, chunk)
-            except OSError as e:
-                assert e.errno == errno.ENOSPC, e
-                if len(chunk) == 1:
-                    return
-                chunk = chunk[: len(chunk) // 2]
-    finally:
-        os.close(fd)
-
-
-def _contents(root: Path) -> dict[str, str]:
-    """Every file under `root` -> its sha256."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
