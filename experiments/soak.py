@@ -45,8 +45,9 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=300)
     ap.add_argument("--concurrency", type=int, default=6)
     ap.add_argument("--max-tokens", type=int, default=24)
-    ap.add_argument("--server-args", default="--target smollm2-135m --dtype float32 --update-interval 4 --steps 1",
-                    help="`onspec serve` flags (float32: greedy outputs must match exactly)")
+    ap.add_argument("--server-args", default="--target smollm2-135m --dtype float32 --learn both --update-interval 4 "
+                    "--steps 1", help="`onspec serve` flags (float32: greedy outputs must match exactly; --learn both: "
+                    "the suffix learner and the draft's trainer learn, the draft is swapped every few requests)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sample-every", type=float, default=30, help="seconds between RSS samples")
     args = ap.parse_args()
