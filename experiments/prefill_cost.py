@@ -48,7 +48,7 @@ def main() -> int:
         return Request([rng.randrange(100, 20000) for _ in range(n)],
                        SamplingParams(max_new_tokens=tokens, temperature=0, ignore_eos=True))
 
-    engine.add([request(60, 10_000) for _ in range(args.rows)])
+    engine.add([request(60, 1000) for _ in range(args.rows)])
     for _ in range(3):
         engine.step()
     times = []
