@@ -174,8 +174,9 @@ class TrainerWorker:
         try:
             self.checkpoint()
         except OSError as e:
-            log.error("%s checkpoint of draft v%d into %s failed: %s; serving is unaffected, the version is not saved",
-                      which, self.version, self.store.root, e)
+            log.error("%s checkpoint of draft v%d into %s failed: %s; %s, the version is not saved",
+                      which, self.version, self.store.root, e,
+                      "shutdown goes on" if which == "final" else "serving is unaffected")
         except Exception:
             log.exception("%s checkpoint of draft v%d into %s failed; the version is not saved", which, self.version,
                           self.store.root)
