@@ -65,6 +65,8 @@ def test_share_fits_first_then_evenly():
     assert share([10, 20], [3, 1], 40) == [6, 20]  # the cheaper first; the group gets the 20 left, 6 a row
     assert share([1000, 1000, 1000], [1, 1, 1], 2) == [1, 1, 1]  # each advances
     assert share([7, 9], [1, 1], 0) == [0, 0]  # no budget: whole prompts
+    # a prompt marked whole is cached whole even beyond the budget, before a cheaper long one's rest
+    assert share([60, 3], [1, 1], 20, whole=[True, False]) == [60, 1]
     for remaining, rows, budget in [([100, 3, 50, 7], [1, 2, 1, 1], 32), ([900] * 5, [1] * 5, 512)]:
         chunks = share(remaining, rows, budget)
         assert sum(c * r for c, r in zip(chunks, rows)) <= budget

@@ -6,10 +6,10 @@ prompt tokens to a step-latency target measured on the host (Sarathi-Serve's sta
 vLLM's `max_num_batched_tokens` is the fixed form, which `target="off"` keeps): from the measured
 seconds of a verify step and of a prefilled token, it gives prefill what the target leaves beside
 decoding, between `floor` and `cap` tokens. With no row decoding there is nothing to protect and a
-step prefills `cap` tokens. `share` splits a step's tokens: prompts whose rest fits go first,
-shortest first (a short request's prompt is cached in the step after it arrives, beside any number
-of long ones), and the prompts that do not fit share what is left evenly (long prompts are fair
-among themselves, and each advances every step).
+step prefills `cap` tokens. `share` splits a step's tokens: prompts the engine marks `whole` (those
+within `cap`: a short request's prompt is cached in the step after it arrives, beside any number of
+long ones) first, then prompts whose rest fits, shortest first, and the prompts that do not fit
+share what is left evenly (each advances every step).
 """
 
 from __future__ import annotations
@@ -84,16 +84,19 @@ class PrefillBudget:
         return int(min(self.cap, max(self.floor, room + 1e-9)))  # + 1e-9: (0.3 - 0.1) / 0.002 is 99.99...
 
     @staticmethod
-    def share(remaining: list[int], rows: list[int], budget: int) -> list[int]:
+    def share(remaining: list[int], rows: list[int], budget: int, whole: list[bool] | None = None) -> list[int]:
         """Tokens per row of each prefilling group this step (a group's rows advance together):
         remaining[i] is group i's uncached prompt tokens (its longest row's), rows[i] its row count,
-        budget the step's tokens (0: whole prompts). Groups whose rest fits are cached whole,
-        cheapest first; the others share what is left evenly, each at least one token."""
+        budget the step's tokens (0: whole prompts). Groups marked `whole` are cached whole first,
+        beyond the budget if need be; then the groups whose rest fits, cheapest first; the others
+        share what is left evenly, each at least one token."""
         if not budget:
             return [0] * len(remaining)  # 0: "all the rest" to Prefill.advance
-        chunks = [0] * len(remaining)
-        left, rest = budget, []
-        for i in sorted(range(len(remaining)), key=lambda i: remaining[i] * rows[i]):
+        whole = whole or [False] * len(remaining)
+        chunks = [remaining[i] if whole[i] else 0 for i in range(len(remaining))]
+        left = max(0, budget - sum(remaining[i] * rows[i] for i in range(len(remaining)) if whole[i]))
+        rest = []
+        for i in sorted((i for i in range(len(remaining)) if not whole[i]), key=lambda i: remaining[i] * rows[i]):
             if remaining[i] * rows[i] <= left:
                 chunks[i], left = remaining[i], left - remaining[i] * rows[i]
             else:
@@ -101,7 +104,6 @@ class PrefillBudget:
         for i in rest:
             chunks[i] = max(1, left // len(rest) // rows[i])
         return chunks
-
 
 def _mean(old: float | None, new: float, smoothing: float) -> float:
     return new if old is None else (1 - smoothing) * old + smoothing * new

@@ -391,11 +391,8 @@ class SpeculativeEngine:
         prefills = self._active()
         if not prefills:
             return
-        budget = self.budget.tokens(decoding=bool(self._rows))
-        if budget:  # short prompts (those within prefill_chunk) are cached whole, beyond the budget if need be
-            budget = max(budget, sum(p.remaining * len(p.seqs) for p in prefills if not p.long)
-                         + sum(len(p.seqs) for p in prefills if p.long))
-        chunks = self.budget.share([p.remaining for p in prefills], [len(p.seqs) for p in prefills], budget)
+        chunks = self.budget.share([p.remaining for p in prefills], [len(p.seqs) for p in prefills],
+                                   self.budget.tokens(decoding=bool(self._rows)), whole=[not p.long for p in prefills])
         t_step, tokens = self.clock(), 0
         for p, chunk in zip(prefills, chunks):
             t0 = self.clock()
