@@ -42,7 +42,7 @@ from onspec.models.loading import resolve_spec
 from onspec.peers.arctic import ArcticConfig, load
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from suffix_offline import Reference, replay  # noqa: E402  (the one teacher-forced loop, for every proposer)
+from suffix_offline import Reference, replay, stream_options  # noqa: E402  (the one teacher-forced loop, for every proposer)
 
 SETTINGS = {"reference": ArcticConfig(), "own-only": ArcticConfig(max_cached_requests=0)}
 
@@ -60,11 +60,8 @@ def run_stream(name: str, limit: int, max_answer_tokens: int, tokenizer, module)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--streams", default="edits,agent,multiturn,humaneval,sharegpt",
-                        help="comma-separated datasets (onspec.data.streams.iter_queries names)")
-    parser.add_argument("--limit", type=int, default=1000, help="queries per stream, from its start")
-    parser.add_argument("--max-answer-tokens", type=int, default=512, help="answers are cut to this many tokens")
+    parser = stream_options(argparse.ArgumentParser(description=__doc__,
+                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--out", type=Path, help="directory for summary.json")
     args = parser.parse_args()
 

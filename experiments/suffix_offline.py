@@ -181,12 +181,18 @@ def run_stream(name: str, args, tokenizer, module, log: Callable[[str], None]) -
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def stream_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options that choose the streams and their queries (experiments/peer_offline.py too)."""
     parser.add_argument("--streams", default="edits,agent,multiturn,humaneval,sharegpt",
                         help="comma-separated datasets (onspec.data.streams.iter_queries names)")
     parser.add_argument("--limit", type=int, default=1000, help="queries per stream, from its start")
     parser.add_argument("--max-answer-tokens", type=int, default=512, help="answers are cut to this many tokens")
+    return parser
+
+
+def main() -> None:
+    parser = stream_options(argparse.ArgumentParser(description=__doc__,
+                                                    formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--max-tokens", type=int, default=16, help="most tokens any proposer drafts per pass")
     parser.add_argument("--memory-streams", default="edits,sharegpt", help="streams whose learner memory is measured")
     parser.add_argument("--memory-requests", type=int, default=1000, help="outputs learned for the memory figure")
