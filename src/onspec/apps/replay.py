@@ -3,7 +3,11 @@
 Modes: `online` (the draft learns in the background), `static` (the same engine, no updates),
 `both` (static then online, from the same starting draft, on the same stream), `interleaved`
 (both side by side, taking turns on every query in a rotating order, so machine drift cancels
-out of the tokens/s ratio; it holds two drafts in memory).
+out of the tokens/s ratio; it holds two drafts in memory), `ways` (the proposers compared on the
+same stream, taking turns the same way, none of them training the draft: `--ways` of `target` (no
+speculation), `floor` (the draft alone), `adaptive` (the learning system: the engine's `--proposers`
+beside the draft, the suffix learner learning every output) and `arctic` (the SuffixDecoding
+reference beside the draft); their curves are tokens per target pass and tokens/s over the stream).
 Per query it records the measured alpha (accepted / evaluated over the steps that proposed) and
 `alpha_tf`: the serving draft's greedy agreement with the served tokens (teacher-forced, one draft
 pass after the request, not counted in tokens/s), which is defined for every query whatever k
@@ -12,8 +16,8 @@ A greedy online run also records `static_alpha_tf`: the *starting* draft's agree
 served tokens. Greedy serving is lossless, so the served tokens are the ones a static run would
 serve, and this is exactly the static run's `alpha_tf`, measured without decoding the stream twice
 (`--static-baseline tf`, the default; `--mode both` still decodes both, for tokens/s).
-Writes `<out>/replay_<mode>.csv`, `<out>/alpha.png` (alpha and tokens/s moving averages, modes on the same axes),
-`<out>/summary.json`; with --json the last line printed is the summary.
+Writes `<out>/replay_<mode>.csv`, `<out>/alpha.png` (alpha and tokens/s moving averages, modes on the same axes;
+with `--mode ways`, `<out>/ways.png`: tokens per target pass and tokens/s), `<out>/summary.json`; with --json the last line printed is the summary.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import copy
 import csv
 import dataclasses
+import hashlib
 import itertools
 import json
 import sys
@@ -51,6 +56,10 @@ STREAM_ALIASES = {
 }
 
 
+WAYS = {"target": None, "floor": "none", "adaptive": "", "arctic": "arctic"}
+"""`--mode ways`: the way -> the engine's model-free proposers (None: no draft at all; "": as configured)."""
+
+
 @dataclass
 class ReplayConfig:
     """Stream replay."""
@@ -63,8 +72,12 @@ class ReplayConfig:
     skip: int = option(0, "queries to skip at the start of the stream")
     passes: int = option(1, "serve the stream this many times in a row (e.g. 2 for HumanEval twice)")
     mode: str = option("online", "online: learn; static: no updates; both: static then online; interleaved: static "
-                       "and online side by side, taking turns on each query (machine drift cancels)",
-                       choices=("online", "static", "both", "interleaved"))
+                       "and online side by side, taking turns on each query (machine drift cancels); ways: the "
+                       "--ways side by side the same way (proposers compared, no draft training)",
+                       choices=("online", "static", "both", "interleaved", "ways"))
+    ways: str = option("target,floor,adaptive,arctic", "with --mode ways, comma-separated: target (no speculation), "
+                       "floor (the draft alone), adaptive (the draft beside --proposers, the suffix learner learning), "
+                       "arctic (the draft beside the SuffixDecoding reference)")
     max_new_tokens: int = option(64, "tokens generated per query")
     temperature: float = option(0.0, "0 = greedy")
     max_prompt_tokens: int = option(1024, "skip queries whose prompt is longer (counted in the summary)")
@@ -88,6 +101,14 @@ class ReplayConfig:
             raise ValueError(f"--skip must be >= 0, got {self.skip}")
         if self.temperature < 0:
             raise ValueError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.mode == "ways":
+            unknown = [w for w in self.way_list if w not in WAYS]
+            if unknown or not self.way_list or len(set(self.way_list)) < len(self.way_list):
+                raise ValueError(f"--ways {self.ways!r}: distinct names among {', '.join(WAYS)}")
+
+    @property
+    def way_list(self) -> list[str]:
+        return [w.strip() for w in self.ways.split(",") if w.strip()]
 
     @property
     def learns_suffix(self) -> bool:
@@ -148,17 +169,29 @@ def run_replay(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Pol
     kept = [(q, ids) for q, ids in encoded if len(ids) <= cfg.max_prompt_tokens]
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    modes = ["static", "online"] if cfg.mode in ("both", "interleaved") else [cfg.mode]
-    results = {}
+    modes = (["static", "online"] if cfg.mode in ("both", "interleaved") else
+             cfg.way_list if cfg.mode == "ways" else [cfg.mode])
+    results, tables = {}, {}
+    if cfg.mode == "ways" and vllm is not None:
+        raise ValueError("--mode ways runs onspec's engine: drop --engine vllm")
+    if "arctic" in modes:
+        from onspec.peers.arctic import available
+
+        if (why := available()) is not None:
+            console.print(f"skipping the way arctic: {why}")
+            modes.remove("arctic")
 
     def run(mode: str) -> _Run:
         if vllm is not None:
             return _Run(mode, None, None, engine_cfg, policy_cfg, trainer_cfg, pool_cfg, cfg, out_dir,
                         vllm=vllm)
+        if cfg.mode == "ways":  # nothing trains the draft: the ways share it
+            return _Run(mode, target, None if mode == "target" else draft.model, engine_cfg, policy_cfg, trainer_cfg,
+                        pool_cfg, cfg, out_dir)
         return _Run(mode, target, copy.deepcopy(draft.model), engine_cfg, policy_cfg, trainer_cfg, pool_cfg, cfg,
                     out_dir)
 
-    groups = [[run(m) for m in modes]] if cfg.mode == "interleaved" else [[m] for m in modes]
+    groups = [[run(m) for m in modes]] if cfg.mode in ("interleaved", "ways") else [[m] for m in modes]
     for group in groups:
         runs = [r if isinstance(r, _Run) else run(r) for r in group]  # sequential modes: built one at a time
         _serve_stream(runs, kept, console)
@@ -166,10 +199,16 @@ def run_replay(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Pol
             _write_csv(out_dir / f"replay_{r.mode}.csv", r.rows)
             (out_dir / f"replay_{r.mode}.partial.csv").unlink(missing_ok=True)
             results[r.mode] = r.finish()
-    plot_alpha(out_dir, modes, cfg.plot_window, boundaries=_boundaries(kept, cfg.passes))
+            tables[r.mode] = r.rows
+    boundaries = _boundaries(kept, cfg.passes)
+    plot_alpha(out_dir, modes, cfg.plot_window, boundaries=boundaries)
     summary = {"dataset": cfg.dataset, "queries": len(kept), "skipped_long_prompts": len(encoded) - len(kept),
                **(results[modes[0]] if len(modes) == 1 else {})}
-    if len(modes) > 1:
+    if cfg.mode == "ways":
+        summary["modes"] = results
+        summary.update(_ways_summary(results, tables))
+        summary["ways_plot"] = str(plot_ways(out_dir, modes, cfg.plot_window, boundaries))
+    elif len(modes) > 1:
         summary["modes"] = results
         summary.update({k: results["online"][k] for k in ("alpha_first", "alpha_last", "alpha_mean", "updates",
                                                           "rollbacks", "tokens", "tokens_per_s")})
@@ -206,9 +245,13 @@ class _Run:
         self.ckpt_root = out_dir / "checkpoints"
         online = mode == "online"
         learn_draft = online and cfg.learn in ("draft", "both")
-        # static: the floor alone; online: the learning system (--learn)
-        engine_cfg = dataclasses.replace(engine_cfg, no_suffix=engine_cfg.no_suffix or not online
-                                         or cfg.learn == "draft")
+        if cfg.mode == "ways":  # the way's proposers; the suffix learner (adaptive) learns as it serves
+            proposers = WAYS[mode] or engine_cfg.proposers
+            engine_cfg = dataclasses.replace(engine_cfg, proposers="none" if mode == "target" else proposers,
+                                             no_suffix=mode in ("target", "floor"))
+        else:  # static: the floor alone; online: the learning system (--learn)
+            engine_cfg = dataclasses.replace(engine_cfg, no_suffix=engine_cfg.no_suffix or not online
+                                             or cfg.learn == "draft")
         if vllm is not None:  # vLLM decodes (its own pair, from the same directories); onspec learns
             model_cfg, backend = vllm
             self.pool, self.router = build_vllm_pool(model_cfg, engine_cfg, backend,
@@ -244,7 +287,8 @@ class _Run:
         self.decode_s += seconds
         self.tokens += len(out.token_ids)
         s = out.stats
-        tf = greedy_agreement(member.draft, ids + out.token_ids, len(ids)) if params.greedy else None
+        tf = (greedy_agreement(member.draft, ids + out.token_ids, len(ids))
+              if params.greedy and member.draft is not None else None)
         static_tf = greedy_agreement(self.static_draft, ids + out.token_ids, len(ids)) if self.static_draft else None
         pool.observe(key, member, tf if tf is not None else s.alpha)
         members = pool.all_members
@@ -261,6 +305,7 @@ class _Run:
             **{f"{kind}_{name}": value for kind in self.kinds for name, value in _counts(s, kind).items()},
             "tokens_per_pass": (s.accepted + s.steps) / s.steps if s.steps else None,
             "learner_version": self.suffix.version if self.suffix is not None else 0,
+            "output": hashlib.sha1(str(out.token_ids).encode()).hexdigest()[:12],  # ways compared: equal outputs?
         }
         self.rows.append(row)
         return row
@@ -351,6 +396,25 @@ def _serve_stream(runs: list[_Run], queries, console) -> None:
                         _write_csv(r.out_dir / f"replay_{r.mode}.partial.csv", r.rows)
                 if not console.is_terminal:  # a log file gets no live bar: a plain line instead
                     console.print(f"{i + 1}/{len(queries)} {status}")
+
+
+def _ways_summary(results: dict, tables: dict[str, list[dict]]) -> dict:
+    """`--mode ways`: each way's tokens/s over the stream and its last 20%, and its ratio against
+    every other way (`vs`), from the same queries served in turns; outputs differing from the first
+    way's (greedy serving is lossless: 0 in float32; bf16 or quantized weights round differently
+    with the pass width)."""
+    first = next(iter(tables))
+    out = {}
+    for way, r in results.items():
+        entry = {k: r[k] for k in ("tokens", "tokens_per_s", "tokens_per_s_last_20pct", "tokens_per_pass",
+                                   "tokens_per_pass_last_20pct")}
+        entry["vs"] = {other: {"tokens_per_s": _ratio(r["tokens_per_s"], o["tokens_per_s"]),
+                               "last_20pct": _ratio(r["tokens_per_s_last_20pct"], o["tokens_per_s_last_20pct"])}
+                       for other, o in results.items() if other != way}
+        entry["outputs_differing_from_" + first] = sum(a["output"] != b["output"]
+                                                       for a, b in zip(tables[way], tables[first]))
+        out[way] = entry
+    return {"ways": out}
 
 
 def _counts(stats, kind: str) -> dict:
@@ -461,6 +525,38 @@ def plot_alpha(out_dir: Path, modes: list[str], window: int, boundaries: list[in
     return path
 
 
+def plot_ways(out_dir: Path, ways: list[str], window: int, boundaries: list[int]) -> Path:
+    """`--mode ways`: tokens per target pass (its tokens over its target passes in each query's
+    trailing window) and tokens/s (the same window) over the stream, one line per way."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tables = {}
+    for way in ways:
+        with open(out_dir / f"replay_{way}.csv") as f:
+            tables[way] = list(csv.DictReader(f))
+    fig, (px, tx) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    for way, rows in tables.items():
+        px.plot(range(len(rows)), _windowed_rate(rows, window, over="steps"), label=way)
+        tx.plot(range(len(rows)), _windowed_rate(rows, window), label=way)
+    px.set_ylabel(f"tokens per target pass ({window} queries)")
+    tx.set_ylabel(f"tokens/s ({window} queries)")
+    tx.set_xlabel("query (stream order)")
+    for a in (px, tx):
+        a.set_ylim(bottom=0)
+        a.grid(alpha=0.3)
+        a.legend(loc="upper left", fontsize=8)
+        for b in boundaries:
+            a.axvline(b, color="black", linestyle=":", linewidth=1)
+    fig.tight_layout()
+    path = out_dir / "ways.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _alphas(rows: list[dict]) -> list[float]:
     return [float(r["alpha_tf"] or r["alpha"] or "nan") for r in rows]
 
@@ -489,10 +585,11 @@ def _boundaries(queries, passes: int) -> list[int]:
     return sorted(set(out + [n * p for p in range(1, passes)]))
 
 
-def _windowed_rate(rows: list[dict], window: int) -> list[float]:
-    """tokens/s over each query's trailing window: the window's tokens over its seconds."""
+def _windowed_rate(rows: list[dict], window: int, over: str = "seconds") -> list[float]:
+    """tokens/s over each query's trailing window: the window's tokens over its seconds (or over
+    another column: `steps` gives tokens per target pass)."""
     tokens = [float(r["tokens"]) for r in rows]
-    seconds = [float(r["seconds"]) for r in rows]
+    seconds = [float(r[over]) for r in rows]
     out = []
     for i in range(len(rows)):
         lo = max(0, i - window + 1)
@@ -520,10 +617,12 @@ def _print_table(results: dict, console: Console) -> None:
     from rich.table import Table
 
     table = Table(title="replay")
-    for col in ("mode", "queries", "tokens", "tok/s", "alpha first 20%", "alpha last 20%", "alpha mean", "updates", "rollbacks"):
+    for col in ("mode", "queries", "tokens", "tok/s", "tokens/pass", "alpha first 20%", "alpha last 20%", "alpha mean",
+                "updates", "rollbacks"):
         table.add_column(col)
     for mode, r in results.items():
-        table.add_row(mode, str(r["queries"]), str(r["tokens"]), f"{r['tokens_per_s']:.1f}", _f(r["alpha_first"]),
+        table.add_row(mode, str(r["queries"]), str(r["tokens"]), f"{r['tokens_per_s']:.1f}", _f(r["tokens_per_pass"]),
+                      _f(r["alpha_first"]),
                       _f(r["alpha_last"]), _f(r["alpha_mean"]), str(r["updates"]), str(r["rollbacks"]))
     Console(file=sys.stdout, width=130).print(table)
 
