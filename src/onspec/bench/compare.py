@@ -35,14 +35,20 @@ from onspec.models.attention import NAME as SHORT_ATTENTION, implementation as a
 from onspec.models.pair import ModelConfig, load_pair
 
 ALL_WAYS = ("target", "adaptive", "fixed", "floor", "arctic", "target-hf", "adaptive-hf", "target-w8a8", "adaptive-w8a8", "hf-assisted", "hf-assisted-native", "hf-greedy", "llamacpp-target",
-            "llamacpp", "vllm-target", "vllm-spec", "vllm-online")
+            "llamacpp", "llamacpp-ngram", "llamacpp-draft-ngram", "vllm-target", "vllm-spec", "vllm-online")
 BASELINE = {"target": "target", "adaptive": "target", "fixed": "target", "floor": "target", "arctic": "target",
             "target-hf": "target-hf",
             "adaptive-hf": "target-hf", "target-w8a8": "target-w8a8",
             "adaptive-w8a8": "target-w8a8", "hf-assisted": "hf-greedy",
             "hf-assisted-native": "hf-greedy",
             "hf-greedy": "hf-greedy", "llamacpp": "llamacpp-target", "llamacpp-target": "llamacpp-target",
+            "llamacpp-ngram": "llamacpp-target", "llamacpp-draft-ngram": "llamacpp-target",
             "vllm-target": "vllm-target", "vllm-spec": "vllm-target", "vllm-online": "vllm-target"}
+
+LLAMACPP_SPECULATING = ("llamacpp", "llamacpp-ngram", "llamacpp-draft-ngram")
+LLAMACPP_NGRAM = "ngram-mod"
+"""llama.cpp's n-gram proposer in the `-ngram` ways: its hash pool is shared by every request the
+server serves, so it learns from the stream, as onspec's suffix learner and the reference do."""
 
 
 @dataclass
@@ -213,9 +219,9 @@ def measure(model_cfg: ModelConfig, engine_cfg: EngineConfig, policy_cfg: Policy
     finally:
         for s in servers:
             s.__exit__(None, None, None)
-    if "llamacpp" in ways:
-        ways["llamacpp"].drafted = decoders["llamacpp"].drafted
-        ways["llamacpp"].draft_accepted = decoders["llamacpp"].accepted
+    for name in LLAMACPP_SPECULATING:
+        if name in ways:
+            ways[name].drafted, ways[name].draft_accepted = decoders[name].drafted, decoders[name].accepted
     bandwidth = memory_read_bandwidth(device)
     curve = verify_cost_curve(target.model, prompts[0], range(1, 10)) if not cfg.no_cost_curve else {}
     return _summarise(cfg, ways, prompts, bandwidth, engine_cfg.k, device, dtype, curve, model_cfg, target.quant)
@@ -272,14 +278,16 @@ def _build_ways(cfg, model_cfg, engine_cfg, policy_cfg, target, draft, log):
         elif name == "hf-greedy":
             ways[name], decoders[name] = WayResult(name, "transformers greedy", weight_bytes=tbytes), \
                 transformers_way(target.model, cfg.max_new_tokens)
-        elif name in ("llamacpp", "llamacpp-target"):
+        elif name in ("llamacpp-target", *LLAMACPP_SPECULATING):
             server = _llamacpp_server(name, cfg, model_cfg, log)
             if server is None:
                 continue
             servers.append(server)
             decoders[name] = _llamacpp_decode(server, cfg.max_new_tokens)
-            ways[name] = WayResult(name, "llama.cpp, draft" if name == "llamacpp" else "llama.cpp, target only",
-                                   weight_bytes=server.model_bytes if name == "llamacpp-target" else None)
+            label = {"llamacpp": "llama.cpp, draft", "llamacpp-target": "llama.cpp, target only",
+                     "llamacpp-ngram": f"llama.cpp, {LLAMACPP_NGRAM} (no draft)",
+                     "llamacpp-draft-ngram": f"llama.cpp, draft + {LLAMACPP_NGRAM}"}[name]
+            ways[name] = WayResult(name, label, weight_bytes=server.model_bytes if name == "llamacpp-target" else None)
         elif name == "vllm-online":
             online = _vllm_online(model_cfg, engine_cfg, log)
             if online is None:
@@ -404,14 +412,15 @@ def _llamacpp_server(name: str, cfg: BenchConfig, model_cfg: ModelConfig, log):
     from onspec.bench.llamacpp import LlamaServer, PeerUnavailable, ensure_llama_server
 
     target_gguf, draft_gguf = _gguf_for(model_cfg.target_name), _gguf_for(model_cfg.draft_spec)
-    if target_gguf is None or (name == "llamacpp" and draft_gguf is None):
+    with_draft = name in ("llamacpp", "llamacpp-draft-ngram")
+    if target_gguf is None or (with_draft and draft_gguf is None):
         log(f"skipping {name}: llama.cpp needs the pair as GGUF files (a named model or a .gguf)")
         return None
     try:
         binary = ensure_llama_server(log=lambda m: log(f"llama.cpp: {m}"))
-        server = LlamaServer(binary, target_gguf, draft_gguf if name == "llamacpp" else None,
+        server = LlamaServer(binary, target_gguf, draft_gguf if with_draft else None,
                              threads=torch.get_num_threads(), draft_max=cfg.llamacpp_draft_max,
-                             draft_p_min=cfg.llamacpp_p_min)
+                             draft_p_min=cfg.llamacpp_p_min, ngram=LLAMACPP_NGRAM if "ngram" in name else None)
         server.__enter__()
     except PeerUnavailable as e:
         log(f"skipping {name}: {e}")
@@ -456,7 +465,7 @@ def _summarise(cfg, ways, prompts, bandwidth, k, device, dtype, curve, model_cfg
             entry["weight_bytes"] = w.weight_bytes
             entry["bandwidth_fraction"] = w.tok_s * w.weight_bytes / bandwidth
         per_way[name] = entry
-    for name in ("llamacpp",):
+    for name in LLAMACPP_SPECULATING:
         if name in ways:
             d = ways[name]
             per_way[name]["drafted"], per_way[name]["draft_accepted"] = d.drafted, d.draft_accepted

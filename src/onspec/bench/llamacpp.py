@@ -288,11 +288,14 @@ class LlamaServer:
 
     With `draft`, llama.cpp's draft-model speculative decoding is switched on explicitly
     (`--spec-type draft-simple`): in this version `-md` alone loads the draft and never uses it.
+    `ngram` adds one of its model-free n-gram proposers (`ngram-mod`: a hash of the last n tokens ->
+    the next token, one pool shared by every request the server serves; `ngram-simple`,
+    `ngram-map-k`, `ngram-cache`), at llama.cpp's own defaults for it, beside the draft if there is one.
     """
 
     def __init__(self, binary: Path, model: Path, draft: Path | None = None, threads: int = 2,
                  ctx_size: int = 4096, draft_max: int = 16, draft_min: int = 0, draft_p_min: float = 0.75,
-                 extra_args: tuple[str, ...] = (), startup_timeout: float = 300.0,
+                 ngram: str | None = None, extra_args: tuple[str, ...] = (), startup_timeout: float = 300.0,
                  request_timeout: float = 600.0, log_dir: Path | None = None, log: Log | None = None) -> None:
         self.binary = Path(binary)
         self.model = Path(model)
@@ -302,6 +305,7 @@ class LlamaServer:
         self.draft_max = draft_max
         self.draft_min = draft_min
         self.draft_p_min = draft_p_min
+        self.ngram = ngram
         self.extra_args = tuple(extra_args)
         self.startup_timeout = startup_timeout
         self.request_timeout = request_timeout
@@ -325,8 +329,11 @@ class LlamaServer:
                "-np", "1",  # one slot: batch size 1, the whole context for it
                "--cache-ram", "0",  # no prompt cache across requests
                "--no-webui"]
+        types = (["draft-simple"] if self.draft is not None else []) + ([self.ngram] if self.ngram else [])
+        if types:
+            cmd += ["--spec-type", ",".join(types)]
         if self.draft is not None:
-            cmd += ["-md", str(self.draft), "--spec-type", "draft-simple",
+            cmd += ["-md", str(self.draft),
                     "--spec-draft-n-max", str(self.draft_max), "--spec-draft-n-min", str(self.draft_min),
                     "--spec-draft-p-min", str(self.draft_p_min),
                     "--spec-draft-threads", t, "--spec-draft-threads-batch", t]
