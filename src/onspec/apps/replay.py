@@ -295,6 +295,7 @@ class _Run:
         row = {
             "query": i, "id": q.id, "source": q.source, "segment": q.segment, "route": key or "", "draft": member.name,
             "prompt_tokens": len(ids), "tokens": len(out.token_ids), "seconds": seconds,
+            "prefill_seconds": s.prefill_time_s,  # the prompt's (target and draft), within `seconds`
             "alpha": s.alpha, "alpha_tf": tf, "static_alpha_tf": static_tf, "accepted": s.accepted,
             "evaluated": s.evaluated, "proposed": s.proposed, "steps": s.steps,
             "mean_k": s.proposed / s.steps if s.steps else 0, "tokens_per_s": s.tokens_per_s,
@@ -337,6 +338,8 @@ class _Run:
         summary = {
             "mode": self.mode, **_alpha_summary(rows), "tokens": self.tokens,
             "tokens_per_s": self.tokens / self.decode_s if self.decode_s else 0.0,
+            # after the prompt is cached: what speculation changes (the prompt's prefill it does not)
+            "tokens_per_s_decoding": _ratio(self.tokens, sum(r["seconds"] - r["prefill_seconds"] for r in rows)),
             "tokens_per_s_last_20pct": _ratio(sum(r["tokens"] for r in fifth), sum(r["seconds"] for r in fifth)),
             "measured_alpha": _ratio(sum(r["accepted"] for r in rows), sum(r["evaluated"] for r in rows)),
             "mean_k": _ratio(sum(r["proposed"] for r in rows), sum(r["steps"] for r in rows)),
@@ -406,10 +409,11 @@ def _ways_summary(results: dict, tables: dict[str, list[dict]]) -> dict:
     first = next(iter(tables))
     out = {}
     for way, r in results.items():
-        entry = {k: r[k] for k in ("tokens", "tokens_per_s", "tokens_per_s_last_20pct", "tokens_per_pass",
-                                   "tokens_per_pass_last_20pct")}
+        entry = {k: r[k] for k in ("tokens", "tokens_per_s", "tokens_per_s_last_20pct", "tokens_per_s_decoding",
+                                   "tokens_per_pass", "tokens_per_pass_last_20pct")}
         entry["vs"] = {other: {"tokens_per_s": _ratio(r["tokens_per_s"], o["tokens_per_s"]),
-                               "last_20pct": _ratio(r["tokens_per_s_last_20pct"], o["tokens_per_s_last_20pct"])}
+                               "last_20pct": _ratio(r["tokens_per_s_last_20pct"], o["tokens_per_s_last_20pct"]),
+                               "decoding": _ratio(r["tokens_per_s_decoding"], o["tokens_per_s_decoding"])}
                        for other, o in results.items() if other != way}
         entry["outputs_differing_from_" + first] = sum(a["output"] != b["output"]
                                                        for a, b in zip(tables[way], tables[first]))
