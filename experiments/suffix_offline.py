@@ -21,11 +21,16 @@ Settings (`SETTINGS`):
 - probability-m2: the same from two-token contexts on (the frequency scoring's min_match);
 - probability-f1: the same with the reference's own budget, 1 * match length (a match is at most
   8 tokens here, 63 in the reference's tree).
+With --tree-widths (e.g. 1,2,4) each learner setting also runs as a tree of up to W continuations
+(`--suffix-tree-width`, setting name -wW): the accepted run is then the tree's path that follows
+the answer, and a draft's tokens are its nodes (all verified in the one pass; the engine's
+controller would cut a tree, as a chain, to the nodes that pay at the host's T(n)). The learner
+observes each pass as in the engine, so its live acceptance per depth orders a tree's nodes.
 
 Per stream and setting: tokens per target pass (answer tokens / passes: the bound on speedup a
 free proposer gives), mean accepted length per speculation (passes with a non-empty draft), the
-share of passes with a draft, drafted tokens per pass and accepted / drafted (what verification
-spends on the drafts), and the time per proposal. Then memory: the learner's stream index after
+share of passes with a draft, drafted tokens (a tree's nodes) per pass and accepted / drafted (what
+verification spends on the drafts), and the time per proposal. Then memory: the learner's stream index after
 learning each stream's first --memory-requests outputs (tracemalloc around `learn()`, as MB per
 1,000 outputs), beside the reference's own estimate for its global tree after its replay.
 
@@ -53,6 +58,7 @@ from transformers import AutoTokenizer
 from onspec.bench.report import save_json
 from onspec.data.streams import iter_queries
 from onspec.engine.suffix import SuffixLearner
+from onspec.engine.verify import Verdict
 from onspec.models.kernels import host
 from onspec.models.loading import resolve_spec
 from onspec.peers.arctic import ArcticConfig, ArcticSuffixCache, load
@@ -78,8 +84,11 @@ class Reference:
         self.n += 1
         self.cache.start(self.n, prompt)
 
-    def propose(self, context: list[int]) -> list[int]:
-        return self.cache.speculate(self.n, context[-self.cache.config.max_tree_depth:]).token_ids
+    def propose(self, context: list[int]) -> tuple[list[int], None]:
+        return self.cache.speculate(self.n, context[-self.cache.config.max_tree_depth:]).token_ids, None
+
+    def verified(self, accepted: int, new: list[int]) -> None:
+        pass
 
     def add(self, context: list[int], new: list[int]) -> None:
         self.cache.add(self.n, new)
@@ -98,12 +107,26 @@ class Learner:
         self.learner = SuffixLearner(max_tokens=max_tokens, **options)
         self.max_tokens = max_tokens
         self.local = None
+        self.draft = None
 
     def start(self, prompt: list[int]) -> None:
         self.local = self.learner.local_index(prompt)
 
-    def propose(self, context: list[int]) -> list[int]:
-        return self.learner.continuation(context, self.local, self.max_tokens)[0]
+    def propose(self, context: list[int]) -> tuple[list[int], list[int] | None]:
+        """The draft's tokens and, for a tree, their parents."""
+        tail = context[-self.learner.max_depth:]
+        if self.learner.tree_width > 1:
+            self.draft = self.learner.tree(tail, self.local, self.max_tokens)
+            return ([], None) if self.draft is None else (self.draft.tokens.tolist(), self.draft.parents)
+        return self.learner.continuation(tail, self.local, self.max_tokens)[0], None
+
+    def verified(self, accepted: int, new: list[int]) -> None:
+        """A tree learner's live acceptance learns from the pass, as in the engine (`observe`): it
+        orders a tree's nodes (a chain's proposal does not depend on it)."""
+        if self.draft is not None and self.draft.parents is not None:
+            self.learner.observe_tree(self.draft, Verdict(accepted, new, len(self.draft)))
+        elif self.draft is not None:
+            self.learner.observe_verified(self.draft.match, accepted)
 
     def add(self, context: list[int], new: list[int]) -> None:
         SuffixLearner.extend(self.local, context, new)
@@ -123,12 +146,11 @@ def replay(proposer, encoded: list[tuple[list[int], list[int]]]) -> dict:
         while t < len(answer):
             context = prompt + answer[:t]
             t0 = time.perf_counter()
-            draft = proposer.propose(context)
+            draft, parents = proposer.propose(context)
             seconds += time.perf_counter() - t0
-            accepted = 0
-            while accepted < len(draft) and t + accepted < len(answer) and draft[accepted] == answer[t + accepted]:
-                accepted += 1
+            accepted = walk(draft, parents, answer[t:])
             new = answer[t: t + accepted + 1]  # the accepted run and the target's own token
+            proposer.verified(accepted, new)
             proposer.add(context, new)
             t += len(new)
             passes += 1
@@ -144,6 +166,19 @@ def replay(proposer, encoded: list[tuple[list[int], list[int]]]) -> dict:
             "accepted_over_drafted": round(accepted_total / max(drafted, 1), 3),
             "us_per_proposal": round(1e6 * seconds / passes, 1),
             "tokens": tokens, "passes": passes}
+
+
+def walk(draft: list[int], parents: list[int] | None, rest: list[int]) -> int:
+    """How many of the answer's next tokens `rest` the draft holds in a row from its root: a
+    chain's prefix, a tree's path."""
+    parents = parents if parents is not None else list(range(-1, len(draft) - 1))
+    children = {}
+    for j, (parent, token) in enumerate(zip(parents, draft)):
+        children.setdefault((parent, token), j)
+    node, accepted = -1, 0
+    while accepted < len(rest) and (node := children.get((node, rest[accepted]))) is not None:
+        accepted += 1
+    return accepted
 
 
 def learner_memory(encoded: list[tuple[list[int], list[int]]]) -> dict:
@@ -167,9 +202,10 @@ def run_stream(name: str, args, tokenizer, module, log: Callable[[str], None]) -
                for q in queries]
     result: dict = {"queries": len(queries),
                     "mean_answer_tokens": round(sum(len(a) for _, a in encoded) / len(encoded), 1)}
-    for setting in SETTINGS:
+    for setting in settings(args):
+        name, _, width = setting.partition("-w")
         proposer = (Reference(ArcticConfig(max_spec_tokens=args.max_tokens), module) if setting == "reference"
-                    else Learner(args.max_tokens, **LEARNERS[setting]))
+                    else Learner(args.max_tokens, **LEARNERS[name], tree_width=int(width or 1)))
         t0 = time.perf_counter()
         result[setting] = replay(proposer, encoded)
         if setting == "reference":
@@ -179,6 +215,14 @@ def run_stream(name: str, args, tokenizer, module, log: Callable[[str], None]) -
     if name in args.memory_streams.split(","):
         result["memory"] = learner_memory(encoded[:args.memory_requests])
     return result
+
+
+def settings(args) -> list[str]:
+    """The settings run: --settings, each learner's also as a tree of each --tree-widths width > 1."""
+    chosen = args.settings.split(",")
+    widths = [int(w) for w in args.tree_widths.split(",")]
+    return [s for base in chosen
+            for s in ([base] if base == "reference" else [base if w == 1 else f"{base}-w{w}" for w in widths])]
 
 
 def stream_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -194,6 +238,9 @@ def main() -> None:
     parser = stream_options(argparse.ArgumentParser(description=__doc__,
                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--max-tokens", type=int, default=16, help="most tokens any proposer drafts per pass")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma-separated settings (see above)")
+    parser.add_argument("--tree-widths", default="1", help="comma-separated tree widths each learner setting runs "
+                        "with (1: its chain; W > 1: the setting -wW, a tree of up to W continuations)")
     parser.add_argument("--memory-streams", default="edits,sharegpt", help="streams whose learner memory is measured")
     parser.add_argument("--memory-requests", type=int, default=1000, help="outputs learned for the memory figure")
     parser.add_argument("--out", type=Path, help="directory for suffix_offline.txt and suffix_offline.json")
@@ -201,7 +248,7 @@ def main() -> None:
 
     console = Console(width=160, record=True)
     tokenizer = AutoTokenizer.from_pretrained(resolve_spec(None))
-    module = load()
+    module = load() if "reference" in settings(args) else None
     streams = {name: run_stream(name, args, tokenizer, module, lambda s: print(s, flush=True))
                for name in args.streams.split(",")}
 
@@ -210,12 +257,13 @@ def main() -> None:
     for col in ("stream", "setting", "tok/pass", "acc/spec", "drafted share", "drafted/pass", "acc/drafted", "µs/call"):
         table.add_column(col, justify="right")
     for name, r in streams.items():
-        for i, setting in enumerate(SETTINGS):
+        run = settings(args)
+        for i, setting in enumerate(run):
             s = r[setting]
             table.add_row(name if i == 0 else "", setting, f"{s['tokens_per_pass']:.2f}",
                           f"{s['accepted_per_speculation']:.2f}", f"{s['proposed_share']:.2f}",
                           f"{s['drafted_per_pass']:.2f}", f"{s['accepted_over_drafted']:.2f}",
-                          f"{s['us_per_proposal']:.0f}", end_section=i == len(SETTINGS) - 1)
+                          f"{s['us_per_proposal']:.0f}", end_section=i == len(run) - 1)
     console.print(table)
     memory = Table(title="Memory: the learner's stream index (tracemalloc around learn()) and the reference's "
                          "global tree (its estimate), per 1,000 outputs")
@@ -225,11 +273,11 @@ def main() -> None:
         if (m := r.get("memory")) is not None:
             memory.add_row(name, str(m["requests"]), str(m["tokens"]), str(m["contexts"]), f"{m['mb']:.1f}",
                            f"{m['mb_per_1000_requests']:.1f}", str(m["bytes_per_token"]),
-                           f"{r['reference_memory_mb_per_1000_requests']:.1f}")
+                           f"{r.get('reference_memory_mb_per_1000_requests', float('nan')):.1f}")
     console.print(memory)
     summary = {"experiment": "suffix_offline", "host": host().vector, "limit": args.limit,
                "max_answer_tokens": args.max_answer_tokens, "max_tokens": args.max_tokens,
-               "learners": LEARNERS, "streams": streams}
+               "learners": LEARNERS, "tree_widths": args.tree_widths, "streams": streams}
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "suffix_offline.txt").write_text(console.export_text())

@@ -5,7 +5,10 @@ KV cache (engine/drafter.py), or a model-free proposer (the suffix learner, engi
 the controller (engine/controller.py) finds its offer the faster step. The rows' drafts are stacked
 into one input; target p scores all k+1 positions of every row in one forward pass; `verify` (a
 pure function) decides; the caches roll back what was rejected; every proposer observes the
-outcome. Without a draft (or with k = 0) the same loop is plain target-only decoding: the baseline.
+outcome. A model-free proposer's draft may be a tree of several continuations (`Draft.parents`,
+`--suffix-tree-width`): its nodes are scored in the same pass under a tree attention mask, on either
+KV cache (engine/kv.py), verified by walking the tree (engine/verify.py), and only the accepted path
+stays cached. Without a draft (or with k = 0) the same loop is plain target-only decoding: the baseline.
 Rows of a batch have their own prompt lengths, sampling parameters, RNG streams and numbers of
 accepted tokens; a finished row leaves the batch at once. Rows may have different drafts (a pool's
 general draft and its specialists): each drafter proposes for its own rows, and the rows of every
@@ -43,7 +46,7 @@ from onspec.engine.sampling import InvalidRequest, SamplingParams, process_logit
 from onspec.engine.sequence import Prefill, Request, Sequence
 from onspec.engine.stopping import StopChecker
 from onspec.engine.suffix import SCORINGS, SuffixLearner
-from onspec.engine.verify import Verdict, greedy_verify, gumbel_verify, rejection_sample
+from onspec.engine.verify import Verdict, greedy_verify, gumbel_verify, rejection_sample, tree_sample, tree_verify
 from onspec.models.decode import decode_forward
 from onspec.models.draft_vocab import DraftVocab
 
@@ -61,7 +64,8 @@ def _arctic(cfg: "EngineConfig"):
 
 PROPOSERS = {
     "suffix": lambda cfg: SuffixLearner(max_tokens=cfg.suffix_tokens, history=cfg.suffix_history,
-                                        history_tokens=cfg.suffix_history_tokens, scoring=cfg.suffix_scoring),
+                                        history_tokens=cfg.suffix_history_tokens, scoring=cfg.suffix_scoring,
+                                        tree_width=cfg.suffix_tree_width),
     "arctic": _arctic,
 }
 """`--proposers` name -> the model-free proposer it builds (`build.make_engine`); a new one is one line here."""
@@ -109,6 +113,10 @@ class EngineConfig:
                                  "probability (SuffixDecoding's: the path with the highest sum of count-ratio "
                                  "probabilities, stopped below 0.1, from the request's or the stream's index)",
                                  choices=SCORINGS)
+    suffix_tree_width: int = option(1, "most continuations the suffix learner offers at once (tree speculation): "
+                                    "where its index saw several next tokens, up to this many branches, each "
+                                    "verified in the same target pass under a tree attention mask (1 = one "
+                                    "continuation, a chain)")
     forward: str = option("auto", "how the engine runs the models' passes: auto (on a CPU, for Llama- and Qwen2-family "
                           "models, onspec's own forward, models/decode.py: the same modules and arithmetic without "
                           "transformers' per-layer wrappers, and short-query attention for passes of up to 16 "
@@ -126,6 +134,8 @@ class EngineConfig:
         if self.suffix_history_tokens < 0 or self.suffix_scoring not in SCORINGS:
             raise ValueError(f"--suffix-history-tokens must be >= 0 and --suffix-scoring one of {', '.join(SCORINGS)}, "
                              f"got {self.suffix_history_tokens}, {self.suffix_scoring!r}")
+        if not 1 <= self.suffix_tree_width <= 16:
+            raise ValueError(f"--suffix-tree-width must be in [1, 16], got {self.suffix_tree_width}")
         if self.draft_vocab < 0:
             raise ValueError(f"--draft-vocab must be >= 0, got {self.draft_vocab}")
         if self.prefill_chunk < 0:
@@ -435,12 +445,16 @@ class SpeculativeEngine:
         drafts, declined = self._propose(rows)
         width = max((len(d) for d in drafts if d is not None), default=0)
         t1 = self.clock()
-        target_logits = self.score(self._target_runner, self._stack(drafts, width))  # [batch, width+1, vocab]
+        trees = self._trees(drafts, width)
+        target_logits = self.score(self._target_runner, self._stack(drafts, width), trees)  # [batch, width+1, vocab]
         sync(self.device)
         t2 = self.clock()
         verdicts = [self._verify_row(s, d, target_logits[r, : (len(d) if d is not None else 0) + 1])
                     for r, (s, d) in enumerate(zip(rows, drafts))]
-        self._target_runner.accept([v.num_accepted for v in verdicts], [v.tokens for v in verdicts])
+        self._target_runner.accept([v.num_accepted for v in verdicts], [v.tokens for v in verdicts],
+                                   [v.path for v in verdicts] if trees is not None else None)
+        if trees is not None:
+            self._along_paths(target_logits, verdicts)
         if self.teacher_top_k:
             self._keep_teacher(rows, target_logits, [v.num_accepted for v in verdicts])
         steps, committed = [], []
@@ -501,16 +515,37 @@ class SpeculativeEngine:
                 tokens[r, : len(d)] = d.tokens
         return tokens
 
-    def score(self, target: ModelRunner, proposals: torch.Tensor | None) -> torch.Tensor:
+    def _trees(self, drafts: list[Draft | None], width: int) -> list[list[int] | None] | None:
+        """Per row, its tree draft's parents padded to `width` (the padding hangs from the root; the
+        target's logits there are never read), None for a chain; None if no row has a tree."""
+        if not any(d is not None and d.parents is not None for d in drafts):
+            return None
+        return [None if d is None or d.parents is None else d.parents + [-1] * (width - len(d)) for d in drafts]
+
+    def score(self, target: ModelRunner, proposals: torch.Tensor | None,
+              trees: list[list[int] | None] | None = None) -> torch.Tensor:
         """The target scores each row's last committed token and its proposals in one pass.
-        proposals: [batch, k] (None: no row speculates) -> logits [batch, k+1, vocab]."""
-        return target.feed(proposals)
+        proposals: [batch, k] (None: no row speculates) -> logits [batch, k+1, vocab]. trees: per
+        row, its proposals' parents (`Draft.parents`) where they are a tree: column j + 1 is then at
+        node j, which sees its ancestors only (engine/kv.py, either cache)."""
+        return target.feed(proposals) if trees is None else target.feed(proposals, trees)
+
+    @staticmethod
+    def _along_paths(target_logits: torch.Tensor, verdicts: list[Verdict]) -> None:
+        """A tree row's logits at its accepted path moved to its first columns, in place: what the
+        teacher distributions and the StepRecords read (a chain's accepted positions)."""
+        for r, v in enumerate(verdicts):
+            if v.path:
+                columns = [0, *(j + 1 for j in v.path)]
+                target_logits[r, : len(columns)] = target_logits[r, columns]
 
     def verify(self, seq: Sequence, draft: Draft | None, target_logits: torch.Tensor) -> Verdict:
         """Verify a row's proposals against the target's logits at its k+1 positions:
         target_logits [k+1, vocab]."""
         tokens = draft.tokens.to(self.device) if draft is not None else torch.empty(0, dtype=torch.long,
                                                                                    device=self.device)
+        if draft is not None and draft.parents is not None:
+            return self._verify_tree(seq, draft, tokens, target_logits)
         if seq.params.greedy:
             return greedy_verify(tokens, target_logits)
         p = process_logits(target_logits, seq.params)
@@ -524,6 +559,17 @@ class SpeculativeEngine:
         else:
             q = draft.q
         return rejection_sample(tokens, q, p, seq.generator)
+
+    def _verify_tree(self, seq: Sequence, draft: Draft, tokens: torch.Tensor, target_logits: torch.Tensor) -> Verdict:
+        """A tree draft (deterministic tokens): walked from the root by the target's choice at each
+        node (verify.py), a seeded row's with the Gumbel noise of each column's output position."""
+        if seq.params.greedy:
+            return tree_verify(tokens, draft.parents, target_logits)
+        p = process_logits(target_logits, seq.params)
+        if seq.coupled:
+            gumbels = torch.stack([seq.gumbel(d, p.shape[-1], p.device) for d in [0, *draft.depths()]])
+            return tree_verify(tokens, draft.parents, p.log() + gumbels)
+        return tree_sample(tokens, draft.parents, p, seq.generator)
 
     def _verify_row(self, seq: Sequence, draft: Draft | None, target_logits: torch.Tensor) -> Verdict:
         """`verify`, except that a row that failed (now or while proposing) emits nothing and leaves."""
@@ -659,15 +705,22 @@ class SpeculativeEngine:
         )
 
     def _record(self, seq: Sequence, draft: Draft | None, target_logits: torch.Tensor, v: Verdict) -> StepRecord:
-        """target_logits: [k+1, vocab], this row's."""
+        """target_logits: [k+1, vocab], this row's (a tree's: its path first, `_along_paths`). A
+        tree row is recorded as the chain the walk tested: its accepted path, then the node's first
+        child where it stopped (rejected), if it had one."""
         n = v.num_accepted
-        k = len(draft) if draft is not None else 0
+        proposed = draft.tokens.cpu() if draft is not None and len(draft) else torch.empty(0, dtype=torch.long)
+        if draft is not None and draft.parents is not None:
+            stop = v.path[-1] if v.path else -1
+            child = next((j for j, parent in enumerate(draft.parents) if parent == stop), None)
+            proposed = proposed[[*(v.path or ()), *(() if child is None else (child,))]]
+        k = len(proposed)
         full = self.record_logits
         return StepRecord(
             request_id=seq.request.request_id,
             step=seq.stats.steps - 1,
             position=len(seq.request.prompt_ids) + len(seq.generated),
-            proposed=draft.tokens.cpu() if k else torch.empty(0, dtype=torch.long),
+            proposed=proposed,
             num_accepted=n,
             emitted=list(v.tokens),
             target_logits=target_logits[: n + 1].clone() if full else None,

@@ -15,6 +15,13 @@ short request beside an 8k-token prompt attends over its own few hundred keys an
 two. Positions are each row's length. Rollback = shorten the row (nothing is copied or freed); a
 row that leaves (`select`) frees its tensor; a joining row (`extend`) is appended, no copy.
 
+Tree passes (both layouts): a row's new tokens may be a tree (`forward`'s `trees`: per token its
+parent among them, -1 for the cached tokens), several candidate continuations verified at once.
+A token's position is then the row's length + its depth, and it attends to the cached keys and its
+own ancestors only (`tree_mask`). Rolling back keeps the accepted path: RaggedKVCache moves its
+keys and values to contiguous places (a gather within the row's tensor); SlotKVCache marks the
+other slots invalid, as it does for rejected tokens.
+
 `SlotKVCache` (transformers' own forward: `--forward transformers`, and models decode.py does not
 run): the batch is one rectangle of slots in an HF `DynamicCache`, where every forward pass appends
 L slots to every row. Each slot is valid or not per row: rows of different prompt lengths are
@@ -56,15 +63,19 @@ class SlotKVCache:
         return self.valid.sum(1)
 
     def forward(
-        self, model, input_ids: torch.Tensor, chunk_valid: torch.Tensor, logits_to_keep: int = 0
+        self, model, input_ids: torch.Tensor, chunk_valid: torch.Tensor, logits_to_keep: int = 0,
+        trees: list[list[int] | None] | None = None,
     ) -> torch.Tensor:
         """Run `model` on a chunk of new tokens, appending them to the cache.
 
-        input_ids: [batch, L]; chunk_valid: [batch, L] bool (False = padding, ignored by everyone).
-        Returns logits: [batch, L, vocab], or only the last `logits_to_keep` columns (0 = all);
-        logits at invalid entries are meaningless.
+        input_ids: [batch, L]; chunk_valid: [batch, L] bool (False = padding, ignored by everyone);
+        trees: per row, its valid tokens' parents (a tree pass, see the module docstring) or None
+        (in order). Returns logits: [batch, L, vocab], or only the last `logits_to_keep` columns
+        (0 = all); logits at invalid entries are meaningless.
         """
         position_ids, mask = self._prepare(chunk_valid)
+        if trees is not None:
+            self._plant(position_ids, mask, chunk_valid, trees)
         out = model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -91,6 +102,19 @@ class SlotKVCache:
         mask = torch.zeros(batch, 1, L, S + L, dtype=self.dtype, device=chunk_valid.device)
         mask.masked_fill_(~allowed[:, None], torch.finfo(self.dtype).min)
         return position_ids, mask
+
+    def _plant(self, position_ids: torch.Tensor, mask: torch.Tensor, chunk_valid: torch.Tensor,
+               trees: list[list[int] | None]) -> None:
+        """Tree rows' positions (length + depth) and masks (the cached slots and ancestors only)."""
+        S = self.num_slots
+        for b, parents in enumerate(trees):
+            if parents is None:
+                continue
+            cols = chunk_valid[b].nonzero().flatten()
+            offsets, ancestors = (t.to(mask.device) for t in tree_mask(parents))
+            position_ids[b, cols] = self.lengths[b] + offsets
+            block = mask[b, 0, cols[:, None], S + cols[None, :]]
+            mask[b, 0, cols[:, None], S + cols[None, :]] = block.masked_fill(~ancestors, torch.finfo(self.dtype).min)
 
     def rollback(self, keep: torch.Tensor) -> None:
         """Invalidate slots of the last chunk. keep: [batch, L] bool for the last L slots."""
@@ -146,12 +170,35 @@ BLOCK = 64
 @dataclass(frozen=True)
 class Segment:
     """One row's new tokens in a packed pass: tokens [offset, offset + count) of the packed
-    sequence, at positions [start, start + count) of row `row`."""
+    sequence, stored at places [start, start + count) of row `row`: at those positions, or for a
+    tree (`parents`) at start + each token's depth."""
 
     row: int
     offset: int
     start: int
     count: int
+    parents: tuple[int, ...] | None = None
+    """A tree pass: per token its parent among the segment's tokens (-1: the cached keys)."""
+
+    def positions(self) -> torch.Tensor:
+        """[count] the tokens' positions."""
+        if self.parents is None:
+            return torch.arange(self.start, self.start + self.count)
+        return self.start + tree_mask(self.parents)[0]
+
+
+def tree_mask(parents) -> tuple[torch.Tensor, torch.Tensor]:
+    """A tree's positions after the root, offsets [n] (a root's child: 0), and which of its tokens
+    each token attends to, ancestors [n, n] bool (itself and its ancestors). A chain (parents
+    j - 1) gives 0..n-1 and the causal mask."""
+    n = len(parents)
+    offsets = [0] * n
+    ancestors = torch.eye(n, dtype=torch.bool)
+    for j, parent in enumerate(parents):
+        if parent >= 0:
+            offsets[j] = offsets[parent] + 1
+            ancestors[j] |= ancestors[parent]
+    return torch.tensor(offsets, dtype=torch.long), ancestors
 
 
 class RaggedKVCache:
@@ -169,6 +216,7 @@ class RaggedKVCache:
         self.lens = [0] * batch_size  # tokens held per row (= the next token's position)
         self.hint = [0] * batch_size  # positions to allocate at a row's first write (`reserve`)
         self.segments: list[Segment] = []  # the pass in progress
+        self.tree_rows: set[int] = set()  # rows whose last pass was a tree (may keep a path, not a prefix)
 
     @property
     def batch_size(self) -> int:
@@ -189,12 +237,15 @@ class RaggedKVCache:
         in chunks grows once, not once per chunk)."""
         self.hint = [max(h, n) for h, n in zip(self.hint, sizes)]
 
-    def forward(self, model, input_ids: torch.Tensor, chunk_valid: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+    def forward(self, model, input_ids: torch.Tensor, chunk_valid: torch.Tensor, logits_to_keep: int = 0,
+                trees: list[list[int] | None] | None = None) -> torch.Tensor:
         """Run `model` (a DecodeForward) on a chunk of new tokens, appending them to their rows.
 
         input_ids: [batch, L]; chunk_valid: [batch, L] bool (False = padding, not a token: each
-        row's valid entries are its new tokens, in order). Returns logits: [batch, L, vocab], or
-        only the last `logits_to_keep` columns (0 = all); logits at invalid entries are zeros.
+        row's valid entries are its new tokens, in order); trees: per row, its new tokens' parents
+        (a tree pass, see the module docstring) or None (in order). Returns logits: [batch, L,
+        vocab], or only the last `logits_to_keep` columns (0 = all); logits at invalid entries are
+        zeros.
         """
         batch, L = input_ids.shape
         keep = L if logits_to_keep <= 0 else min(logits_to_keep, L)
@@ -202,10 +253,12 @@ class RaggedKVCache:
         self.segments, offset = [], 0
         for b, c in enumerate(counts):
             if c:
-                self.segments.append(Segment(b, offset, self.lens[b], c))
+                tree = trees[b] if trees is not None else None
+                self.segments.append(Segment(b, offset, self.lens[b], c, None if tree is None else tuple(tree)))
                 offset += c
+        self.tree_rows = {s.row for s in self.segments if s.parents is not None}
         ids = input_ids[chunk_valid][None]  # [1, tokens]: row after row
-        positions = torch.cat([torch.arange(s.start, s.start + s.count) for s in self.segments] or
+        positions = torch.cat([s.positions() for s in self.segments] or
                               [torch.zeros(0, dtype=torch.long)]).to(self.device)[None]  # [1, tokens]
         packed = chunk_valid.flatten().cumsum(0).view(batch, L) - 1  # packed index of each valid entry
         kept = chunk_valid[:, L - keep:]  # [batch, keep]
@@ -246,14 +299,22 @@ class RaggedKVCache:
         return grown
 
     def rollback(self, keep: torch.Tensor) -> None:
-        """Drop rejected tokens. keep: [batch, L] bool for each row's last L tokens; a row keeps a
-        prefix of them (speculative tokens are rejected from the first refused one on)."""
+        """Drop rejected tokens. keep: [batch, L] bool for each row's last L tokens: a prefix of
+        them (speculative tokens are rejected from the first refused one on), or where the last
+        pass was a tree, its accepted path, whose keys and values move to the places after the
+        row's earlier tokens."""
         L = keep.shape[1]
         kept = keep.sum(1)
-        if not torch.equal(keep, torch.arange(L, device=keep.device)[None, :] < kept[:, None]):
+        prefix = torch.arange(L, device=keep.device)[None, :] < kept[:, None]
+        paths = [] if torch.equal(keep, prefix) else [b for b in range(len(kept)) if not torch.equal(keep[b], prefix[b])]
+        if any(b not in self.tree_rows for b in paths):
             raise ValueError("a row can only roll back its last tokens")
+        for b in paths:
+            store, base = self.rows[b], self.lens[b] - L
+            store[:, :, :, base:base + int(kept[b])] = store[:, :, :, base + keep[b].nonzero().flatten()]
         for b, n in enumerate(kept.tolist()):
             self.lens[b] -= L - n
+        self.tree_rows = set()
 
     def extend(self, other: "RaggedKVCache") -> None:
         """Append the rows of `other` (a request joining a running batch); nothing is copied."""

@@ -18,6 +18,7 @@ emitted instead. A new proposer is a file with a class of this shape and one lin
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -42,17 +43,49 @@ class Draft:
     match: list[int] | None = None
     """A model-free proposer's: per token, the length of the context it matched."""
     expected: list[float] | None = None
-    """A model-free proposer's: E[accepted tokens] if the first m are verified, m = 0..k."""
+    """A model-free proposer's: E[accepted tokens] if the first m are verified, m = 0..k. A tree's
+    is the sum of its first m nodes' probabilities of being accepted (a node is accepted iff it and
+    its ancestors are); its nodes come in decreasing order of that probability, so its first m
+    nodes are the best m-node subtree."""
+    parents: list[int] | None = None
+    """A tree (model-free proposers only, deterministic tokens): per token, the index of its parent
+    among these tokens, -1 for the row's last committed token; a parent comes before its children.
+    None: a chain (token j follows token j - 1)."""
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0])
 
     def cut(self, m: int) -> "Draft":
-        """The first m tokens."""
+        """The first m tokens (a tree's first m nodes: a subtree)."""
         return Draft(self.tokens[:m], self.by, None if self.q is None else self.q[:m],
                      None if self.logits is None else self.logits[:m],
                      None if self.match is None else self.match[:m],
-                     None if self.expected is None else self.expected[: m + 1])
+                     None if self.expected is None else self.expected[: m + 1],
+                     None if self.parents is None else self.parents[:m])
+
+    def depths(self) -> list[int]:
+        """Per token, how many tokens after the row's last committed one it stands (1 = the next)."""
+        if self.parents is None:
+            return list(range(1, len(self) + 1))
+        depths: list[int] = []
+        for parent in self.parents:
+            depths.append(1 + (depths[parent] if parent >= 0 else 0))
+        return depths
+
+    def chain(self) -> "Draft":
+        """A tree's main line: from the root, each node's first child (its most likely one); a
+        chain is its own."""
+        if self.parents is None:
+            return self
+        line, node = [], -1
+        for j, parent in enumerate(self.parents):
+            if parent == node:
+                line.append(j)
+                node = j
+        pick = lambda xs: None if xs is None else [xs[j] for j in line]
+        expected = None if self.expected is None else [0.0] + list(itertools.accumulate(
+            self.expected[j + 1] - self.expected[j] for j in line))
+        return Draft(self.tokens[line], self.by, match=pick(self.match), expected=expected)
 
 
 @dataclass

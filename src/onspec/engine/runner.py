@@ -6,7 +6,8 @@ model (models/decode.py), else a SlotKVCache (one padded rectangle) for transfor
 Both roles use it. The target is fed [last committed token, x_1..x_k] and scores k+1 positions;
 the draft is fed its pending tokens, then one proposal at a time. After verification,
 `accept` keeps the accepted extras in the cache, rolls back the rest, and queues the emitted
-tokens the model has not seen as its new pending tokens.
+tokens the model has not seen as its new pending tokens. The target's proposals may be a tree
+(several continuations in one pass, `feed(trees=...)`); then it keeps the accepted path.
 """
 
 from __future__ import annotations
@@ -48,14 +49,19 @@ class ModelRunner:
         return stop
 
     @torch.no_grad()
-    def feed(self, extra: torch.Tensor | None = None) -> torch.Tensor:
-        """Feed pending tokens (if any) and `extra` [batch, n] proposals.
+    def feed(self, extra: torch.Tensor | None = None, trees: list[list[int] | None] | None = None) -> torch.Tensor:
+        """Feed pending tokens (if any) and `extra` [batch, n] proposals; trees: per row, the
+        parents of its n proposals (-1: the last pending token; a tree pass, engine/kv.py) or None
+        (a chain).
 
         Returns logits: [batch, n + 1, vocab] if there were pending tokens (the first column is
         at the last pending token), else [batch, n, vocab].
         """
         n = 0 if extra is None else extra.shape[1]
         width = max(len(p) for p in self.pending)
+        if trees is not None:  # the pending tokens are a chain, the proposals hang from the last
+            trees = [None if t is None else [*range(-1, len(p) - 1), *(len(p) + j if j >= 0 else len(p) - 1 for j in t)]
+                     for p, t in zip(self.pending, trees)]
         parts, valids = [], []
         if width:
             ids, valid = right_aligned(self.pending, self.device)
@@ -68,7 +74,9 @@ class ModelRunner:
             self.extras += n
         ids, valid = torch.cat(parts, 1), torch.cat(valids, 1)
         keep = n + (1 if width else 0)
-        return self.kv.forward(self.model, ids, valid, logits_to_keep=keep)
+        if trees is None:
+            return self.kv.forward(self.model, ids, valid, logits_to_keep=keep)
+        return self.kv.forward(self.model, ids, valid, logits_to_keep=keep, trees=trees)
 
     @torch.no_grad()
     def catch_up(self, keep: int = 2) -> None:
@@ -85,12 +93,19 @@ class ModelRunner:
         self.kv.forward(self.model, ids, valid, logits_to_keep=1)
         self.pending = [p[-keep:] for p in self.pending]
 
-    def accept(self, num_accepted: list[int], emitted: list[list[int]]) -> None:
-        """Keep the first num_accepted[b] extras of row b, drop the rest, queue unseen tokens."""
+    def accept(self, num_accepted: list[int], emitted: list[list[int]],
+               paths: list[tuple[int, ...] | None] | None = None) -> None:
+        """Keep the first num_accepted[b] extras of row b (a tree row: its accepted nodes paths[b]),
+        drop the rest, queue unseen tokens."""
         if self.extras:
             cols = torch.arange(self.extras, device=self.device)
             n = torch.tensor(num_accepted, device=self.device)
-            self.kv.rollback(cols[None, :] < n[:, None])  # keep: [batch, extras]
+            keep = cols[None, :] < n[:, None]  # [batch, extras]
+            for b, path in enumerate(paths or ()):
+                if path is not None:
+                    keep[b] = False
+                    keep[b, list(path)] = True
+            self.kv.rollback(keep)
         for b, (n_b, tokens) in enumerate(zip(num_accepted, emitted)):
             self.pending[b].extend(tokens[min(n_b, self.extras) :])
         self.extras = 0

@@ -21,6 +21,16 @@ Two ways of scoring a proposal (`scoring`):
 Either costs dictionary look-ups (tens to hundreds of microseconds), no model pass. The stream's
 index is bounded by outputs (`history`) and by tokens (`history_tokens`), the oldest leaving first.
 
+With `tree_width` W > 1 the learner offers a tree (tree speculation, `Draft.parents`): its
+proposal as above is the main line, and where the counts read along it (or at the root) saw other
+next tokens, up to W - 1 more branches, each the likeliest alternative left (its path's count-ratio
+probability, >= `min_prob`) followed by its most frequent next tokens while that probability stays
+>= `min_prob` (`_grow`). The target verifies every node in one pass under a tree attention mask.
+A node's chance of acceptance is estimated from the live acceptance a(d) of the depth its row
+matched: a(d) for the most frequent next token, and the rest, 1 - a(d), shared among the others
+by their counts; the nodes come in decreasing order of it (times their ancestors'), so the
+controller's cut to m nodes keeps the best m-node subtree. A tree with no branch is the chain.
+
 The learner is a proposer (engine/proposer.py). Whether its offer is worth a wider target pass is
 not decided here: each proposed token carries the depth of the context it matched (`Draft.match`)
 and the offer its expected accepted length (`Draft.expected`) from the live acceptance of tokens
@@ -33,6 +43,7 @@ greedy, sampled and seeded rows alike.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from array import array
 from collections import deque
@@ -41,6 +52,7 @@ import torch
 
 from onspec.engine.proposer import Draft, Step
 from onspec.engine.sequence import Sequence
+from onspec.engine.verify import Verdict
 
 
 SCORINGS = ("frequency", "probability")
@@ -130,7 +142,7 @@ class SuffixLearner:
     def __init__(self, max_depth: int = 8, min_match: int | None = None, max_tokens: int = 16, history: int = 4096,
                  history_tokens: int = 1 << 20, prompt_context: int = 8, scoring: str = "frequency",
                  spec_factor: float = 2.0, spec_offset: float = 0.0, min_prob: float = 0.1,
-                 prior: float = 0.5, decay: float = 0.995) -> None:
+                 prior: float = 0.5, decay: float = 0.995, tree_width: int = 1) -> None:
         if min_match is None:  # the scoring's own: SuffixDecoding matches from one token on
             min_match = 1 if scoring == "probability" else 2
         if not 1 <= min_match <= max_depth:
@@ -139,11 +151,15 @@ class SuffixLearner:
             raise ValueError(f"suffix scoring must be one of {', '.join(SCORINGS)}, got {scoring!r}")
         if spec_factor < 0 or not 0.0 <= min_prob <= 1.0:
             raise ValueError(f"suffix spec_factor must be >= 0 and min_prob in [0, 1], got {spec_factor}, {min_prob}")
+        if tree_width < 1:
+            raise ValueError(f"suffix tree_width must be >= 1, got {tree_width}")
         if history < 0 or history_tokens < 0:
             raise ValueError(f"suffix history and history_tokens must be >= 0, got {history}, {history_tokens}")
         self.max_depth, self.min_match, self.max_tokens = max_depth, min_match, max_tokens
         self.scoring, self.spec_factor, self.spec_offset, self.min_prob = scoring, spec_factor, spec_offset, min_prob
         self.history_size, self.history_tokens, self.prompt_context = history, history_tokens, prompt_context
+        self.tree_width = tree_width
+        """Most continuations offered at once (1: a chain, > 1: a tree, `tree`)."""
         self.index = SuffixIndex(max_depth)
         self.history: deque[tuple[array, int]] = deque()
         """(tokens, start) of each earlier output in the index, oldest first: what a checkpoint keeps."""
@@ -212,6 +228,9 @@ class SuffixLearner:
         drafts: list[Draft | None] = []
         for row, k in zip(rows, ks):
             local = row.state.get(self.kind)
+            if self.tree_width > 1:
+                drafts.append(self.tree(row.tail(self.max_depth), local, k) if k and local is not None else None)
+                continue
             tokens, depths = (self.continuation(row.tail(self.max_depth), local, k) if k and local is not None
                               else ([], []))
             drafts.append(Draft(torch.tensor(tokens, dtype=torch.long), self, match=depths,
@@ -227,7 +246,9 @@ class SuffixLearner:
                 seq = row.tail(self.max_depth + len(new))
                 local.add(seq, start=len(seq) - len(new))
             draft, verdict = step.drafts[r], step.verdicts[r]
-            if draft is not None and draft.by is self:
+            if draft is not None and draft.by is self and draft.parents is not None:
+                self.observe_tree(draft, verdict)
+            elif draft is not None and draft.by is self:
                 self.observe_verified(draft.match, verdict.num_accepted)
             elif row.error is None:
                 for offer in step.declined[r] if step.declined else ():
@@ -259,31 +280,40 @@ class SuffixLearner:
         depths: list[int] = []
         indexes = [i.counts for i in (local, self.index) if i is not None]
         while len(tokens) < budget:
-            found = None
-            for n in range(min(self.max_depth, len(ctx)), self.min_match - 1, -1):
-                key = SuffixIndex.key(ctx[-n:])
-                rows = [row for counts in indexes if (row := counts.get(key)) is not None]
-                if rows:
-                    found = n, rows
-                    break
+            found = self._merged(ctx, indexes)
             if found is None:
                 break
-            n, rows = found
-            merged = SuffixIndex.unpack(rows[0])
-            for row in rows[1:]:
-                for t, c in SuffixIndex.unpack(row).items():
-                    merged[t] = merged.get(t, 0) + c
+            merged, n = found
             token = max(merged, key=merged.__getitem__)
             tokens.append(token)
             depths.append(n)
             ctx = (ctx + [token])[-self.max_depth:]
         return tokens, depths
 
+    def _merged(self, ctx: list[int], indexes: list[dict]) -> tuple[dict[int, int], int] | None:
+        """The counts after the deepest context (>= min_match tokens) of `ctx` that an index has
+        seen, the indexes' counts merged, and its length; None if none was seen."""
+        for n in range(min(self.max_depth, len(ctx)), self.min_match - 1, -1):
+            key = SuffixIndex.key(ctx[-n:])
+            rows = [row for counts in indexes if (row := counts.get(key)) is not None]
+            if rows:
+                merged = SuffixIndex.unpack(rows[0])
+                for row in rows[1:]:
+                    for t, c in SuffixIndex.unpack(row).items():
+                        merged[t] = merged.get(t, 0) + c
+                return merged, n
+        return None
+
     def _probable(self, ctx: list[int], local: SuffixIndex | None, budget: int) -> tuple[list[int], list[int]]:
         """SuffixDecoding's choice: the highest-scoring path over both indexes and every matched
         context length (ties: the longer match, then the request's own index)."""
-        best: tuple[float, list[int], list[int]] = (0.0, [], [])
-        best_index = None
+        best = self._best(ctx, local, budget)
+        return best[1], best[2]
+
+    def _best(self, ctx: list[int], local: SuffixIndex | None, budget: int
+              ) -> tuple[float, list[int], list[int], SuffixIndex | None, int]:
+        """`_probable`'s path (score, tokens, depths), the index it is in and its matched length."""
+        best: tuple[float, list[int], list[int], SuffixIndex | None, int] = (0.0, [], [], None, 0)
         for index in (local, self.index):
             if index is None:
                 continue
@@ -292,9 +322,9 @@ class SuffixLearner:
                     break  # a longer context is never seen where its own suffix was not
                 limit = min(budget, int(n * self.spec_factor + self.spec_offset + 1e-6))
                 path = self._path(index, ctx[-n:], limit)
-                if path[1] and (path[0] > best[0] or (path[0] == best[0] and index is best_index)):
-                    best, best_index = path, index
-        return best[1], best[2]
+                if path[1] and (path[0] > best[0] or (path[0] == best[0] and index is best[3])):
+                    best = (*path, index, n)
+        return best
 
     def _path(self, index: SuffixIndex, path: list[int], limit: int) -> tuple[float, list[int], list[int]]:
         """The most frequent next tokens after `path` in one index, while the product of their
@@ -317,6 +347,87 @@ class SuffixLearner:
             depths.append(len(key))
             path.append(token)
         return score, tokens, depths
+
+    # -- trees ---------------------------------------------------------------------------------
+
+    def tree(self, context: list[int], local: SuffixIndex | None, max_tokens: int) -> Draft | None:
+        """Up to `tree_width` continuations of `context` as one draft of at most max_tokens nodes
+        (see the module docstring); the chain `continuation` proposes where nothing branches; None
+        where nothing matches."""
+        ctx = list(context[-self.max_depth:])
+        budget = min(max_tokens, self.max_tokens)
+        with self._lock:
+            if self.scoring == "probability":
+                _, line, _, index, n = self._best(ctx, local, budget)
+                if not line:
+                    return None
+                start = ctx[-n:]
+
+                def counts(path: list[int]) -> tuple[dict[int, int], int] | None:
+                    key = (start + path)[-self.max_depth:]
+                    return (row, len(key)) if (row := index.row(key)) else None
+
+                nodes = self._grow(counts, min(budget, int(n * self.spec_factor + self.spec_offset + 1e-6)), True)
+            else:
+                indexes = [i.counts for i in (local, self.index) if i is not None]
+                nodes = self._grow(lambda path: self._merged(ctx + path, indexes), budget, False)
+        if not nodes:
+            return None
+        nodes = sorted(nodes, key=lambda node: -node.chance)[:budget]  # stable: a parent stays before its children
+        place = {id(node): j for j, node in enumerate(nodes)}
+        parents = [place[id(node.parent)] if node.parent is not None else -1 for node in nodes]
+        return Draft(torch.tensor([node.token for node in nodes], dtype=torch.long), self,
+                     match=[node.matched for node in nodes],
+                     expected=[0.0, *itertools.accumulate(node.chance for node in nodes)],
+                     parents=parents if any(p != j - 1 for j, p in enumerate(parents)) else None)
+
+    def _grow(self, counts, limit: int, line_stops: bool) -> list["_Node"]:
+        """The tree's nodes in the order grown: the main line (each most frequent next token;
+        stopped below `min_prob` where `line_stops`), then up to tree_width - 1 branches, each at
+        the likeliest next token not yet taken after a node (path probability >= min_prob) and on
+        along its most frequent ones while that stays >= min_prob. counts(path) -> (token -> count,
+        matched depth) after the tokens `path`, or None; no node deeper than `limit`."""
+        root = _Node(token=-1, parent=None, matched=0, chance=1.0, prob=1.0, depth=0, path=[])
+        nodes: list[_Node] = []
+
+        def options(node: _Node) -> tuple[int, int, float] | None:
+            """The next token after `node` not yet taken: (token, count, path probability)."""
+            if node.row is None:
+                found = counts(node.path)
+                node.row = ((sorted(found[0].items(), key=lambda tc: tc[1], reverse=True), found[1],
+                             sum(found[0].values())) if found else ())
+            if not node.row or node.taken >= len(node.row[0]) or node.depth >= limit:
+                return None
+            token, count = node.row[0][node.taken]
+            return token, count, node.prob * (count / node.row[2])  # as `_path` multiplies
+
+        def grow(node: _Node, stops: bool) -> _Node | None:
+            """Its next token not yet taken as a new node (None: none, or below min_prob where `stops`)."""
+            option = options(node)
+            if option is None or stops and option[2] < self.min_prob:
+                return None
+            token, count, prob = option
+            ranked, matched, total = node.row
+            a = self.acceptance(matched)
+            chance = a if node.taken == 0 else (1.0 - a) * count / (total - ranked[0][1])
+            node.taken += 1
+            child = _Node(token, None if node is root else node, matched, node.chance * chance, prob, node.depth + 1,
+                          node.path + [token])
+            nodes.append(child)
+            return child
+
+        def follow(node: _Node | None, stops: bool) -> None:
+            while node is not None:
+                node = grow(node, stops)
+
+        follow(root, line_stops)
+        for _ in range(self.tree_width - 1):
+            scored = [(option[2], node) for node in [root, *nodes] if (option := options(node)) is not None]
+            prob, node = max(scored, key=lambda x: x[0], default=(0.0, None))
+            if node is None or prob < self.min_prob:
+                break
+            follow(grow(node, True), True)
+        return nodes
 
     # -- what proposals are worth --------------------------------------------------------------
 
@@ -351,14 +462,33 @@ class SuffixLearner:
         the target, so a match has the probability p(token) that verifying a one-hot proposal accepts
         it with. Past the emitted tokens nothing is known (censored, not counted). Only the per-depth
         estimates learn from it; the learner's own step counts stay those of its verified steps."""
+        matched, evaluated = self._judge(proposal.chain(), emitted)
+        if evaluated:
+            with self._lock:
+                self._estimate(proposal.chain().match, matched, evaluated)
+                self.shadow_evaluated += evaluated
+
+    def observe_tree(self, tree: Draft, verdict: Verdict) -> None:
+        """A verified tree draft. The per-depth estimates are of a most frequent next token's
+        acceptance: they learn from the tree's main line read against the emitted tokens (as
+        `observe_shadow`); the step counts are the tree's (proposed: its nodes, accepted: its path)."""
+        line = tree.chain()
+        matched, evaluated = self._judge(line, verdict.tokens)
+        with self._lock:
+            if evaluated:
+                self._estimate(line.match, matched, evaluated)
+            self.steps += 1
+            self.proposed += len(tree)
+            self.accepted += verdict.num_accepted
+            self.evaluated += verdict.evaluated
+
+    @staticmethod
+    def _judge(proposal: Draft, emitted: list[int]) -> tuple[int, int]:
+        """A chain proposal against emitted tokens: (tokens it would have had accepted, tokens judged)."""
         tokens = proposal.tokens.tolist()
         n = min(len(tokens), len(emitted))
         matched = next((i for i in range(n) if tokens[i] != emitted[i]), n)
-        evaluated = matched + 1 if matched < n else matched
-        if evaluated:
-            with self._lock:
-                self._estimate(proposal.match, matched, evaluated)
-                self.shadow_evaluated += evaluated
+        return matched, matched + 1 if matched < n else matched
 
     def _estimate(self, depths: list[int], num_accepted: int, evaluated: int) -> None:
         factor = self.decay ** evaluated  # the estimates forget per evaluated token, not per step
@@ -413,3 +543,23 @@ class SuffixLearner:
                 "evaluated": self.evaluated, "shadow_evaluated": self.shadow_evaluated,
                 "alpha": self.accepted / self.evaluated if self.evaluated else None,
                 "acceptance_by_depth": {d: round(self.acceptance(d), 3) for d in sorted(self._accepted)}}
+
+
+class _Node:
+    """A node of a tree being grown (`SuffixLearner._grow`)."""
+
+    __slots__ = ("token", "parent", "matched", "chance", "prob", "depth", "path", "row", "taken")
+
+    def __init__(self, token: int, parent: "_Node | None", matched: int, chance: float, prob: float, depth: int,
+                 path: list[int]) -> None:
+        self.token, self.parent, self.matched = token, parent, matched
+        self.chance = chance
+        """Its estimated chance of acceptance (its parent's times its own given the parent)."""
+        self.prob = prob
+        """Its path's count-ratio probability."""
+        self.depth, self.path = depth, path
+        self.row: tuple | None = None
+        """The next tokens after it by count, the depth they matched and their total count (() where
+        none; None: not read yet)."""
+        self.taken = 0
+        """How many of those are its children so far."""

@@ -18,6 +18,14 @@ Two lossless samplers:
   same text whatever the draft, its version after an online update, or the k chosen per step
   (Daliri et al. 2024, "drafter-invariant" speculative decoding). The price is acceptance:
   P(the two argmaxes agree) >= (1 - TV) / (1 + TV) instead of 1 - TV.
+
+Tree drafts (a model-free proposer's several continuations, `Draft.parents`: node j's parent among
+the draft's nodes, -1 the row's last committed token) are verified by walking the tree from the
+root (`tree_verify`, `tree_sample`): at the current node take the target's token there (its argmax;
+a sampled row's draw from p, a seeded row's Gumbel-max at that output position), descend to the
+child that has it, else emit it and stop. Every emitted token is the target's own choice given the
+tokens before it, so the walk is lossless as a chain is. Their proposals are deterministic (no q).
+Target logits of a tree are at columns [root, node 0, ..., node k-1]: column j + 1 is node j's.
 """
 
 from __future__ import annotations
@@ -35,7 +43,10 @@ class Verdict:
     """The emitted tokens: the accepted prefix, then the recovered or bonus token."""
 
     proposed: int
-    """k, the number of draft tokens offered."""
+    """k, the number of draft tokens offered (a tree's: its nodes)."""
+    path: tuple[int, ...] | None = None
+    """A tree draft's accepted nodes, root first (num_accepted of them); None: a chain, whose
+    accepted tokens are its first num_accepted."""
 
     @property
     def rejected(self) -> bool:
@@ -43,7 +54,8 @@ class Verdict:
 
     @property
     def evaluated(self) -> int:
-        """Proposed positions actually tested: up to and including the first rejection."""
+        """Proposed positions actually tested: up to and including the first rejection (a tree:
+        its accepted path, and one more unless every node was accepted)."""
         return self.num_accepted + int(self.rejected)
 
 
@@ -105,3 +117,45 @@ def gumbel_verify(draft_tokens: torch.Tensor, target_probs: torch.Tensor, gumbel
     gumbels: [k+1, vocab] standard Gumbel noise of these output positions.
     """
     return greedy_verify(draft_tokens, target_probs.log() + gumbels)
+
+
+def tree_verify(draft_tokens: torch.Tensor, parents: list[int], target_logits: torch.Tensor) -> Verdict:
+    """Walk a tree draft from the root: while a child of the current node is the target's argmax
+    there, accept it and descend; then append the target's argmax at the last node. A chain
+    (parents j - 1) gives greedy_verify's verdict. With target_logits log p + G (a seeded row's
+    Gumbel noise at each column's output position) this is the tree's gumbel_verify.
+
+    draft_tokens: [k]; parents: [k] (-1: the root, the last committed token; a parent comes before
+    its children); target_logits: [k+1, vocab], column j + 1 at node j.
+    """
+    return _walk(draft_tokens, parents, target_logits.argmax(-1).tolist())
+
+
+def tree_sample(draft_tokens: torch.Tensor, parents: list[int], target_probs: torch.Tensor,
+                generator: torch.Generator | None = None) -> Verdict:
+    """Walk a tree draft from the root drawing the target's token at each node from p there: descend
+    to the child that has it, else emit it and stop. Each emitted token is an exact draw from p given
+    the tokens before it (a deterministic proposal is accepted with probability p(x), as
+    rejection_sample with a one-hot q does).
+
+    draft_tokens: [k]; parents: [k]; target_probs: [k+1, vocab] (processed, rows summing to 1).
+    """
+    return _walk(draft_tokens, parents, lambda column: int(torch.multinomial(target_probs[column], 1,
+                                                                              generator=generator)))
+
+
+def _walk(draft_tokens: torch.Tensor, parents: list[int], target) -> Verdict:
+    """target: the target's token at each column (a list), or a function column -> token drawn
+    only at the columns the walk reaches."""
+    children: dict[tuple[int, int], int] = {}  # (parent, token) -> node
+    for j, (parent, token) in enumerate(zip(parents, draft_tokens.tolist())):
+        children.setdefault((parent, token), j)
+    pick = target.__getitem__ if isinstance(target, list) else target
+    node, path, tokens = -1, [], []
+    while True:
+        token = pick(node + 1)
+        tokens.append(token)
+        node = children.get((node, token))
+        if node is None:
+            return Verdict(len(path), tokens, len(parents), tuple(path))
+        path.append(node)

@@ -116,9 +116,10 @@ class DecodeForward:
         sequence, input_ids and position_ids [1, tokens], `kv.segments` saying whose they are. The
         linear layers run over all tokens at once; attention runs per row over that row's own keys
         (`kv.write` stores the new ones and returns the row's keys so far), causal among the row's
-        new tokens. Rows of the same pass width and similar lengths (`_groups`) are attended in one
-        call over their keys copied side by side, so a batch of alike rows pays one call per layer,
-        not one per row. Returns the logits at packed tokens `index`: [len(index), vocab]."""
+        new tokens (a tree row's: among them its ancestors only, `Segment.parents`, at positions
+        start + depth). Rows of the same pass width and similar lengths (`_groups`) are attended in
+        one call over their keys copied side by side, so a batch of alike rows pays one call per
+        layer, not one per row. Returns the logits at packed tokens `index`: [len(index), vocab]."""
         if not kv.segments:
             return self.model.lm_head.weight.new_zeros(0, self.model.lm_head.out_features)
         dtype = self.model.get_input_embeddings().weight.dtype
@@ -228,12 +229,16 @@ class _Group:
             self.tokens = slice(offsets[0], offsets[0] + self.count * len(segments))
         else:
             self.tokens = torch.cat([torch.arange(s.offset, s.offset + s.count) for s in segments])
-        if len(segments) == 1:
+        trees = any(s.parents is not None for s in segments)
+        if len(segments) == 1 and not trees:
             self.mask = _causal_mask(self.count, segments[0].start + self.count, dtype)
         else:
             self.keys = max(s.start + s.count for s in segments)
-            query = torch.tensor([s.start for s in segments])[:, None] + torch.arange(self.count)  # [rows, count]
-            allowed = torch.arange(self.keys)[None, None, :] <= query[:, :, None]  # [rows, count, keys]
+            if trees:
+                allowed = torch.stack([_tree_allowed(s, self.keys) for s in segments])  # [rows, count, keys]
+            else:
+                query = torch.tensor([s.start for s in segments])[:, None] + torch.arange(self.count)  # [rows, count]
+                allowed = torch.arange(self.keys)[None, None, :] <= query[:, :, None]  # [rows, count, keys]
             self.mask = torch.zeros(len(segments), 1, self.count, self.keys, dtype=dtype)
             self.mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
 
@@ -254,6 +259,21 @@ class _Group:
         queries = q[0, :, self.tokens].view(heads, rows, self.count, dim).transpose(0, 1)  # [rows, heads, count, dim]
         out, _ = short_query_attention(attn, queries, both[0], both[1], self.mask, scaling=attn.scaling)
         return out.reshape(1, rows * self.count, heads, dim)
+
+
+def _tree_allowed(segment, keys: int) -> torch.Tensor:
+    """[count, keys] bool: which keys a segment's tokens see: every earlier token of the row, and
+    among the new ones, in a tree (engine/kv.py's `tree_mask`) a token's ancestors, else the earlier ones."""
+    from onspec.engine.kv import tree_mask
+
+    count, start = segment.count, segment.start
+    allowed = torch.zeros(count, keys, dtype=torch.bool)
+    allowed[:, :start] = True
+    if segment.parents is None:
+        allowed[:, start:start + count] = torch.ones(count, count, dtype=torch.bool).tril()
+    else:
+        allowed[:, start:start + count] = tree_mask(segment.parents)[1]
+    return allowed
 
 
 def _causal_mask(length: int, keys: int, dtype: torch.dtype) -> torch.Tensor | None:
