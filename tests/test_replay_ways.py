@@ -61,3 +61,13 @@ def test_bad_ways_are_refused():
         ReplayConfig(mode="ways", ways="target,magic")
     with pytest.raises(ValueError, match="--ways"):
         ReplayConfig(mode="ways", ways="floor,floor")
+
+
+def test_the_learner_variants_as_ways(tmp_path):
+    """SuffixDecoding's scoring and tree speculation as ways beside the default learner: float32,
+    greedy, every way emits the target's tokens; the tree way verifies trees."""
+    summary, rows = _replay(tmp_path, "target,adaptive,adaptive-probability,adaptive-tree")
+    assert all(w["outputs_differing_from_target"] == 0 for w in summary["ways"].values())
+    for way in ("adaptive-probability", "adaptive-tree"):
+        assert summary["modes"][way]["learner"]["version"] == 15
+        assert sum(int(r["suffix_steps"]) for r in rows[way]) > 0

@@ -56,8 +56,21 @@ STREAM_ALIASES = {
 }
 
 
-WAYS = {"target": None, "floor": "none", "adaptive": "", "arctic": "arctic"}
-"""`--mode ways`: the way -> the engine's model-free proposers (None: no draft at all; "": as configured)."""
+def _way_config(way: str, cfg: EngineConfig) -> EngineConfig:
+    """`--mode ways`: the engine each way runs (target: no draft either, `_Run` leaves it out)."""
+    if way in ("target", "floor"):
+        return dataclasses.replace(cfg, proposers="none", no_suffix=True)
+    if way == "arctic":
+        return dataclasses.replace(cfg, proposers="arctic", no_suffix=False)
+    if way == "adaptive-probability":
+        return dataclasses.replace(cfg, suffix_scoring="probability")
+    if way == "adaptive-tree":
+        return dataclasses.replace(cfg, suffix_tree_width=cfg.suffix_tree_width if cfg.suffix_tree_width > 1 else 4)
+    return cfg  # adaptive: as configured
+
+
+WAYS = ("target", "floor", "adaptive", "adaptive-probability", "adaptive-tree", "arctic")
+"""`--mode ways`: the ways (`_way_config`)."""
 
 
 @dataclass
@@ -77,7 +90,9 @@ class ReplayConfig:
                        choices=("online", "static", "both", "interleaved", "ways"))
     ways: str = option("target,floor,adaptive,arctic", "with --mode ways, comma-separated: target (no speculation), "
                        "floor (the draft alone), adaptive (the draft beside --proposers, the suffix learner learning), "
-                       "arctic (the draft beside the SuffixDecoding reference)")
+                       "adaptive-probability (the same, --suffix-scoring probability), adaptive-tree (the same with "
+                       "tree speculation: --suffix-tree-width, 4 where it is 1), arctic (the draft beside the "
+                       "SuffixDecoding reference)")
     max_new_tokens: int = option(64, "tokens generated per query")
     temperature: float = option(0.0, "0 = greedy")
     max_prompt_tokens: int = option(1024, "skip queries whose prompt is longer (counted in the summary)")
@@ -246,9 +261,7 @@ class _Run:
         online = mode == "online"
         learn_draft = online and cfg.learn in ("draft", "both")
         if cfg.mode == "ways":  # the way's proposers; the suffix learner (adaptive) learns as it serves
-            proposers = WAYS[mode] or engine_cfg.proposers
-            engine_cfg = dataclasses.replace(engine_cfg, proposers="none" if mode == "target" else proposers,
-                                             no_suffix=mode in ("target", "floor"))
+            engine_cfg = _way_config(mode, engine_cfg)
         else:  # static: the floor alone; online: the learning system (--learn)
             engine_cfg = dataclasses.replace(engine_cfg, no_suffix=engine_cfg.no_suffix or not online
                                              or cfg.learn == "draft")
