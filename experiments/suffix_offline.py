@@ -203,9 +203,9 @@ def run_stream(name: str, args, tokenizer, module, log: Callable[[str], None]) -
     result: dict = {"queries": len(queries),
                     "mean_answer_tokens": round(sum(len(a) for _, a in encoded) / len(encoded), 1)}
     for setting in settings(args):
-        name, _, width = setting.partition("-w")
+        base, _, width = setting.partition("-w")
         proposer = (Reference(ArcticConfig(max_spec_tokens=args.max_tokens), module) if setting == "reference"
-                    else Learner(args.max_tokens, **LEARNERS[name], tree_width=int(width or 1)))
+                    else Learner(args.max_tokens, **LEARNERS[base], tree_width=int(width or 1)))
         t0 = time.perf_counter()
         result[setting] = replay(proposer, encoded)
         if setting == "reference":
