@@ -166,9 +166,11 @@ def test_real_server_target_only_and_speculative():
         plain = server.generate(prompt, 32)
     with LlamaServer(binary, gguf_path(target), draft=gguf_path(draft)) as server:
         spec = server.generate(prompt, 32)
-    with LlamaServer(binary, gguf_path(target), ngram="ngram-mod") as server:  # its pool learns the first
-        server.generate(prompt, 32)
-        again = server.generate(prompt, 32)
+    # its pool learns the first request; at llama.cpp's defaults a draft needs a 24-token match and
+    # drafts at least 48 tokens, so the output must be long enough to hold both
+    with LlamaServer(binary, gguf_path(target), ngram="ngram-mod") as server:
+        server.generate(prompt, 96)
+        again = server.generate(prompt, 96)
     assert again.draft_n and again.draft_accepted and again.token_ids[:8] == plain.token_ids[:8]
     assert len(plain.token_ids) == 32 and plain.stop_type == "limit" and plain.draft_n is None
     assert spec.draft_n and spec.draft_n > 0 and spec.draft_accepted is not None
