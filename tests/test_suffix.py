@@ -284,17 +284,41 @@ def test_a_learner_version_changes_only_between_steps(tokenizer):
     assert len({next(iter(v)) for v in versions.values()}) >= 3  # and it changed between steps
 
 
+class _PassClock:
+    """Time that moves only when a model runs a pass: the target 10 ms plus 0.2 ms a position, the
+    draft 4 ms a pass. The live controller and policy then decide from costs of a CPU's shape, not
+    from this machine's load."""
+
+    def __init__(self, target, draft) -> None:
+        self.now = 0.0
+        self.hooks = [target.get_input_embeddings().register_forward_pre_hook(
+                          lambda _, args: self._charge(0.010 + 0.0002 * args[0].numel())),
+                      draft.get_input_embeddings().register_forward_pre_hook(lambda _, args: self._charge(0.004))]
+
+    def _charge(self, seconds: float) -> None:
+        self.now += seconds
+
+    def __call__(self) -> float:
+        return self.now
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_default_engine_with_the_live_controller_is_lossless_and_learns(arch, tokenizer):
-    """make_engine's defaults (the suffix learner on, the real controller): greedy equality over a
-    stream that repeats itself, and fewer target passes the second time it is served."""
+    """make_engine's defaults (the suffix learner on, the real controller, on a clock that counts
+    target passes): greedy equality over a stream that repeats itself, and fewer target passes the
+    second time it is served."""
     target, draft = cached_model(arch), copy.deepcopy(cached_draft(arch, "random"))
     engine = make_engine(target, tokenizer, draft, EngineConfig(k=4))
     assert engine.suffix is not None
+    clock = engine.clock = _PassClock(target, engine.drafter.fast.model)
     ids = [tokenizer.encode(t) for t in TEXTS]
     n = 48
-    first = [engine.generate([Request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))])[0] for p in ids]
-    second = [engine.generate([Request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))])[0] for p in ids]
+    try:
+        first = [engine.generate([Request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))])[0] for p in ids]
+        second = [engine.generate([Request(p, SamplingParams(max_new_tokens=n, ignore_eos=True))])[0] for p in ids]
+    finally:
+        for hook in clock.hooks:
+            hook.remove()
     for p, a, b in zip(ids, first, second):
         assert a.token_ids == b.token_ids == reference_greedy(arch, p, n)
     assert sum(o.stats.steps for o in second) < sum(o.stats.steps for o in first)
