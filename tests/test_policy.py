@@ -109,10 +109,10 @@ def test_backlog_of_target_only_steps_is_cached_apart_from_the_proposal(tokenize
     widths, catch_ups = [], []
     feed, catch_up = ModelRunner.feed, ModelRunner.catch_up
 
-    def spy_feed(self, extra=None):
+    def spy_feed(self, extra=None, trees=None):
         if self.model is draft:
             widths.append(max(len(p) for p in self.pending) + (0 if extra is None else extra.shape[1]))
-        return feed(self, extra)
+        return feed(self, extra, trees)
 
     def spy_catch_up(self):
         catch_ups.append(max(len(p) for p in self.pending))
@@ -175,11 +175,11 @@ class FakeCosts:
         self.now = 0.0
         feed, catch_up = ModelRunner.feed, ModelRunner.catch_up
 
-        def timed_feed(runner, extra=None):
+        def timed_feed(runner, extra=None, trees=None):
             width = max(len(p) for p in runner.pending) + (0 if extra is None else extra.shape[1])
             is_target = getattr(runner.model, "model", runner.model) is target
             self.now += width * 1.0 if is_target else 0.7
-            return feed(runner, extra)
+            return feed(runner, extra, trees)
 
         def timed_catch_up(runner, keep=2):
             if max(len(p) for p in runner.pending) > keep:
@@ -234,9 +234,9 @@ def test_speculation_that_pays_is_kept(tokenizer, monkeypatch):
     now = [0.0]
     feed = ModelRunner.feed
 
-    def timed_feed(runner, extra=None):
+    def timed_feed(runner, extra=None, trees=None):
         now[0] += 1.0 if getattr(runner.model, "model", runner.model) is target else 0.1
-        return feed(runner, extra)
+        return feed(runner, extra, trees)
 
     monkeypatch.setattr(ModelRunner, "feed", timed_feed)
     engine.clock = lambda: now[0]

@@ -528,7 +528,7 @@ class SpeculativeEngine:
         proposals: [batch, k] (None: no row speculates) -> logits [batch, k+1, vocab]. trees: per
         row, its proposals' parents (`Draft.parents`) where they are a tree: column j + 1 is then at
         node j, which sees its ancestors only (engine/kv.py, either cache)."""
-        return target.feed(proposals) if trees is None else target.feed(proposals, trees)
+        return target.feed(proposals, trees)
 
     @staticmethod
     def _along_paths(target_logits: torch.Tensor, verdicts: list[Verdict]) -> None:

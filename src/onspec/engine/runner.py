@@ -74,8 +74,6 @@ class ModelRunner:
             self.extras += n
         ids, valid = torch.cat(parts, 1), torch.cat(valids, 1)
         keep = n + (1 if width else 0)
-        if trees is None:
-            return self.kv.forward(self.model, ids, valid, logits_to_keep=keep)
         return self.kv.forward(self.model, ids, valid, logits_to_keep=keep, trees=trees)
 
     @torch.no_grad()
